@@ -1,0 +1,159 @@
+"""`dgc`: the board's command. Every command takes the board config file.
+
+Exit status: 0 ok, 1 operational failure (a meter did not answer, ...), 2 bad input (invalid
+config, unusable key file, wrong arguments) with one line on stderr saying what and where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import BoardConfig, ConfigError, load_config
+
+DEFAULT_CONFIG = "board_configs/sim.toml"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=os.environ.get("DGC_CONFIG", DEFAULT_CONFIG),
+        metavar="FILE",
+        help=f"board config (TOML); default $DGC_CONFIG or {DEFAULT_CONFIG}",
+    )
+
+
+def _key_path(args: argparse.Namespace, config: BoardConfig) -> Path:
+    return Path(args.key_file) if args.key_file else config.board.key_file
+
+
+def cmd_check_config(args: argparse.Namespace, config: BoardConfig) -> int:
+    meters = ", ".join(f"{m.name}={m.model}@{m.bus}:{m.unit_id}" for m in config.meters)
+    print(
+        f"{config.path}: ok (board {config.board.name}, kind {config.board.kind}; "
+        f"slots {config.market.slot_seconds}s x {config.market.markets_ahead}; meters {meters})"
+    )
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace, config: BoardConfig) -> int:
+    from .keystore import generate_key_file
+
+    path = _key_path(args, config)
+    key = generate_key_file(path)
+    print(f"created {path} (mode 0600)")
+    print(f"public_key {key.public_key.hex()}")
+    print(f"device_id {key.device_id}")
+    return EXIT_OK
+
+
+def cmd_pubkey(args: argparse.Namespace, config: BoardConfig) -> int:
+    from .keystore import load_key_file
+
+    key = load_key_file(_key_path(args, config))
+    if args.json:
+        print(json.dumps({"public_key": key.public_key.hex(), "device_id": key.device_id}))
+    else:
+        print(f"public_key {key.public_key.hex()}")
+        print(f"device_id {key.device_id}")
+    return EXIT_OK
+
+
+def cmd_meter_read(args: argparse.Namespace, config: BoardConfig) -> int:
+    from .drivers.meter import MeterReadError, MeterSet
+
+    names = [m.name for m in config.meters]
+    if args.meter and args.meter not in names:
+        raise UsageError(f"--meter {args.meter}: expected one of {', '.join(names)}")
+    wanted = [args.meter] if args.meter else names
+    failed = False
+    with MeterSet.from_config(config) as meters:
+        for name in wanted:
+            try:
+                reading = meters.read(name)
+            except MeterReadError as exc:
+                failed = True
+                print(f"{name}: unavailable: {exc}", file=sys.stderr)
+                continue
+            if args.json:
+                print(json.dumps(reading.as_dict(), sort_keys=True))
+            else:
+                print(reading.describe())
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, config: BoardConfig) -> int:
+    from .scheduler.daemon import run_daemon
+
+    return run_daemon(config, key_path=_key_path(args, config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dgc",
+        description="Digital grid controller firmware: reads meters, bids, delivers and reports energy trades.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("check-config", help="validate a board config; exit 2 with one line naming the problem")
+    _config_arg(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("keygen", help="create the device key (0600, atomic); refuses to overwrite one")
+    _config_arg(p)
+    p.add_argument("--key-file", help="key path (default: [board] key_file of the config)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("pubkey", help="print the device's public key and device id")
+    _config_arg(p)
+    p.add_argument("--key-file", help="key path (default: [board] key_file of the config)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_pubkey)
+
+    meter = sub.add_parser("meter", help="meter commands")
+    meter_sub = meter.add_subparsers(dest="meter_command", metavar="ACTION", required=True)
+    p = meter_sub.add_parser("read", help="read the configured meters once")
+    _config_arg(p)
+    p.add_argument("--meter", help="only this meter (a [[meter]] name)")
+    p.add_argument("--json", action="store_true", help="one JSON object per meter")
+    p.set_defaults(func=cmd_meter_read)
+
+    p = sub.add_parser("run", help="run the trading daemon (Ctrl-C or SIGTERM stops it cleanly)")
+    _config_arg(p)
+    p.add_argument("--key-file", help="key path (default: [board] key_file of the config)")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .keystore import KeyFileError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(args.config)
+        return args.func(args, config)
+    except (ConfigError, KeyFileError, UsageError) as exc:
+        print(f"dgc: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Board configuration: one TOML file -> frozen, validated objects.
+
+Why strict: the board trades unattended for months, so a typo must fail at start with one line
+naming the file, the table, the key, what was expected and what was found — not as a wrong
+bid at 3 a.m. Unknown keys are errors for the same reason. Every cadence and market rule is a
+key with the primary source's value as its default, so a simulated bench can shrink a day to
+minutes by configuration alone.
+
+Relative paths are resolved against the directory of the config file, so a board works the
+same whatever the daemon's working directory is (systemd, a shell, a test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .market import MarketRules
+
+METER_ROLES = ("house", "interchange", "pv")
+PARITIES = ("N", "E", "O")
+
+
+class ConfigError(Exception):
+    """One line: file, [table] key, what was expected, what was found."""
+
+    def __init__(self, file: Path | str, table: str, key: str, expected: str, found: Any = dataclasses.MISSING):
+        self.file, self.table, self.key, self.expected = str(file), table, key, expected
+        where = f"[{table}] {key}" if key else f"[{table}]"
+        found_text = "nothing" if found is dataclasses.MISSING else repr(found)
+        super().__init__(f"{self.file}: {where}: expected {expected}, found {found_text}")
+
+
+def _spec(expect: str, check: Callable[[Any], bool] = lambda v: True, **kwargs) -> Any:
+    """Dataclass field carrying the human description of a valid value and a check for it."""
+    return field(metadata={"expect": expect, "check": check}, **kwargs)
+
+
+def _positive(expect: str = "a positive integer", **kwargs) -> Any:
+    return _spec(expect, lambda v: v > 0, **kwargs)
+
+
+@dataclass(frozen=True)
+class BoardSection:
+    name: str = _spec("a board name (letters, digits, '-', '_')", lambda v: v.replace("-", "").replace("_", "").isalnum())
+    kind: str = _spec("a board kind such as 'sim' or 'rpi4-sdm630'", lambda v: bool(v), default="sim")
+    state_dir: Path = _spec("a directory for the journal", default=Path("var/state"))
+    key_file: Path = _spec("a path for the device key", default=Path("var/state/device.key"))
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    url: str = _spec("an http:// or https:// URL", lambda v: v.startswith(("http://", "https://")))
+    ledger_id: str = _spec("the ledger's id (non-empty ASCII)", lambda v: bool(v) and v.isascii())
+    timeout_ms: int = _positive(default=5000)
+    retries: int = _spec("an integer from 0 to 10", lambda v: 0 <= v <= 10, default=3)
+    backoff_ms: int = _positive(default=500)
+    verify_tls: bool = _spec("true or false", default=True)
+    max_clock_skew_ms: int = _positive(default=2000)
+    message_ttl_seconds: int = _positive(default=600)
+
+
+@dataclass(frozen=True)
+class CadenceConfig:
+    """Seconds between runs of each daemon job; defaults from the primary source's 8-step flow."""
+
+    measure_seconds: int = _positive(default=60)
+    bid_seconds: int = _positive(default=1800)
+    review_seconds: int = _positive(default=300)
+    review_horizon_seconds: int = _positive(default=1800)
+    poll_trades_seconds: int = _positive(default=60)
+    outbox_seconds: int = _positive(default=10)
+    clock_check_seconds: int = _positive(default=60)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The owner's trading policy."""
+
+    buy_limit_per_kwh_minor: int = _positive("a positive integer (highest price to pay)", default=3000)
+    sell_floor_per_kwh_minor: int = _positive("a positive integer (lowest price to accept)", default=2000)
+    battery_capacity_wh: int = _spec("zero or a positive integer", lambda v: v >= 0, default=0)
+    battery_reserve_percent: int = _spec("an integer from 0 to 100", lambda v: 0 <= v <= 100, default=30)
+    prefer_renewables: bool = _spec("true or false", default=True)
+    max_order_wh: int = _positive(default=10_000)
+    min_margin_wh: int = _spec("zero or a positive integer", lambda v: v >= 0, default=0)
+
+
+@dataclass(frozen=True)
+class ForecastConfig:
+    history_days: int = _spec("an integer from 1 to 60", lambda v: 1 <= v <= 60, default=7)
+    smoothing_percent: int = _spec("an integer from 1 to 100", lambda v: 1 <= v <= 100, default=50)
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    """One RS-485 bus: one owner of the port, several meters by unit id."""
+
+    name: str = _spec("a bus name", lambda v: bool(v))
+    port: str = _spec("a serial device path (prefer /dev/serial/by-id/...)", lambda v: bool(v))
+    baudrate: int = _spec("a baud rate such as 9600", lambda v: v in (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200))
+    parity: str = _spec("one of N, E, O", lambda v: v in PARITIES, default="N")
+    stopbits: int = _spec("1 or 2", lambda v: v in (1, 2), default=1)
+    bytesize: int = _spec("7 or 8", lambda v: v in (7, 8), default=8)
+    timeout_ms: int = _positive(default=500)
+    request_gap_ms: int = _spec("zero or a positive integer", lambda v: v >= 0, default=25)
+
+
+@dataclass(frozen=True)
+class MeterConfig:
+    name: str = _spec("a meter name", lambda v: bool(v))
+    bus: str = _spec("the name of a [[bus]]", lambda v: bool(v))
+    unit_id: int = _spec("a Modbus unit id from 1 to 247", lambda v: 1 <= v <= 247)
+    model: str = _spec("a meter model such as 'sdm120' or 'sdm630'", lambda v: bool(v))
+    role: str = _spec(f"one of {', '.join(METER_ROLES)}", lambda v: v in METER_ROLES)
+
+
+@dataclass(frozen=True)
+class DgrConfig:
+    port: str = _spec("a serial device path", lambda v: bool(v))
+    baudrate: int = _spec("a baud rate such as 115200", lambda v: v > 0, default=115200)
+    timeout_ms: int = _positive(default=500)
+    retries: int = _spec("an integer from 0 to 10", lambda v: 0 <= v <= 10, default=3)
+    heartbeat_seconds: int = _positive(default=5)
+
+
+@dataclass(frozen=True)
+class BoardConfig:
+    path: Path
+    board: BoardSection
+    ledger: LedgerConfig
+    market: MarketRules
+    cadence: CadenceConfig
+    policy: PolicyConfig
+    forecast: ForecastConfig
+    buses: tuple[BusConfig, ...]
+    meters: tuple[MeterConfig, ...]
+    dgr: DgrConfig
+    sim: dict = field(default_factory=dict)  # emulator parameters; read by host_tools, ignored on a board
+
+    def meter_by_role(self, role: str) -> MeterConfig:
+        return next(m for m in self.meters if m.role == role)
+
+    def bus(self, name: str) -> BusConfig:
+        return next(b for b in self.buses if b.name == name)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.board.state_dir / "journal.sqlite3"
+
+
+_MARKET_CHECKS = {
+    "slot_seconds": ("a positive integer number of seconds (1800 = 30 min)", lambda v: v > 0),
+    "markets_ahead": ("an integer from 1 to 96", lambda v: 1 <= v <= 96),
+    "lot_wh": ("a positive integer (100 = 0.1 kWh)", lambda v: v > 0),
+    "gate_closure_seconds": ("zero or a positive integer", lambda v: v >= 0),
+    "price_min_per_kwh_minor": ("a positive integer", lambda v: v > 0),
+    "price_max_per_kwh_minor": ("a positive integer", lambda v: v > 0),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", str: "a string", bool: "true or false", Path: "a path string"}.get(tp, str(tp))
+
+
+def _build(cls: type, table: str, raw: Any, file: Path, base_dir: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(file, table, "", "a table", raw)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(file, table, key, f"one of the keys {', '.join(sorted(known))}", f"unknown key {key!r}")
+    values = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, fld in known.items():
+        tp = {"int": int, "str": str, "bool": bool, "Path": Path}.get(hints[name], hints[name])
+        if name not in raw:
+            if fld.default is dataclasses.MISSING:
+                raise ConfigError(file, table, name, fld.metadata.get("expect", _type_name(tp)))
+            continue
+        value = raw[name]
+        expected_type = str if tp is Path else tp
+        if type(value) is not expected_type:
+            raise ConfigError(file, table, name, fld.metadata.get("expect", _type_name(tp)) + f" ({_type_name(tp)})", value)
+        check = fld.metadata.get("check", _MARKET_CHECKS.get(name, (None, lambda v: True))[1])
+        if not check(value):
+            expect = fld.metadata.get("expect") or _MARKET_CHECKS[name][0]
+            raise ConfigError(file, table, name, expect, value)
+        if tp is Path or name == "port":
+            value = _resolve(base_dir, value, keep_type=type(value))
+        values[name] = value
+    obj = cls(**values)
+    # Default relative paths are resolved too.
+    for name in known:
+        if name not in raw and isinstance(getattr(obj, name), Path):
+            obj = dataclasses.replace(obj, **{name: _resolve(base_dir, getattr(obj, name))})
+    return obj
+
+
+def _resolve(base_dir: Path, value: Any, keep_type: type = Path) -> Any:
+    """Absolute, normalised path relative to the config's directory; symlinks are not followed
+    (an emulator's port is a symlink to a pty that must stay the link)."""
+    path = Path(os.path.normpath(base_dir / value))
+    return str(path) if keep_type is str else path
+
+
+def _market_rules(raw: Any, file: Path) -> MarketRules:
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "market", "", "a table", raw)
+    defaults = MarketRules()
+    values = {}
+    for key, value in raw.items():
+        if key not in _MARKET_CHECKS:
+            raise ConfigError(file, "market", key, f"one of the keys {', '.join(sorted(_MARKET_CHECKS))}", f"unknown key {key!r}")
+        expect, check = _MARKET_CHECKS[key]
+        if type(value) is not int or not check(value):
+            raise ConfigError(file, "market", key, expect, value)
+        values[key] = value
+    rules = dataclasses.replace(defaults, **values)
+    if rules.price_min_per_kwh_minor > rules.price_max_per_kwh_minor:
+        raise ConfigError(file, "market", "price_max_per_kwh_minor",
+                          f"at least price_min_per_kwh_minor ({rules.price_min_per_kwh_minor})", rules.price_max_per_kwh_minor)
+    if rules.gate_closure_seconds >= rules.slot_seconds * rules.markets_ahead:
+        raise ConfigError(file, "market", "gate_closure_seconds",
+                          f"less than slot_seconds x markets_ahead ({rules.slot_seconds * rules.markets_ahead})", rules.gate_closure_seconds)
+    return rules
+
+
+TOP_LEVEL_TABLES = ("board", "ledger", "market", "cadence", "policy", "forecast", "bus", "meter", "dgr", "sim")
+
+
+def parse_config(text: str, file: Path | str = "<config>") -> BoardConfig:
+    file = Path(file)
+    base_dir = file.resolve().parent if file.name != "<config>" else Path.cwd()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "toml", "", "valid TOML", str(exc)) from None
+    for key in raw:
+        if key not in TOP_LEVEL_TABLES:
+            raise ConfigError(file, key, "", f"one of the tables {', '.join(TOP_LEVEL_TABLES)}", f"unknown table [{key}]")
+    for required in ("board", "ledger", "bus", "meter", "dgr"):
+        if required not in raw:
+            raise ConfigError(file, required, "", f"a [{required}] table" if required not in ("bus", "meter") else f"at least one [[{required}]] table")
+    board = _build(BoardSection, "board", raw["board"], file, base_dir)
+    ledger = _build(LedgerConfig, "ledger", raw["ledger"], file, base_dir)
+    market = _market_rules(raw.get("market", {}), file)
+    cadence = _build(CadenceConfig, "cadence", raw.get("cadence", {}), file, base_dir)
+    policy = _build(PolicyConfig, "policy", raw.get("policy", {}), file, base_dir)
+    forecast = _build(ForecastConfig, "forecast", raw.get("forecast", {}), file, base_dir)
+    dgr = _build(DgrConfig, "dgr", raw["dgr"], file, base_dir)
+    buses_raw, meters_raw = raw["bus"], raw["meter"]
+    if not isinstance(buses_raw, list) or not buses_raw:
+        raise ConfigError(file, "bus", "", "one or more [[bus]] tables", buses_raw)
+    if not isinstance(meters_raw, list) or not meters_raw:
+        raise ConfigError(file, "meter", "", "one or more [[meter]] tables", meters_raw)
+    buses = tuple(_build(BusConfig, f"bus.{i}", b, file, base_dir) for i, b in enumerate(buses_raw))
+    meters = tuple(_build(MeterConfig, f"meter.{i}", m, file, base_dir) for i, m in enumerate(meters_raw))
+    _check_references(file, buses, meters)
+    sim = raw.get("sim", {})
+    if not isinstance(sim, dict):
+        raise ConfigError(file, "sim", "", "a table", sim)
+    return BoardConfig(path=file, board=board, ledger=ledger, market=market, cadence=cadence, policy=policy,
+                       forecast=forecast, buses=buses, meters=meters, dgr=dgr, sim=sim)
+
+
+def _check_references(file: Path, buses: tuple[BusConfig, ...], meters: tuple[MeterConfig, ...]) -> None:
+    from .drivers.meter_maps import METER_MAPS  # data only; keeps the model list in one place
+
+    bus_names = [b.name for b in buses]
+    for i, bus in enumerate(buses):
+        if bus_names.count(bus.name) > 1:
+            raise ConfigError(file, f"bus.{i}", "name", "a name used by one [[bus]] only", bus.name)
+    ports = [b.port for b in buses]
+    for i, bus in enumerate(buses):
+        if ports.count(bus.port) > 1:
+            raise ConfigError(file, f"bus.{i}", "port", "a port owned by one [[bus]] only (put several meters on one bus)", bus.port)
+    seen: set[tuple[str, int]] = set()
+    names: set[str] = set()
+    for i, meter in enumerate(meters):
+        table = f"meter.{i}"
+        if meter.bus not in bus_names:
+            raise ConfigError(file, table, "bus", f"the name of a [[bus]] ({', '.join(bus_names)})", meter.bus)
+        if meter.model not in METER_MAPS:
+            raise ConfigError(file, table, "model", f"one of {', '.join(sorted(METER_MAPS))}", meter.model)
+        if (meter.bus, meter.unit_id) in seen:
+            raise ConfigError(file, table, "unit_id", f"a unit id not already used on bus {meter.bus!r}", meter.unit_id)
+        if meter.name in names:
+            raise ConfigError(file, table, "name", "a meter name used once", meter.name)
+        seen.add((meter.bus, meter.unit_id))
+        names.add(meter.name)
+    for role in ("house", "interchange"):
+        count = sum(1 for m in meters if m.role == role)
+        if count != 1:
+            raise ConfigError(file, "meter", "role", f"exactly one [[meter]] with role = {role!r}", f"{count} such meters")
+
+
+def load_config(path: Path | str) -> BoardConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "file", "", "an existing board config file (TOML)", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "file", "", "a readable UTF-8 TOML file", str(exc)) from None
+    return parse_config(text, path)

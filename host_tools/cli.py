@@ -1,0 +1,46 @@
+"""`dgc-host`: the engineer's tools around the board (bench ledger, bench emulators, demo).
+
+Each tool group lives in its own module and adds its own sub-commands; this file only
+assembles them, so a group's heavy imports (FastAPI, pymodbus server) load only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (sub-command, module providing add_parser(subparsers), one-line help)
+GROUPS = (
+    ("ledger", "host_tools.bench_ledger.cli", "bench ledger: serve it, register devices, place signed orders, show books"),
+    ("bench", "host_tools.emulators.cli", "bench house emulators: meters (Modbus RTU) and DGR on virtual serial lines"),
+    ("demo", "host_tools.demo", "run a simulated neighbourhood end to end and print a summary"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgc-host", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    for name, module_name, help_text in GROUPS:
+        module = importlib.import_module(module_name)
+        module.add_parser(sub, name, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
