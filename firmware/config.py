@@ -55,7 +55,9 @@ class BoardSection:
 @dataclass(frozen=True)
 class LedgerConfig:
     url: str = _spec("an http:// or https:// URL", lambda v: v.startswith(("http://", "https://")))
-    ledger_id: str = _spec("the ledger's id (non-empty ASCII)", lambda v: bool(v) and v.isascii())
+    # The same limits as a string field of a signed message (messages.MAX_STRING_CHARS), so a bad id fails here, at start.
+    ledger_id: str = _spec("the ledger's id (1 to 128 printable ASCII characters)",
+                           lambda v: 0 < len(v) <= 128 and v.isascii() and v.isprintable())
     timeout_ms: int = _positive(default=5000)
     retries: int = _spec("an integer from 0 to 10", lambda v: 0 <= v <= 10, default=3)
     backoff_ms: int = _positive(default=500)

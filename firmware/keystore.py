@@ -56,10 +56,13 @@ def generate_key_file(path: Path) -> DeviceKey:
     path = Path(path)
     if path.exists():
         raise KeyFileError(f"{path}: a key file already exists; refusing to overwrite it (move it away first to rotate)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = coincurve.PrivateKey()  # os.urandom-backed
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:  # e.g. a directory the user may not write: one clear line, not a traceback
+        raise KeyFileError(f"{path}: cannot create the key file: {exc.strerror} ({exc.filename})") from None
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(f"{KEY_FILE_HEADER}\n{key.secret.hex()}\n")
@@ -82,17 +85,24 @@ def load_key_file(path: Path) -> DeviceKey:
         info = path.stat()
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no key file (create one with 'dgc keygen')") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read the key file: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise KeyFileError(f"{path}: expected a regular file")
     if info.st_mode & 0o077:
         raise KeyFileError(
             f"{path}: mode {stat.S_IMODE(info.st_mode):04o} lets group or others read the key; expected 0600 (chmod 600 {path})"
         )
-    lines = path.read_text(encoding="ascii", errors="replace").split()
+    try:
+        lines = path.read_text(encoding="ascii", errors="replace").split()
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read the key file: {exc.strerror}") from None
     if len(lines) != 2 or lines[0] != KEY_FILE_HEADER:
         raise KeyFileError(f"{path}: not a DGC key file (expected a '{KEY_FILE_HEADER}' header and one secret line)")
     try:
         secret = bytes.fromhex(lines[1])
+        if len(secret) != 32:  # coincurve would left-pad a short secret into a different, valid key
+            raise ValueError
         key = coincurve.PrivateKey(secret)
     except ValueError:
         raise KeyFileError(f"{path}: the secret line is not a valid 32-byte secp256k1 key") from None

@@ -34,6 +34,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Order of the secp256k1 group: a signature is "low-S" when s <= n/2.
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
 ORDER_SIDES = ("buy", "sell")
 REPORT_ROLES = ("seller", "buyer")
 REPORT_STATUSES = ("delivered", "failed")
@@ -94,7 +96,7 @@ def validate_fields(fields: Mapping[str, object]) -> None:
     if not isinstance(fields, Mapping):
         raise MessageError(f"message must be an object, got {type(fields).__name__}")
     kind = fields.get("type")
-    if kind not in SCHEMAS:
+    if not isinstance(kind, str) or kind not in SCHEMAS:
         raise MessageError(f"field 'type': expected one of {sorted(SCHEMAS)}, got {kind!r}")
     schema = SCHEMAS[kind]
     missing = sorted(set(schema) - set(fields))
@@ -174,7 +176,8 @@ class SignedMessage:
             raise MessageError("envelope.payload: expected the canonical message as an ASCII string")
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise MessageError(f"envelope.payload: longer than {MAX_PAYLOAD_BYTES} bytes")
-        if not isinstance(signature, str):
+        if not isinstance(signature, str) or not all(c in _HEX_DIGITS for c in signature):
+            # bytes.fromhex() alone would also accept whitespace between the bytes
             raise MessageError("envelope.signature: expected 128 hex characters")
         try:
             sig = bytes.fromhex(signature)
@@ -225,6 +228,7 @@ def open_message(message: SignedMessage, public_key: bytes, *, backend: str = "c
 
     Re-encoding and comparing with the received bytes rejects any payload that is valid JSON
     but not the canonical form (reordered keys, spaces, floats, duplicates).
+    The payload's ``device_id`` must be the one derived from ``public_key``.
     """
     if not verify_signature(message.payload, message.signature, public_key, backend=backend):
         raise MessageError("signature: does not verify against the device's registered public key")
@@ -234,6 +238,9 @@ def open_message(message: SignedMessage, public_key: bytes, *, backend: str = "c
         raise MessageError(f"payload: not JSON ({exc})") from None
     if canonical_bytes(fields) != message.payload:
         raise MessageError("payload: not in canonical form (sorted keys, compact, integers and strings only)")
+    expected_id = device_id_from_public_key(public_key)
+    if fields["device_id"] != expected_id:  # a key must not speak for another device's id
+        raise MessageError(f"{fields['type']}.device_id: expected {expected_id} (derived from the public key), got {fields['device_id']}")
     return fields
 
 

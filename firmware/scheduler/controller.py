@@ -1,0 +1,446 @@
+"""The daemon's jobs: the only place where drivers, journal, ledger and decisions meet.
+
+Each public method is one scheduled job. Every job catches what the outside world can throw
+at it (a silent meter, a router that NAKs, a ledger that is down or answers garbage), logs an
+event, and returns: a failing job never stops the scheduler, and the next run starts from the
+journal, not from memory.
+
+Delivery accounting: at each slot edge the controller (1) starts the new slot's transfers, then
+(2) takes ONE reading of the certified interchange meter, which is both the end reading of the
+slot that just ended and the start reading of the one that began. The router stops each
+transfer by itself at its energy target or end time, so a reading a few milliseconds after the
+edge attributes at most those milliseconds to the wrong side of the edge, and energy is
+conserved across slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..config import BoardConfig
+from ..forecast import SLOTS_PER_DAY, forecast_net_wh, slot_net_energy
+from ..journal import DeliveryRow, Journal, OutboxEntry
+from ..market import transfer_power_w
+from ..messages import new_fields
+from ..policy import CancelOrder, PlaceOrder, allocate_delivered, desired_orders, reconcile_market
+from .events import EventLog
+
+log = logging.getLogger(__name__)
+
+REPORT_TTL_SECONDS = 86_400  # a report may wait out a long network outage; expired ones are re-signed
+STALE_READINGS_FACTOR = 3  # a house reading older than 3 measure periods is not fresh enough to bid on
+MIN_START_SECONDS = 2  # a late start with less than this left in the slot is not attempted
+
+
+@dataclass
+class Health:
+    clock_ok: bool = True
+    clock_skew_ms: int | None = None
+    ledger_reachable: bool | None = None
+    meters_ok: dict[str, bool] = field(default_factory=dict)
+    dgr_ok: bool | None = None
+    last_reading_ms: dict[str, int] = field(default_factory=dict)
+
+
+class Controller:
+    def __init__(
+        self,
+        config: BoardConfig,
+        *,
+        journal: Journal,
+        key,
+        meters,
+        dgr,
+        ledger,
+        events: EventLog,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.rules = config.market
+        self.journal = journal
+        self.key = key
+        self.meters = meters
+        self.dgr = dgr
+        self.ledger = ledger
+        self.events = events
+        self.clock = clock
+        self.health = Health()
+        self._flush_lock = threading.Lock()
+        self._decide_lock = threading.Lock()
+        self._delivery_lock = threading.RLock()
+        self._house = config.meter_by_role("house").name
+        self._interchange = config.meter_by_role("interchange").name
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self.clock())
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _fields(self, kind: str, nonce: int, ttl_s: int, **body) -> dict:
+        return new_fields(
+            kind,
+            ledger_id=self.config.ledger.ledger_id,
+            device_id=self.key.device_id,
+            nonce=nonce,
+            issued_at=self._now(),
+            ttl_s=ttl_s,
+            **body,
+        )
+
+    def close(self) -> None:
+        for closer in (self.meters.close, self.dgr.close, self.journal.close):
+            try:
+                closer()
+            except Exception:  # closing must not mask the reason we are stopping
+                log.exception("error while closing")
+
+    # -- start-up -----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Rebuild from the journal: nonce floor from the ledger, resend the outbox, finish deliveries."""
+        from ..ledger.base import LedgerUnavailable
+
+        try:
+            account = self.ledger.device_account(self.key.device_id)
+            if self.journal.raise_nonce_floor(int(account.get("max_nonce", 0)) + 1):
+                self.events.emit("nonce.raised", next_nonce=self.journal.next_nonce())
+        except LedgerUnavailable as exc:
+            self.events.emit("ledger.unavailable", detail=str(exc))
+        pending = self.journal.pending_outbox(limit=10_000)
+        running = self.journal.deliveries(states=("scheduled", "running", "metered"))
+        self.events.emit("recovered", outbox_pending=len(pending), deliveries_open=len(running), next_nonce=self.journal.next_nonce())
+        self.check_clock()
+        self.flush_outbox()
+        self.deliveries_tick()
+
+    # -- measuring ----------------------------------------------------------------------
+
+    def measure(self) -> None:
+        from ..drivers.meter import MeterReadError
+
+        for name in self.meters.names:
+            try:
+                reading = self.meters.read(name)
+            except MeterReadError as exc:
+                if self.health.meters_ok.get(name, True):
+                    self.events.emit("alarm.meter", meter=name, detail=str(exc))
+                self.health.meters_ok[name] = False
+                continue
+            if not self._plausible(name, reading):
+                continue
+            if not self.health.meters_ok.get(name, True):
+                self.events.emit("meter.back", meter=name)
+            self.health.meters_ok[name] = True
+            self.health.last_reading_ms[name] = reading.taken_at_ms
+            self.journal.add_reading(name, reading.taken_at_ms, reading.import_energy_wh, reading.export_energy_wh, reading.power_w)
+
+    def _plausible(self, name: str, reading) -> bool:
+        """Counters never go backwards; a reading that does is rejected, never stored."""
+        last = self.journal.last_reading(name)
+        if last is None:
+            return True
+        _, last_import, last_export = last
+        if reading.import_energy_wh < last_import or reading.export_energy_wh < last_export:
+            self.events.emit(
+                "alarm.meter_implausible", meter=name,
+                detail=f"counter went backwards (import {last_import}->{reading.import_energy_wh}, export {last_export}->{reading.export_energy_wh})",
+            )
+            return False
+        return True
+
+    def _fresh_house_data(self) -> bool:
+        last = self.journal.last_reading(self._house)
+        limit_ms = STALE_READINGS_FACTOR * self.config.cadence.measure_seconds * 1000
+        return last is not None and self._now_ms() - last[0] <= limit_ms and self.health.meters_ok.get(self._house, True)
+
+    # -- bidding ------------------------------------------------------------------------
+
+    def bid(self) -> None:
+        """Forecast every open market and bring the house's orders in line (every slot)."""
+        self._decide(self.rules.open_markets(self._now()), "bid")
+
+    def review(self) -> None:
+        """Review the near markets more often than the full bid, cancelling what no longer fits."""
+        now = self._now()
+        near = [m for m in self.rules.open_markets(now) if m - now <= self.config.cadence.review_horizon_seconds]
+        if near:
+            self._decide(near, "review")
+
+    def _decide(self, markets: list[int], why: str) -> None:
+        if not self.health.clock_ok:
+            self.events.emit("bid.skipped", reason="clock skew beyond bound", skew_ms=self.health.clock_skew_ms)
+            return
+        if not self._fresh_house_data():
+            self.events.emit("bid.skipped", reason="house meter data unavailable or stale")
+            return
+        if not markets:
+            return
+        with self._decide_lock:
+            slot_s = self.rules.slot_seconds
+            since_ms = (self._now() - (self.config.forecast.history_days * SLOTS_PER_DAY + 2) * slot_s) * 1000
+            history = slot_net_energy(self.journal.readings(self._house, since_ms), slot_s)
+            forecast = forecast_net_wh(
+                history, markets, slot_seconds=slot_s,
+                history_days=self.config.forecast.history_days, smoothing_percent=self.config.forecast.smoothing_percent,
+            )
+            if not forecast:
+                self.events.emit("bid.skipped", reason="no complete slot of meter history yet")
+                return
+            desired = desired_orders(forecast, self.rules, self.config.policy, self._battery_soc())
+            placed = cancelled = 0
+            now = self._now()
+            for market_id in markets:
+                if not self.rules.gate_open(market_id, now):
+                    continue
+                traded = {side: self.journal.traded_wh(market_id, side) for side in ("buy", "sell")}
+                actions = reconcile_market(
+                    market_id, desired.get(market_id), self.journal.orders_in_market(market_id), traded, self.rules.lot_wh
+                )
+                for action in actions:
+                    if isinstance(action, PlaceOrder):
+                        self._place(action)
+                        placed += 1
+                    elif isinstance(action, CancelOrder):
+                        self._cancel(action)
+                        cancelled += 1
+            if placed or cancelled:
+                self.events.emit(f"{why}.done", markets=len(markets), placed=placed, cancelled=cancelled)
+        self.flush_outbox()
+
+    def _battery_soc(self) -> int | None:
+        if self.config.policy.battery_capacity_wh <= 0:
+            return None
+        from ..drivers.dgr import DgrError
+
+        try:
+            return self.dgr.status().soc_percent
+        except DgrError as exc:
+            self.events.emit("alarm.dgr", detail=f"no state of charge: {exc}")
+            return None
+
+    def _place(self, action: PlaceOrder) -> None:
+        ttl = self.config.ledger.message_ttl_seconds
+
+        def build(nonce: int) -> dict:
+            return self._fields("order", nonce, ttl, market_id=action.market_id, side=action.side,
+                                energy_wh=action.energy_wh, price_per_kwh_minor=action.price_per_kwh_minor)
+
+        message = self.journal.enqueue_order(build, self.key)
+        f = message.fields
+        self.events.emit("order.signed", nonce=f["nonce"], market=f["market_id"], side=f["side"],
+                         energy_wh=f["energy_wh"], price=f["price_per_kwh_minor"])
+
+    def _cancel(self, action: CancelOrder) -> None:
+        ttl = self.config.ledger.message_ttl_seconds
+
+        def build(nonce: int) -> dict:
+            return self._fields("cancel", nonce, ttl, market_id=action.market_id, order_nonce=action.order_nonce)
+
+        message = self.journal.enqueue_cancel(action.order_nonce, build, self.key)
+        self.events.emit("cancel.signed", nonce=message.fields["nonce"], order=action.order_nonce,
+                         market=action.market_id, reason=action.reason)
+
+    # -- outbox -------------------------------------------------------------------------
+
+    def flush_outbox(self) -> None:
+        """Send pending messages oldest first until the ledger stops answering."""
+        from ..ledger.base import LedgerUnavailable
+
+        if not self._flush_lock.acquire(blocking=False):
+            return  # another thread is flushing; it will see our message
+        try:
+            while True:
+                batch = self.journal.pending_outbox(limit=50)
+                if not batch:
+                    return
+                for entry in batch:
+                    self.journal.note_attempt(entry.nonce)
+                    try:
+                        answer = self.ledger.submit(entry.message)
+                    except LedgerUnavailable as exc:
+                        if self.health.ledger_reachable is not False:
+                            self.events.emit("ledger.unavailable", detail=str(exc), outbox_pending=self.journal.pending_count())
+                        self.health.ledger_reachable = False
+                        return
+                    if self.health.ledger_reachable is False:
+                        self.events.emit("ledger.back")
+                    self.health.ledger_reachable = True
+                    self._settle(entry, answer)
+        finally:
+            self._flush_lock.release()
+
+    def _settle(self, entry: OutboxEntry, answer) -> None:
+        accepted = answer.status == "accepted"
+        record = {"status": answer.status, "duplicate": answer.duplicate, "code": answer.code,
+                  "detail": answer.detail, "result": answer.result}
+        self.journal.settle_outbox(entry, accepted=accepted, answer=record)
+        if accepted:
+            self.events.emit(f"{entry.kind}.acked", nonce=entry.nonce, duplicate=answer.duplicate,
+                             filled_wh=(answer.result or {}).get("filled_wh", "-") if entry.kind == "order" else "-")
+            return
+        self.events.emit(f"{entry.kind}.rejected", nonce=entry.nonce, code=answer.code, detail=answer.detail)
+        if entry.kind == "delivery_report" and answer.code == "expired":
+            trade_id = entry.message.fields["trade_id"]
+            row = next((d for d in self.journal.deliveries(states=("reported",)) if d.trade_id == trade_id), None)
+            if row is not None:
+                self._report(row)
+
+    # -- trades -------------------------------------------------------------------------
+
+    def poll_trades(self) -> None:
+        from ..ledger.base import LedgerUnavailable
+
+        try:
+            trades, cursor = self.ledger.trades_since(self.key.device_id, self.journal.trade_cursor())
+        except LedgerUnavailable as exc:
+            self.health.ledger_reachable = False
+            log.debug("trade poll failed: %s", exc)
+            return
+        new_ids = self.journal.record_trades(trades, cursor)
+        for trade in trades:
+            if trade.trade_id in new_ids:
+                self.events.emit("trade.contracted", trade=trade.trade_id, market=trade.market_id, side=trade.side,
+                                 energy_wh=trade.energy_wh, price=trade.price_per_kwh_minor, counterparty=trade.counterparty[:12])
+
+    # -- clock guard ----------------------------------------------------------------------
+
+    def check_clock(self) -> None:
+        from ..ledger.base import LedgerUnavailable
+
+        try:
+            before = self._now_ms()
+            server_ms = self.ledger.server_time_ms()
+            after = self._now_ms()
+        except LedgerUnavailable as exc:
+            log.debug("clock check failed: %s", exc)
+            return
+        skew = server_ms - (before + after) // 2
+        ok = abs(skew) <= self.config.ledger.max_clock_skew_ms
+        if not ok:
+            self.events.emit("alarm.clock", skew_ms=skew, bound_ms=self.config.ledger.max_clock_skew_ms,
+                             action="bidding and delivery stopped")
+        elif not self.health.clock_ok:
+            self.events.emit("clock.ok", skew_ms=skew)
+        self.health.clock_ok, self.health.clock_skew_ms = ok, skew
+
+    # -- delivery -----------------------------------------------------------------------
+
+    def slot_edge(self) -> None:
+        """Runs at each slot boundary: start this slot's transfers first, then meter and report."""
+        self.deliveries_tick()
+
+    def deliveries_tick(self) -> None:
+        with self._delivery_lock:
+            now = self._now()
+            current = self.rules.slot_start(now)
+            started = self._start_due(current, now)
+            open_rows = self.journal.deliveries(states=("running",))
+            needs_meter = [d for d in open_rows if d.start_meter_wh is None or d.market_id < current]
+            if started or needs_meter:
+                self._meter_deliveries(current)
+            for row in self.journal.deliveries(states=("metered",)):
+                self._report(row)
+        self.flush_outbox()
+
+    def _start_due(self, current: int, now: int) -> int:
+        from ..drivers.dgr import DgrError
+
+        started = 0
+        for row in self.journal.deliveries(states=("scheduled",), before_market=current + 1):
+            end_at = self.rules.slot_end(row.market_id)
+            if row.market_id < current or end_at - now < MIN_START_SECONDS:
+                self.journal.mark_failed_start(row.trade_id, "slot passed before the transfer could start")
+                self.events.emit("delivery.missed", trade=row.trade_id, market=row.market_id)
+                continue
+            if not self.health.clock_ok:
+                self.journal.mark_failed_start(row.trade_id, "clock skew beyond bound: delivery not started")
+                self.events.emit("delivery.refused", trade=row.trade_id, reason="clock skew")
+                continue
+            power_w = transfer_power_w(row.energy_wh, end_at - now)
+            try:
+                self.dgr.start_transfer(row.trade_id, row.direction, power_w, end_at, row.energy_wh)
+            except DgrError as exc:
+                self.journal.mark_failed_start(row.trade_id, f"router: {exc}")
+                self.events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
+                self._safe_state()
+                continue
+            self.journal.mark_running(row.trade_id, None)
+            started += 1
+            self.events.emit("delivery.started", trade=row.trade_id, market=row.market_id, direction=row.direction,
+                             power_w=power_w, energy_wh=row.energy_wh, lateness_ms=self._now_ms() - row.market_id * 1000)
+        return started
+
+    def _meter_deliveries(self, current: int) -> None:
+        from ..drivers.meter import MeterReadError
+
+        try:
+            reading = self.meters.read(self._interchange)
+        except MeterReadError as exc:
+            self.events.emit("alarm.meter", meter=self._interchange, detail=f"delivery metering postponed: {exc}")
+            return
+        counters = {"export": reading.export_energy_wh, "import": reading.import_energy_wh}
+        running = self.journal.deliveries(states=("running",))
+        for row in running:
+            if row.start_meter_wh is None and row.outcome != "failed":
+                self.journal.set_start_meter(row.trade_id, counters[row.direction])
+        ended = [d for d in self.journal.deliveries(states=("running",)) if d.market_id < current]
+        groups: dict[tuple[int, str], list[DeliveryRow]] = {}
+        for row in ended:
+            groups.setdefault((row.market_id, row.direction), []).append(row)
+        for (market_id, direction), rows in groups.items():
+            flowing = [r for r in rows if r.outcome != "failed" or r.start_meter_wh is not None]
+            start = min((r.start_meter_wh for r in flowing if r.start_meter_wh is not None), default=counters[direction])
+            total = counters[direction] - start
+            shares = allocate_delivered(total, [r.energy_wh for r in rows])
+            for row, share in zip(rows, shares):
+                outcome = "delivered" if share >= row.energy_wh and row.outcome != "failed" else "failed"
+                self.journal.mark_metered(row.trade_id, counters[direction], share, outcome, None)
+                self.events.emit("delivery.metered", trade=row.trade_id, market=market_id, direction=direction,
+                                 contracted_wh=row.energy_wh, delivered_wh=share, outcome=outcome)
+
+    def _report(self, row: DeliveryRow) -> None:
+        delivered = row.delivered_wh or 0
+        status = "delivered" if row.outcome == "delivered" else "failed"
+
+        def build(nonce: int) -> dict:
+            return self._fields("delivery_report", nonce, REPORT_TTL_SECONDS, trade_id=row.trade_id, market_id=row.market_id,
+                                role="seller" if row.direction == "export" else "buyer", energy_wh=delivered, status=status)
+
+        message = self.journal.enqueue_report(row.trade_id, build, self.key)
+        self.events.emit("report.signed", nonce=message.fields["nonce"], trade=row.trade_id, energy_wh=delivered, status=status)
+
+    def heartbeat(self) -> None:
+        from ..drivers.dgr import DgrError
+
+        try:
+            self.dgr.heartbeat()
+        except DgrError as exc:
+            if self.health.dgr_ok is not False:
+                self.events.emit("alarm.dgr", detail=str(exc))
+            self.health.dgr_ok = False
+            running = [d for d in self.journal.deliveries(states=("running",)) if d.outcome != "failed"]
+            if running:
+                self._safe_state()
+                for row in running:
+                    self.journal.mark_failed_start(row.trade_id, f"router link lost: {exc}")
+                    self.events.emit("delivery.failed", trade=row.trade_id, detail="router link lost")
+            return
+        if self.health.dgr_ok is False:
+            self.events.emit("dgr.back")
+        self.health.dgr_ok = True
+
+    def _safe_state(self) -> None:
+        from ..drivers.dgr import DgrError
+
+        try:
+            self.dgr.safe_state()
+            self.events.emit("dgr.safe_state")
+        except DgrError as exc:
+            self.events.emit("alarm.dgr", detail=f"safe state not confirmed: {exc}")
