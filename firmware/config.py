@@ -192,8 +192,8 @@ def _build(cls: type, table: str, raw: Any, file: Path, base_dir: Path) -> Any:
         if not check(value):
             expect = fld.metadata.get("expect") or _MARKET_CHECKS[name][0]
             raise ConfigError(file, table, name, expect, value)
-        if tp is Path or name == "port":
-            value = _resolve(base_dir, value, keep_type=type(value))
+        if tp is Path or name == "port":  # Path fields stay Path objects; a port stays a string
+            value = _resolve(base_dir, value, keep_type=tp if tp is Path else str)
         values[name] = value
     obj = cls(**values)
     # Default relative paths are resolved too.

@@ -255,7 +255,7 @@ def encode_list(items: "list[str] | tuple[str, ...]") -> str:
 # --- parsing ------------------------------------------------------------------------------
 
 
-def _guess_seq(line: bytes) -> int | None:
+def guess_seq(line: bytes) -> int | None:
     match = _LOOSE_SEQ_RE.match(line)
     if match and int(match.group(1)) <= SEQ_MAX:
         return int(match.group(1))
@@ -283,22 +283,22 @@ def parse_frame(line: bytes) -> Frame:
     if not line:
         raise FrameError("empty line: expected a frame starting with '$' or '!'")
     if len(line) > MAX_LINE_BYTES:
-        raise FrameError(f"line of {len(line)} bytes: expected at most {MAX_LINE_BYTES}", seq=_guess_seq(line))
+        raise FrameError(f"line of {len(line)} bytes: expected at most {MAX_LINE_BYTES}", seq=guess_seq(line))
     if line[:1] not in (b"$", b"!"):
         raise FrameError(f"line starts with {line[:1]!r}: expected '$' (request/answer) or '!' (event)")
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:
-        raise FrameError("non-ASCII bytes in the line: expected printable ASCII", seq=_guess_seq(line)) from None
+        raise FrameError("non-ASCII bytes in the line: expected printable ASCII", seq=guess_seq(line)) from None
     if any(not " " <= c <= "~" for c in text):
-        raise FrameError("control characters in the line: expected printable ASCII", seq=_guess_seq(line))
+        raise FrameError("control characters in the line: expected printable ASCII", seq=guess_seq(line))
     star = text.rfind("*")
     if star < 0 or not _CRC_RE.match(text[star + 1:]):
-        raise FrameError(f"no '*XXXX' checksum at the end of {text[:40]!r}", seq=_guess_seq(line))
+        raise FrameError(f"no '*XXXX' checksum at the end of {text[:40]!r}", seq=guess_seq(line))
     body = line[:star]
     sent, computed = int(text[star + 1:], 16), crc16(body)
     if sent != computed:
-        raise ChecksumError(f"checksum {sent:04X} does not match the frame's {computed:04X}", seq=_guess_seq(line))
+        raise ChecksumError(f"checksum {sent:04X} does not match the frame's {computed:04X}", seq=guess_seq(line))
     tokens = text[1:star].split(" ")
     if len(tokens) < 2 or any(not t for t in tokens):
         raise FrameError(f"expected '<seq> <VERB> ...' separated by single spaces, found {text[:star]!r}")
@@ -365,7 +365,7 @@ class LineSplitter:
             newline = self._buffer.find(b"\n")
             if newline < 0:
                 if len(self._buffer) > self._max:
-                    # keep only a possible frame start at the tail, drop the rest
+                    # no newline within the limit: this is noise; drop it and everything up to its newline
                     self._buffer.clear()
                     if not self._discarding:
                         self.discarded_lines += 1

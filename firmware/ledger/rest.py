@@ -1,0 +1,339 @@
+"""REST backend of the ledger interface: the thin HTTP adapter that runs on the board.
+
+Why it is this careful:
+- The board runs unattended and the network between it and the service provider is not ours.
+  Every answer is checked for shape and types before anything reads it; a hostile, truncated,
+  oversized or nonsensical answer becomes ``LedgerUnavailable`` with a sentence saying what was
+  wrong - never a KeyError or TypeError deep inside the daemon, never a bid on stale data.
+- Retries (with exponential back-off) happen only on transient failures, and are safe for
+  ``submit`` because the ledger deduplicates on (device, nonce): a message that did arrive
+  before the connection dropped is answered "duplicate" and applied once.
+- A 4xx is the ledger's permanent answer only when it carries the ledger's rejection body
+  (``{"status": "rejected", "code", "detail"}``). A 4xx without it (a proxy's HTML page, a wrong
+  URL) says nothing about the message, so it is treated as transient: the outbox keeps the
+  signed bytes instead of dropping a bid because of a misconfigured relay. 408/425/429 are
+  transient too.
+- Only ``requests`` (already on the board); no float is accepted anywhere in an answer.
+- Redirects are not followed: a signed message goes to the configured ledger or nowhere.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import time
+from typing import Any, Callable, Mapping
+from urllib.parse import quote
+
+import requests
+import urllib3
+
+from firmware.messages import SignedMessage
+
+from .base import (
+    TRADE_SIDES,
+    TRADE_STATES,
+    LedgerRejected,
+    LedgerUnavailable,
+    SubmitResult,
+    TradeRecord,
+)
+
+log = logging.getLogger(__name__)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_RESPONSE_BYTES = 1024 * 1024
+MAX_TEXT_CHARS = 1000
+TRANSIENT_4XX = (408, 425, 429)
+_TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
+class _Transient(Exception):
+    """One attempt failed in a way worth retrying."""
+
+
+class _BadAnswer(Exception):
+    """An answer whose shape or types are wrong (turned into LedgerUnavailable)."""
+
+
+# ----------------------------------------------------------------------- shape checks
+
+def _strict_json(data: bytes) -> Any:
+    def no_float(value: str) -> Any:
+        raise ValueError(f"non-integer number {value[:20]}")
+
+    def no_constant(value: str) -> Any:
+        raise ValueError(f"non-JSON constant {value}")
+
+    try:
+        return json.loads(data.decode("utf-8"), parse_float=no_float, parse_constant=no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        text = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise _BadAnswer(f"answer is not strict JSON of integers and strings ({text[:200]})") from None
+
+
+def _obj(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise _BadAnswer(f"{what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = INT64_MIN) -> int:
+    value = obj.get(key)
+    if type(value) is not int:
+        raise _BadAnswer(f"{what}.{key}: expected an integer, got {type(value).__name__}")
+    if not minimum <= value <= INT64_MAX:
+        raise _BadAnswer(f"{what}.{key}: {value} is out of range (expected {minimum} to {INT64_MAX})")
+    return value
+
+
+def _str(obj: Mapping[str, Any], key: str, what: str, *, choices: tuple[str, ...] | None = None) -> str:
+    value = obj.get(key)
+    if type(value) is not str:
+        raise _BadAnswer(f"{what}.{key}: expected a string, got {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise _BadAnswer(f"{what}.{key}: longer than {MAX_TEXT_CHARS} characters")
+    if choices is not None and value not in choices:
+        raise _BadAnswer(f"{what}.{key}: expected one of {', '.join(choices)}, got {value[:40]!r}")
+    return value
+
+
+def _bool(obj: Mapping[str, Any], key: str, what: str) -> bool:
+    value = obj.get(key)
+    if type(value) is not bool:
+        raise _BadAnswer(f"{what}.{key}: expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _list(obj: Mapping[str, Any], key: str, what: str) -> list:
+    value = obj.get(key)
+    if not isinstance(value, list):
+        raise _BadAnswer(f"{what}.{key}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _trade(value: Any, what: str) -> TradeRecord:
+    t = _obj(value, what)
+    return TradeRecord(
+        trade_id=_int(t, "trade_id", what, minimum=1),
+        market_id=_int(t, "market_id", what, minimum=0),
+        side=_str(t, "side", what, choices=TRADE_SIDES),
+        energy_wh=_int(t, "energy_wh", what, minimum=1),
+        price_per_kwh_minor=_int(t, "price_per_kwh_minor", what, minimum=1),
+        order_nonce=_int(t, "order_nonce", what, minimum=1),
+        counterparty=_str(t, "counterparty", what),
+        state=_str(t, "state", what, choices=TRADE_STATES),
+    )
+
+
+def _book_entry(value: Any, what: str) -> dict:
+    e = _obj(value, what)
+    return {
+        **e,
+        "device_id": _str(e, "device_id", what),
+        "order_nonce": _int(e, "order_nonce", what, minimum=1),
+        "remaining_wh": _int(e, "remaining_wh", what, minimum=1),
+        "price_per_kwh_minor": _int(e, "price_per_kwh_minor", what, minimum=1),
+    }
+
+
+# ---------------------------------------------------------------------------- adapter
+
+class RestLedger:
+    """The ledger interface over the bench ledger's REST API (docs/ledger-api.json)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_ms: int,
+        retries: int,
+        backoff_ms: int,
+        verify_tls: bool = True,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"url: expected an http:// or https:// URL, got {url!r}")
+        if timeout_ms <= 0 or backoff_ms < 0 or retries < 0:
+            raise ValueError("timeout_ms must be positive, backoff_ms and retries zero or more")
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_ms / 1000
+        self.retries = retries
+        self.backoff_s = backoff_ms / 1000
+        self.verify_tls = verify_tls
+        self.max_response_bytes = max_response_bytes
+        self._session = session or requests.Session()
+        self._sleep = sleep
+
+    def __repr__(self) -> str:
+        return f"RestLedger({self.url!r})"
+
+    # ------------------------------------------------------------------ transport
+
+    def _once(self, method: str, path: str, body: Any, params: Mapping[str, Any] | None) -> tuple[int, Mapping[str, Any]]:
+        """One HTTP exchange. Returns (status, JSON object) for 2xx and for a proper 4xx rejection."""
+        started = time.monotonic()
+        try:
+            response = self._session.request(
+                method, self.url + path, json=body, params=params, timeout=(self.timeout_s, self.timeout_s),
+                verify=self.verify_tls, allow_redirects=False, stream=True,
+                headers={"Accept": "application/json"},
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise _Transient(f"no answer ({type(exc).__name__}: {str(exc)[:200]})") from None
+        try:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > self.max_response_bytes:
+                raise _Transient(f"answer of {declared} bytes is larger than {self.max_response_bytes}")
+            chunks, size = [], 0
+            try:
+                for chunk in response.iter_content(65536):
+                    size += len(chunk)
+                    if size > self.max_response_bytes:
+                        raise _Transient(f"answer is larger than {self.max_response_bytes} bytes")
+                    if time.monotonic() - started > 2 * self.timeout_s:
+                        raise _Transient(f"answer took longer than {2 * self.timeout_s:.1f} s to arrive")
+                    chunks.append(chunk)
+            except _TRANSPORT_ERRORS as exc:
+                raise _Transient(f"answer cut short ({type(exc).__name__}: {str(exc)[:200]})") from None
+            status = response.status_code
+        finally:
+            response.close()
+        data = b"".join(chunks)
+        if status >= 500 or status in TRANSIENT_4XX:
+            raise _Transient(f"HTTP {status} from the ledger")
+        if not 200 <= status < 500 or 300 <= status < 400:
+            raise _Transient(f"unexpected HTTP {status} (redirects are not followed; check the ledger URL)")
+        try:
+            obj = _obj(_strict_json(data), "answer")
+        except _BadAnswer as exc:
+            raise _Transient(f"HTTP {status}: {exc}") from None
+        if status >= 400:
+            if obj.get("status") != "rejected" or type(obj.get("code")) is not str or type(obj.get("detail")) is not str:
+                raise _Transient(f"HTTP {status} without a ledger rejection body (a proxy or a wrong URL?)")
+        return status, obj
+
+    def _call(self, method: str, path: str, *, body: Any = None, params: Mapping[str, Any] | None = None) -> tuple[int, Mapping[str, Any]]:
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            try:
+                return self._once(method, path, body, params)
+            except _Transient as exc:
+                last = exc
+                if attempt + 1 < attempts:
+                    delay = self.backoff_s * (2**attempt)
+                    log.warning("ledger %s %s: %s; retrying in %.2f s (%d/%d)", method, path, exc, delay, attempt + 1, self.retries)
+                    self._sleep(delay)
+        raise LedgerUnavailable(f"ledger {method} {path} failed after {attempts} attempt(s): {last}")
+
+    def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+        status, obj = self._call("GET", path, params=params)
+        if status >= 400:
+            raise LedgerRejected(obj["code"][:100], obj["detail"][:MAX_TEXT_CHARS], status)
+        if status != 200:
+            raise LedgerUnavailable(f"ledger GET {path}: unexpected HTTP {status}, expected 200")
+        return obj
+
+    def _checked(self, path: str, build: Callable[[], Any]) -> Any:
+        try:
+            return build()
+        except _BadAnswer as exc:
+            raise LedgerUnavailable(f"ledger GET {path}: malformed answer: {exc}") from None
+
+    # ------------------------------------------------------------------ interface
+
+    def server_time_ms(self) -> int:
+        obj = self._get("/v1/time")
+        return self._checked("/v1/time", lambda: _int(obj, "time_ms", "time", minimum=1))
+
+    def info(self) -> dict:
+        obj = self._get("/v1/info")
+
+        def build() -> dict:
+            out = dict(obj)
+            out["ledger_id"] = _str(obj, "ledger_id", "info")
+            for key in ("slot_seconds", "markets_ahead", "lot_wh", "price_min_per_kwh_minor", "price_max_per_kwh_minor"):
+                out[key] = _int(obj, key, "info", minimum=1)
+            out["gate_closure_seconds"] = _int(obj, "gate_closure_seconds", "info", minimum=0)
+            return out
+
+        return self._checked("/v1/info", build)
+
+    def device_account(self, device_id: str) -> dict:
+        path = f"/v1/devices/{quote(device_id, safe='')}"
+        obj = self._get(path)
+
+        def build() -> dict:
+            out = dict(obj)
+            if _str(obj, "device_id", "account") != device_id:
+                raise _BadAnswer(f"account.device_id: expected {device_id!r}, got another device's account")
+            out["name"] = _str(obj, "name", "account")
+            out["balance_milli_minor"] = _int(obj, "balance_milli_minor", "account")
+            out["locked_milli_minor"] = _int(obj, "locked_milli_minor", "account", minimum=0)
+            out["max_nonce"] = _int(obj, "max_nonce", "account", minimum=0)
+            return out
+
+        return self._checked(path, build)
+
+    def market_book(self, market_id: int) -> dict:
+        path = f"/v1/markets/{int(market_id)}/book"
+        obj = self._get(path)
+
+        def build() -> dict:
+            if _int(obj, "market_id", "book") != market_id:
+                raise _BadAnswer(f"book.market_id: expected {market_id}, got another market's book")
+            return {
+                **obj,
+                "gate_open": _bool(obj, "gate_open", "book"),
+                "asks": [_book_entry(e, f"book.asks[{i}]") for i, e in enumerate(_list(obj, "asks", "book"))],
+                "bids": [_book_entry(e, f"book.bids[{i}]") for i, e in enumerate(_list(obj, "bids", "book"))],
+            }
+
+        return self._checked(path, build)
+
+    def trades_since(self, device_id: str, cursor: int) -> tuple[list[TradeRecord], int]:
+        path = f"/v1/devices/{quote(device_id, safe='')}/trades"
+        obj = self._get(path, params={"after": int(cursor)})
+
+        def build() -> tuple[list[TradeRecord], int]:
+            trades = [_trade(t, f"trades[{i}]") for i, t in enumerate(_list(obj, "trades", "answer"))]
+            new_cursor = _int(obj, "cursor", "answer", minimum=0)
+            if new_cursor < cursor:
+                raise _BadAnswer(f"answer.cursor: {new_cursor} goes back before the cursor sent ({cursor})")
+            for trade in trades:
+                if not cursor < trade.trade_id <= new_cursor:
+                    raise _BadAnswer(f"trade {trade.trade_id}: outside the range asked for ({cursor}, {new_cursor}]")
+            return trades, new_cursor
+
+        return self._checked(path, build)
+
+    def submit(self, message: SignedMessage) -> SubmitResult:
+        """Submit a signed message; 4xx rejections are returned, transient failures raised."""
+        try:
+            nonce = json.loads(message.payload)["nonce"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError("submit: the message's payload has no nonce; expected a message built by firmware.messages") from None
+        status, obj = self._call("POST", "/v1/messages", body=message.to_wire())
+        try:
+            if status >= 400:
+                return SubmitResult(
+                    status="rejected",
+                    duplicate=obj.get("duplicate") is True,
+                    code=_str(obj, "code", "rejection")[:100],
+                    detail=_str(obj, "detail", "rejection"),
+                    result={},
+                )
+            if status != 200 or obj.get("status") != "accepted":
+                raise _BadAnswer(f"expected HTTP 200 with status 'accepted', got HTTP {status} with status {str(obj.get('status'))[:40]!r}")
+            answered_nonce = _int(obj, "nonce", "answer", minimum=1)
+            if answered_nonce != nonce:
+                raise _BadAnswer(f"answer.nonce: {answered_nonce} is not the nonce sent ({nonce})")
+            result = _obj(obj.get("result"), "answer.result")
+            return SubmitResult(
+                status="accepted", duplicate=_bool(obj, "duplicate", "answer"), code=None, detail="", result=dict(result)
+            )
+        except _BadAnswer as exc:
+            raise LedgerUnavailable(f"ledger POST /v1/messages: malformed answer: {exc}") from None

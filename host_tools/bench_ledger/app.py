@@ -1,0 +1,559 @@
+"""The bench ledger's HTTP API (FastAPI): the reference implementation of docs/ledger-api.json.
+
+Why it is shaped like this:
+
+- Request bodies are read and parsed here, by hand, with a size cap, rather than by FastAPI's
+  automatic body handling: a hostile body (invalid UTF-8, deep nesting, floats where integers
+  belong, a wrong content type) must get a clear 4xx JSON error naming what was wrong, never a
+  500, and the signed envelope must reach ``messages.open_message`` as the exact bytes.
+- Every signature is verified with the independent pure-Python ``ecdsa`` backend, while boards
+  sign with ``coincurve``: every bench run cross-checks the two implementations.
+- The ledger's notion of time is an injected ``clock`` (milliseconds), so tests can close gates
+  and pass report deadlines without sleeping, over real HTTP.
+- Before every request the store sweeps what time has closed (orders at gate closure, trades
+  past the report deadline), so every answer reflects the current time without a timer thread.
+
+All numbers on the wire are integers: Wh, minor units per kWh, milli-minor units, epoch ms/s.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+from fastapi import FastAPI, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from firmware.market import MarketRules
+from firmware.messages import MessageError, SignedMessage, open_message, verify_signature
+
+from .store import INT64_MAX, MAX_CREDIT_MILLI_MINOR, LedgerStore, Rejection
+
+log = logging.getLogger(__name__)
+
+API_TITLE = "DGC bench ledger"
+API_VERSION = "1"
+MAX_BODY_BYTES = 16 * 1024
+MAX_JSON_DEPTH = 8
+
+
+def wall_clock_ms() -> int:
+    """UTC epoch milliseconds from the host clock (the default ledger clock)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    """Everything a ledger instance needs. The operator token is kept out of repr (and so out of logs)."""
+
+    db_path: Path | str
+    ledger_id: str
+    rules: MarketRules = field(default_factory=MarketRules)
+    operator_token: Optional[str] = field(default=None, repr=False)
+    initial_credit_milli_minor: int = 1_000_000_000
+    report_deadline_seconds: int = 3600
+    clock: Callable[[], int] = wall_clock_ms
+
+    def __post_init__(self) -> None:
+        if not self.ledger_id or not self.ledger_id.isascii() or not self.ledger_id.isprintable():
+            raise ValueError(f"ledger_id: expected non-empty printable ASCII, got {self.ledger_id!r}")
+        if not 0 <= self.initial_credit_milli_minor <= MAX_CREDIT_MILLI_MINOR:
+            raise ValueError(f"initial_credit_milli_minor: expected 0 to {MAX_CREDIT_MILLI_MINOR}, got {self.initial_credit_milli_minor}")
+        if self.report_deadline_seconds < 0:
+            raise ValueError(f"report_deadline_seconds: expected zero or more, got {self.report_deadline_seconds}")
+        if self.operator_token is not None and not self.operator_token:
+            raise ValueError("operator_token: expected a non-empty token or None")
+
+
+# --------------------------------------------------------------------------- API models
+# These document the API (docs/ledger-api.json) and validate the registration body; the
+# HTTP tests validate live answers against them so the document cannot drift from the code.
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class Rejected(_Strict):
+    status: Literal["rejected"]
+    code: str = Field(description="machine-readable reason, e.g. gate_closed, bad_signature")
+    detail: str = Field(description="what was wrong and what was expected")
+    duplicate: Optional[bool] = Field(None, description="for messages: true when this is the stored answer to a resend")
+    nonce: Optional[int] = None
+
+
+class TimeOut(_Strict):
+    time_ms: int = Field(description="the ledger's clock, UTC epoch milliseconds")
+
+
+class InfoOut(_Strict):
+    ledger_id: str
+    slot_seconds: int
+    markets_ahead: int
+    lot_wh: int
+    gate_closure_seconds: int
+    price_min_per_kwh_minor: int
+    price_max_per_kwh_minor: int
+    report_deadline_seconds: int
+
+
+class RegisterIn(_Strict):
+    public_key: str = Field(min_length=66, max_length=130, description="secp256k1 public key, hex (compressed or not)")
+    name: str = Field("", max_length=64, pattern=r"^[ -~]*$", description="a label for people (printable ASCII)")
+    credit_milli_minor: Optional[int] = Field(
+        None, ge=0, le=MAX_CREDIT_MILLI_MINOR, description="opening balance; the ledger's default when absent")
+
+
+class Account(_Strict):
+    device_id: str
+    public_key: str
+    name: str
+    balance_milli_minor: int = Field(description="spendable money")
+    locked_milli_minor: int = Field(description="money held for open buy orders and unsettled trades")
+    max_nonce: int = Field(description="highest nonce stored from this device, 0 if none")
+
+
+class RegisterOut(Account):
+    created: bool = Field(description="false when the key was already registered (idempotent)")
+
+
+class Envelope(_Strict):
+    payload: str = Field(description="the canonical message JSON, exactly as signed")
+    signature: str = Field(description="128 hex: compact r||s, low-S, over sha256(payload)")
+
+
+class Accepted(_Strict):
+    status: Literal["accepted"]
+    duplicate: bool = Field(description="true when this nonce was already applied; nothing was applied again")
+    nonce: int
+    type: str = Field(description="order, cancel or delivery_report")
+    result: dict[str, Any] = Field(description="order: fills; cancel: released quantity; delivery_report: report and settlement")
+
+
+class BookEntry(_Strict):
+    device_id: str
+    order_nonce: int
+    remaining_wh: int
+    price_per_kwh_minor: int
+    seq: int = Field(description="time priority: lower was accepted earlier")
+    time_ms: int
+
+
+class BookOut(_Strict):
+    market_id: int
+    gate_open: bool
+    asks: list[BookEntry] = Field(description="sells, lowest price first, then earliest")
+    bids: list[BookEntry] = Field(description="buys, highest price first, then earliest")
+
+
+class Settlement(_Strict):
+    reason: str = Field(description="'reports' (both parties reported) or 'deadline' (swept)")
+    seller_wh: int
+    buyer_wh: int
+    settled_wh: int
+    paid_milli_minor: int
+    released_milli_minor: int
+    shortfall_wh: int
+    shortfall_party: Optional[str]
+    shortfall_device_id: Optional[str]
+    settled_ms: int
+
+
+class DeviceTrade(_Strict):
+    trade_id: int
+    market_id: int
+    side: Literal["buy", "sell"]
+    energy_wh: int
+    price_per_kwh_minor: int
+    order_nonce: int
+    counterparty: str
+    state: Literal["contracted", "reported", "settled"]
+    created_ms: int
+    settlement: Optional[Settlement]
+
+
+class DeviceTradesOut(_Strict):
+    trades: list[DeviceTrade]
+    cursor: int = Field(description="pass as ?after= to get only newer trades")
+
+
+class OrderOut(_Strict):
+    nonce: int
+    market_id: int
+    side: Literal["buy", "sell"]
+    energy_wh: int
+    remaining_wh: int
+    filled_wh: int
+    cancelled_wh: int
+    price_per_kwh_minor: int
+    state: Literal["open", "filled", "cancelled", "expired"]
+    created_ms: int
+
+
+class OrdersOut(_Strict):
+    orders: list[OrderOut]
+
+
+class Party(_Strict):
+    device_id: str
+    order_nonce: int
+
+
+class Report(_Strict):
+    device_id: str
+    nonce: int
+    energy_wh: int
+    status: str
+    received_ms: int
+
+
+class Reports(_Strict):
+    seller: Optional[Report]
+    buyer: Optional[Report]
+
+
+class TradeDetail(_Strict):
+    trade_id: int
+    market_id: int
+    energy_wh: int
+    price_per_kwh_minor: int
+    seller: Party
+    buyer: Party
+    taker_side: Literal["buy", "sell"]
+    created_ms: int
+    state: Literal["contracted", "reported", "settled"]
+    reports: Reports
+    settlement: Optional[Settlement]
+
+
+class MarketTradesOut(_Strict):
+    market_id: int
+    trades: list[TradeDetail]
+
+
+class StatsOut(_Strict):
+    devices: int
+    messages: int
+    orders: int
+    open_orders: int
+    trades: int
+    traded_wh: int
+    reported_trades: int = Field(description="trades with both delivery reports in")
+    settled_trades: int
+    delivered_wh: int = Field(description="sum of settled_wh")
+    shortfall_wh: int
+    balance_milli_minor: int
+    locked_milli_minor: int
+
+
+_REJECTIONS = {status: {"model": Rejected} for status in (400, 401, 404, 409, 413, 422)}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _reject(code: str, detail: str, **extra: Any) -> JSONResponse:
+    rejection = Rejection(code, detail)
+    return JSONResponse(rejection.body(**extra), status_code=rejection.http_status)
+
+
+def _depth_ok(text: str) -> bool:
+    """Cheap nesting bound before json.loads, so deep nesting cannot hit the recursion limit."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _parse_json(raw: bytes, what: str) -> Any:
+    """Strict JSON: UTF-8, bounded depth, no NaN/Infinity, no floats. Raises Rejection('malformed')."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejection("malformed", f"{what}: expected UTF-8 JSON, got undecodable bytes") from None
+    if not _depth_ok(text):
+        raise Rejection("malformed", f"{what}: nested deeper than {MAX_JSON_DEPTH} levels; expected a flat JSON object")
+
+    def no_float(value: str) -> Any:
+        raise ValueError(f"number {value[:20]} is not an integer; expected integers only")
+
+    def no_constant(value: str) -> Any:
+        raise ValueError(f"{value} is not valid JSON; expected integers only")
+
+    try:
+        return json.loads(text, parse_float=no_float, parse_constant=no_constant)
+    except ValueError as exc:
+        raise Rejection("malformed", f"{what}: expected a JSON object ({exc})") from None
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise Rejection("too_large", f"body: {declared} bytes; expected at most {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise Rejection("too_large", f"body: more than {MAX_BODY_BYTES} bytes; expected a small JSON object")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _validation_detail(errors: list[dict]) -> str:
+    """First pydantic/FastAPI error as 'where: what was expected'."""
+    if not errors:
+        return "request: invalid"
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ())]
+    if loc and loc[0] in ("path", "query", "header"):
+        where = f"{loc[0]} parameter {'.'.join(loc[1:])}"
+    elif loc and loc[0] == "body":
+        where = "body" + ("." + ".".join(loc[1:]) if len(loc) > 1 else "")
+    else:
+        where = ".".join(loc) or "request"
+    return f"{where}: {first.get('msg', 'invalid')}"
+
+
+# --------------------------------------------------------------------------- the app
+
+def create_app(settings: LedgerSettings) -> FastAPI:
+    """Build the ledger API over a store at ``settings.db_path`` (created if missing)."""
+    store = LedgerStore(settings.db_path, settings.rules, settings.report_deadline_seconds)
+    rules = settings.rules
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        store.close()
+
+    app = FastAPI(
+        title=API_TITLE,
+        version=API_VERSION,
+        description=(
+            "Reference service-provider API for DGC boards: signed orders, cancels and delivery reports; "
+            "a continuous double auction per delivery slot; prepaid buyer locks; settlement on metered energy. "
+            "All numbers are integers (Wh, minor units per kWh, milli-minor units, epoch ms). "
+            "Every error is JSON: {status: 'rejected', code, detail}."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    app.state.settings = settings
+
+    def now_ms() -> int:
+        """The ledger's time, after closing whatever that time has closed."""
+        now = settings.clock()
+        store.sweep(now)
+        return now
+
+    @app.exception_handler(Rejection)
+    async def on_rejection(request: Request, exc: Rejection) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _reject("malformed", _validation_detail(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            detail = f"no endpoint {request.method} {request.url.path}; expected one of the /v1 paths in docs/ledger-api.json"
+            code = "not_found"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}; expected one of the methods in docs/ledger-api.json"
+            code = "method_not_allowed"
+        else:
+            detail, code = str(exc.detail), "http_error"
+        return JSONResponse({"status": "rejected", "code": code, "detail": detail}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"status": "error", "code": "internal", "detail": "internal ledger error; the request was not applied"},
+            status_code=500,
+        )
+
+    # ----------------------------------------------------------------- clock and rules
+
+    @app.get("/v1/time", response_model=TimeOut, summary="The ledger's clock (boards check their skew against it)")
+    def get_time() -> dict:
+        return {"time_ms": settings.clock()}
+
+    @app.get("/v1/info", response_model=InfoOut, summary="Ledger id and market rules")
+    def get_info() -> dict:
+        return {
+            "ledger_id": settings.ledger_id,
+            "slot_seconds": rules.slot_seconds,
+            "markets_ahead": rules.markets_ahead,
+            "lot_wh": rules.lot_wh,
+            "gate_closure_seconds": rules.gate_closure_seconds,
+            "price_min_per_kwh_minor": rules.price_min_per_kwh_minor,
+            "price_max_per_kwh_minor": rules.price_max_per_kwh_minor,
+            "report_deadline_seconds": settings.report_deadline_seconds,
+        }
+
+    # ------------------------------------------------------------------------- devices
+
+    @app.post(
+        "/v1/devices",
+        response_model=RegisterOut,
+        responses=_REJECTIONS,
+        summary="Register a device's public key (operator only when the ledger has a token); idempotent",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": RegisterIn.model_json_schema()}}}},
+    )
+    async def register(request: Request) -> JSONResponse:
+        if settings.operator_token is not None:
+            header = request.headers.get("authorization", "")
+            expected = f"Bearer {settings.operator_token}".encode()
+            if not hmac.compare_digest(header.encode("utf-8", "replace"), expected):
+                return _reject("unauthorized", "Authorization header: expected 'Bearer <operator token>' (the token was missing or wrong)")
+        raw = await _read_body(request)
+        obj = _parse_json(raw, "body")
+        try:
+            body = RegisterIn.model_validate(obj)
+        except ValidationError as exc:
+            return _reject("malformed", _validation_detail([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]))
+        credit = settings.initial_credit_milli_minor if body.credit_milli_minor is None else body.credit_milli_minor
+        account, created = await run_in_threadpool(store.register_device, body.public_key, body.name, credit, settings.clock())
+        return JSONResponse({**account, "created": created})
+
+    @app.get("/v1/devices/{device_id}", response_model=Account, responses=_REJECTIONS, summary="A device's account")
+    def get_account(device_id: str) -> JSONResponse:
+        now_ms()
+        account = store.account(device_id)
+        if account is None:
+            return _reject("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
+        return JSONResponse(account)
+
+    def _require_device(device_id: str) -> None:
+        if store.account(device_id) is None:
+            raise Rejection("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
+
+    @app.get("/v1/devices/{device_id}/trades", response_model=DeviceTradesOut, responses=_REJECTIONS,
+             summary="Trades involving the device, newer than a cursor")
+    def get_device_trades(
+        device_id: str,
+        after: int = Query(0, ge=0, le=INT64_MAX, description="cursor from the previous answer; 0 for all"),
+        limit: int = Query(500, ge=1, le=1000),
+    ) -> JSONResponse:
+        now_ms()
+        _require_device(device_id)
+        trades, cursor = store.device_trades(device_id, after, limit)
+        return JSONResponse({"trades": trades, "cursor": cursor})
+
+    @app.get("/v1/devices/{device_id}/orders", response_model=OrdersOut, responses=_REJECTIONS, summary="The device's orders")
+    def get_device_orders(device_id: str, market_id: Optional[int] = Query(None, ge=0, le=INT64_MAX)) -> JSONResponse:
+        now_ms()
+        _require_device(device_id)
+        return JSONResponse({"orders": store.device_orders(device_id, market_id)})
+
+    # ------------------------------------------------------------------------ messages
+
+    @app.post(
+        "/v1/messages",
+        response_model=Accepted,
+        responses=_REJECTIONS,
+        summary="Submit a signed order, cancel or delivery report (deduplicated on device and nonce)",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": Envelope.model_json_schema()}}}},
+    )
+    async def post_message(request: Request) -> JSONResponse:
+        raw = await _read_body(request)
+        return await run_in_threadpool(_handle_message, raw)
+
+    def _handle_message(raw: bytes) -> JSONResponse:
+        now = now_ms()
+        try:
+            message = SignedMessage.from_wire(_parse_json(raw, "body"))
+        except MessageError as exc:
+            return _reject("malformed", str(exc))
+        try:
+            peek = _parse_json(message.payload, "envelope.payload")
+        except Rejection as exc:
+            return _reject(exc.code, exc.detail)
+        device_id = peek.get("device_id") if isinstance(peek, dict) else None
+        if not isinstance(device_id, str):
+            return _reject("malformed", "payload.device_id: expected the sending device's id (a string)")
+        public_key = store.public_key_of(device_id)
+        if public_key is None:
+            return _reject("unknown_device", f"payload.device_id: no device {device_id[:64]!r} is registered; expected a registered device")
+        try:
+            fields = open_message(message, public_key, backend="ecdsa")
+        except MessageError as exc:
+            if not verify_signature(message.payload, message.signature, public_key, backend="ecdsa"):
+                log.warning("bad signature on a message claiming device %s", device_id)
+                return _reject(
+                    "bad_signature",
+                    "signature: does not verify against the registered public key of payload.device_id "
+                    "(the payload was altered or signed by another key); expected the board's signature over the exact payload",
+                )
+            return _reject("malformed", str(exc))
+        if fields["ledger_id"] != settings.ledger_id:
+            return _reject(
+                "wrong_ledger",
+                f"payload.ledger_id: {fields['ledger_id']!r} is not this ledger; expected {settings.ledger_id!r}",
+                nonce=fields["nonce"],
+            )
+        outcome = store.submit(fields, message.payload, message.signature, now)
+        return JSONResponse(outcome.body, status_code=outcome.http_status)
+
+    # ------------------------------------------------------------------------- markets
+
+    def _check_market(market_id: int) -> None:
+        if not rules.is_market_id(market_id):
+            raise Rejection(
+                "unknown_market",
+                f"market_id: {market_id} is not a slot start; expected a multiple of {rules.slot_seconds} (UTC epoch seconds)",
+            )
+
+    @app.get("/v1/markets/{market_id}/book", response_model=BookOut, responses=_REJECTIONS, summary="A market's open orders")
+    def get_book(market_id: int = PathParam(ge=0, le=INT64_MAX)) -> JSONResponse:
+        now = now_ms()
+        _check_market(market_id)
+        book = store.book(market_id)
+        return JSONResponse({"market_id": market_id, "gate_open": rules.gate_open(market_id, now // 1000), **book})
+
+    @app.get("/v1/markets/{market_id}/trades", response_model=MarketTradesOut, responses=_REJECTIONS,
+             summary="A market's trades with reports and settlements")
+    def get_market_trades(market_id: int = PathParam(ge=0, le=INT64_MAX)) -> JSONResponse:
+        now_ms()
+        _check_market(market_id)
+        return JSONResponse({"market_id": market_id, "trades": store.market_trades(market_id)})
+
+    @app.get("/v1/trades/{trade_id}", response_model=TradeDetail, responses=_REJECTIONS,
+             summary="One trade with both reports and its settlement")
+    def get_trade(trade_id: int = PathParam(ge=1, le=INT64_MAX)) -> JSONResponse:
+        now_ms()
+        trade = store.trade(trade_id)
+        if trade is None:
+            return _reject("not_found", f"trade_id: no trade {trade_id}; expected an id from a trades listing")
+        return JSONResponse(trade)
+
+    @app.get("/v1/stats", response_model=StatsOut, summary="Counts and totals for dashboards and demos")
+    def get_stats() -> JSONResponse:
+        now_ms()
+        return JSONResponse(store.stats())
+
+    return app

@@ -1,0 +1,795 @@
+"""The bench ledger's state in SQLite (WAL), and the rules that change it.
+
+Why it is built this way:
+
+- **One transaction per message.** Deduplication, the market-rule checks, matching, money
+  locks, trades, settlement *and* the stored outcome of the message are written in a single
+  ``BEGIN IMMEDIATE`` transaction. A crash at any instant leaves either all of a message's
+  effects or none, and a message whose effects exist always has its outcome stored, so a resend
+  gets the same answer.
+- **The database is the only truth.** The order book is rebuilt from the ``orders`` table for
+  each incoming order (``auction.OrderBook`` is pure and short-lived), so a restart of the
+  ledger loses nothing and there is no cache to drift out of step.
+- **Integers only.** Energy in Wh, prices in minor units per kWh, money in milli-minor units
+  (Wh x minor/kWh = minor/1000, exact). ``balance_milli_minor`` is what a device can spend;
+  ``locked_milli_minor`` is money held aside for its open buy orders and unsettled trades.
+- One connection guarded by a lock: the bench ledger serves a handful of boards, and
+  serialising every write makes matching trivially atomic.
+
+Signature checks happen before this module (see ``app``): everything here has already been
+verified to come from the device it names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import coincurve
+
+from firmware.market import MarketRules, cost_milli_minor
+from firmware.messages import device_id_from_public_key
+
+from .auction import BookOrder, OrderBook
+
+log = logging.getLogger(__name__)
+
+INT64_MAX = 2**63 - 1
+# Upper bounds that keep every sum and product inside SQLite's 64-bit integers.
+MAX_CREDIT_MILLI_MINOR = 10**15
+MAX_ORDER_WH = 10**9  # 1 GWh in one order is far beyond any house
+MAX_FUTURE_ISSUE_SECONDS = 300
+
+# Every rejection code and its HTTP status. 4xx means "permanent for this message".
+REJECTION_STATUS: dict[str, int] = {
+    "malformed": 400,
+    "unauthorized": 401,
+    "unknown_device": 401,
+    "bad_signature": 401,
+    "not_found": 404,
+    "nonce_conflict": 409,
+    "too_large": 413,
+    "wrong_ledger": 422,
+    "expired": 422,
+    "not_yet_valid": 422,
+    "unknown_market": 422,
+    "gate_closed": 422,
+    "price_out_of_band": 422,
+    "not_whole_lots": 422,
+    "energy_too_large": 422,
+    "insufficient_funds": 422,
+    "unknown_order": 422,
+    "not_owner": 422,
+    "order_closed": 422,
+    "unknown_trade": 422,
+    "not_a_party": 422,
+    "wrong_role": 422,
+    "trade_settled": 422,
+}
+
+ORDER_STATES = ("open", "filled", "cancelled", "expired")
+TRADE_STATES = ("contracted", "reported", "settled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    balance_milli_minor INTEGER NOT NULL,
+    locked_milli_minor INTEGER NOT NULL,
+    registered_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    device_id TEXT NOT NULL,
+    nonce INTEGER NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    http_status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    PRIMARY KEY (device_id, nonce)
+);
+CREATE TABLE IF NOT EXISTS orders (
+    order_id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the time-priority sequence
+    device_id TEXT NOT NULL,
+    nonce INTEGER NOT NULL,
+    market_id INTEGER NOT NULL,
+    side TEXT NOT NULL,
+    price_per_kwh_minor INTEGER NOT NULL,
+    energy_wh INTEGER NOT NULL,
+    remaining_wh INTEGER NOT NULL,
+    cancelled_wh INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    closed_ms INTEGER,
+    UNIQUE (device_id, nonce)
+);
+CREATE INDEX IF NOT EXISTS orders_market ON orders (market_id, state);
+CREATE INDEX IF NOT EXISTS orders_open ON orders (state, market_id);
+CREATE TABLE IF NOT EXISTS trades (
+    trade_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    market_id INTEGER NOT NULL,
+    price_per_kwh_minor INTEGER NOT NULL,
+    energy_wh INTEGER NOT NULL,
+    seller_device_id TEXT NOT NULL,
+    seller_order_nonce INTEGER NOT NULL,
+    buyer_device_id TEXT NOT NULL,
+    buyer_order_nonce INTEGER NOT NULL,
+    taker_side TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    settled INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS trades_seller ON trades (seller_device_id, trade_id);
+CREATE INDEX IF NOT EXISTS trades_buyer ON trades (buyer_device_id, trade_id);
+CREATE INDEX IF NOT EXISTS trades_market ON trades (market_id, trade_id);
+CREATE INDEX IF NOT EXISTS trades_unsettled ON trades (settled, market_id);
+CREATE TABLE IF NOT EXISTS delivery_reports (
+    trade_id INTEGER NOT NULL REFERENCES trades (trade_id),
+    role TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    nonce INTEGER NOT NULL,
+    energy_wh INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (trade_id, role)
+);
+CREATE TABLE IF NOT EXISTS settlements (
+    trade_id INTEGER PRIMARY KEY REFERENCES trades (trade_id),
+    reason TEXT NOT NULL,
+    seller_wh INTEGER NOT NULL,
+    buyer_wh INTEGER NOT NULL,
+    settled_wh INTEGER NOT NULL,
+    paid_milli_minor INTEGER NOT NULL,
+    released_milli_minor INTEGER NOT NULL,
+    shortfall_wh INTEGER NOT NULL,
+    shortfall_party TEXT,
+    shortfall_device_id TEXT,
+    settled_ms INTEGER NOT NULL
+);
+"""
+
+
+class Rejection(Exception):
+    """A request refused for a reason the sender can act on: a code and a sentence naming the field."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        if code not in REJECTION_STATUS:
+            raise ValueError(f"unknown rejection code {code!r}")
+        super().__init__(f"{code}: {detail}")
+        self.code, self.detail = code, detail
+
+    @property
+    def http_status(self) -> int:
+        return REJECTION_STATUS[self.code]
+
+    def body(self, **extra: Any) -> dict:
+        return {"status": "rejected", "code": self.code, "detail": self.detail, **extra}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to a submitted message: HTTP status and JSON body."""
+
+    http_status: int
+    body: dict
+
+
+class LedgerStore:
+    """All ledger state and every state change. Thread-safe (one lock around one connection)."""
+
+    def __init__(self, path: Path | str, rules: MarketRules, report_deadline_seconds: int) -> None:
+        if report_deadline_seconds < 0:
+            raise ValueError(f"report_deadline_seconds: expected zero or more, got {report_deadline_seconds}")
+        self.rules = rules
+        self.report_deadline_seconds = report_deadline_seconds
+        self._lock = threading.Lock()
+        path_text = str(path)
+        if path_text != ":memory:":
+            Path(path_text).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path_text, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")  # an acknowledged message survives a power cut
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ----------------------------------------------------------------- helpers
+
+    def _begin(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def _one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
+        return self._conn.execute(sql, params).fetchone()
+
+    def _all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def _adjust(self, device_id: str, balance_delta: int = 0, locked_delta: int = 0) -> None:
+        self._conn.execute(
+            "UPDATE devices SET balance_milli_minor = balance_milli_minor + ?, locked_milli_minor = locked_milli_minor + ? "
+            "WHERE device_id = ?",
+            (balance_delta, locked_delta, device_id),
+        )
+
+    # ----------------------------------------------------------------- devices
+
+    def register_device(self, public_key_hex: str, name: str, credit_milli_minor: int, now_ms: int) -> tuple[dict, bool]:
+        """Register a public key; registering the same key again returns the same account unchanged."""
+        try:
+            raw = bytes.fromhex(public_key_hex)
+            public_key = coincurve.PublicKey(raw).format(compressed=True)
+        except ValueError:
+            raise Rejection(
+                "malformed",
+                "public_key: expected a secp256k1 public key in hex (66 hex characters compressed or 130 uncompressed)",
+            ) from None
+        if not 0 <= credit_milli_minor <= MAX_CREDIT_MILLI_MINOR:
+            raise Rejection("malformed", f"credit_milli_minor: expected 0 to {MAX_CREDIT_MILLI_MINOR}, got {credit_milli_minor}")
+        device_id = device_id_from_public_key(public_key)
+        with self._lock:
+            self._begin()
+            try:
+                created = self._one("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)) is None
+                if created:
+                    self._conn.execute(
+                        "INSERT INTO devices VALUES (?, ?, ?, ?, 0, ?)",
+                        (device_id, public_key.hex(), name, credit_milli_minor, now_ms),
+                    )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            if created:
+                log.info("registered device %s (%s) with %d milli-minor", device_id, name, credit_milli_minor)
+            return self._account(device_id), created
+
+    def public_key_of(self, device_id: str) -> bytes | None:
+        with self._lock:
+            row = self._one("SELECT public_key FROM devices WHERE device_id = ?", (device_id,))
+        return None if row is None else bytes.fromhex(row["public_key"])
+
+    def account(self, device_id: str) -> dict | None:
+        with self._lock:
+            return self._account(device_id)
+
+    def _account(self, device_id: str) -> dict | None:
+        row = self._one("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+        if row is None:
+            return None
+        max_nonce = self._one("SELECT COALESCE(MAX(nonce), 0) AS n FROM messages WHERE device_id = ?", (device_id,))["n"]
+        return {
+            "device_id": row["device_id"],
+            "public_key": row["public_key"],
+            "name": row["name"],
+            "balance_milli_minor": row["balance_milli_minor"],
+            "locked_milli_minor": row["locked_milli_minor"],
+            "max_nonce": max_nonce,
+        }
+
+    # ---------------------------------------------------------------- messages
+
+    def submit(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, now_ms: int) -> Outcome:
+        """Apply one verified message exactly once and store its outcome, in one transaction.
+
+        Order of checks: a resend of a stored (device, nonce) returns the stored answer even
+        after the message expired (the first answer may have been lost); a different payload
+        under a used nonce is a conflict. The validity window (expired / not yet valid) is
+        checked next and *not* stored, so it never consumes a nonce. Everything else - market
+        rules included - is stored with its outcome.
+        """
+        device_id, nonce, kind = fields["device_id"], fields["nonce"], fields["type"]
+        digest = hashlib.sha256(payload).hexdigest()
+        with self._lock:
+            self._begin()
+            try:
+                outcome = self._submit_locked(fields, payload, signature, digest, now_ms)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        log.info(
+            "message %s nonce %d from %s: %s%s",
+            kind, nonce, device_id, outcome.body.get("status"),
+            f" ({outcome.body.get('code')})" if outcome.body.get("status") == "rejected" else "",
+        )
+        return outcome
+
+    def _submit_locked(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int) -> Outcome:
+        device_id, nonce, kind = fields["device_id"], fields["nonce"], fields["type"]
+        stored = self._one("SELECT * FROM messages WHERE device_id = ? AND nonce = ?", (device_id, nonce))
+        if stored is not None:
+            if stored["payload_sha256"] == digest:
+                body = json.loads(stored["outcome"])
+                body["duplicate"] = True
+                return Outcome(stored["http_status"], body)
+            rejection = Rejection(
+                "nonce_conflict",
+                f"nonce {nonce}: already used by this device for a different {stored['kind']} message; "
+                "expected a new nonce (the highest seen is in GET /v1/devices/{device_id})",
+            )
+            return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
+        if now_ms > fields["expires_at"] * 1000:
+            rejection = Rejection(
+                "expired", f"expires_at: {fields['expires_at']} is before the ledger's time {now_ms // 1000}; expected a fresh message"
+            )
+            return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
+        if fields["issued_at"] * 1000 > now_ms + MAX_FUTURE_ISSUE_SECONDS * 1000:
+            rejection = Rejection(
+                "not_yet_valid",
+                f"issued_at: {fields['issued_at']} is more than {MAX_FUTURE_ISSUE_SECONDS} s after the ledger's time "
+                f"{now_ms // 1000}; expected the board's clock to agree with GET /v1/time",
+            )
+            return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
+
+        self._conn.execute("SAVEPOINT apply")
+        try:
+            if kind == "order":
+                result = self._apply_order(fields, now_ms)
+            elif kind == "cancel":
+                result = self._apply_cancel(fields, now_ms)
+            elif kind == "delivery_report":
+                result = self._apply_report(fields, now_ms)
+            else:  # messages.validate_fields admits only the kinds above
+                raise Rejection("malformed", f"type: expected one of order, cancel, delivery_report, got {kind!r}")
+            self._conn.execute("RELEASE apply")
+            outcome = Outcome(200, {"status": "accepted", "duplicate": False, "nonce": nonce, "type": kind, "result": result})
+        except Rejection as rejection:
+            self._conn.execute("ROLLBACK TO apply")
+            self._conn.execute("RELEASE apply")
+            outcome = Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
+        self._conn.execute(
+            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (device_id, nonce, digest, kind, payload.decode("ascii"), signature.hex(), now_ms,
+             outcome.http_status, json.dumps(outcome.body, sort_keys=True)),
+        )
+        return outcome
+
+    # ------------------------------------------------------------------ orders
+
+    def _check_order_rules(self, fields: Mapping[str, Any], now_s: int) -> None:
+        rules = self.rules
+        market_id, energy_wh, price = fields["market_id"], fields["energy_wh"], fields["price_per_kwh_minor"]
+        last_market = rules.next_slot_start(now_s) + (rules.markets_ahead - 1) * rules.slot_seconds
+        if not rules.is_market_id(market_id):
+            raise Rejection(
+                "unknown_market",
+                f"market_id: {market_id} is not a slot start; expected a multiple of {rules.slot_seconds} (UTC epoch seconds)",
+            )
+        if market_id > last_market:
+            raise Rejection(
+                "unknown_market",
+                f"market_id: {market_id} is more than {rules.markets_ahead} markets ahead; expected at most {last_market}",
+            )
+        if not rules.gate_open(market_id, now_s):
+            raise Rejection(
+                "gate_closed",
+                f"market_id: {market_id} closed for orders {rules.gate_closure_seconds} s before delivery "
+                f"(ledger time {now_s}); expected a market starting after {now_s + rules.gate_closure_seconds}",
+            )
+        if not rules.price_in_band(price):
+            raise Rejection(
+                "price_out_of_band",
+                f"price_per_kwh_minor: {price} is outside the band; expected {rules.price_min_per_kwh_minor} "
+                f"to {rules.price_max_per_kwh_minor}",
+            )
+        if not rules.is_whole_lots(energy_wh):
+            raise Rejection(
+                "not_whole_lots", f"energy_wh: {energy_wh} is not a whole number of lots; expected a multiple of {rules.lot_wh}"
+            )
+        if energy_wh > MAX_ORDER_WH:
+            raise Rejection("energy_too_large", f"energy_wh: {energy_wh} is too large; expected at most {MAX_ORDER_WH}")
+
+    def _apply_order(self, fields: Mapping[str, Any], now_ms: int) -> dict:
+        device_id, nonce = fields["device_id"], fields["nonce"]
+        market_id, side = fields["market_id"], fields["side"]
+        energy_wh, limit = fields["energy_wh"], fields["price_per_kwh_minor"]
+        self._check_order_rules(fields, now_ms // 1000)
+        locked = 0
+        if side == "buy":
+            locked = cost_milli_minor(energy_wh, limit)
+            balance = self._one("SELECT balance_milli_minor FROM devices WHERE device_id = ?", (device_id,))[0]
+            if locked > balance:
+                raise Rejection(
+                    "insufficient_funds",
+                    f"energy_wh x price_per_kwh_minor: buying {energy_wh} Wh at {limit} locks {locked} milli-minor; "
+                    f"expected at most the available balance {balance}",
+                )
+            self._adjust(device_id, -locked, +locked)
+        cur = self._conn.execute(
+            "INSERT INTO orders (device_id, nonce, market_id, side, price_per_kwh_minor, energy_wh, remaining_wh, state, created_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?)",
+            (device_id, nonce, market_id, side, limit, energy_wh, energy_wh, now_ms),
+        )
+        seq = cur.lastrowid
+        book = OrderBook(self._resting(market_id, exclude_seq=seq))
+        match = book.submit(BookOrder(device_id, nonce, side, limit, energy_wh, seq))
+        trades, released = [], 0
+        for fill in match.fills:
+            maker = fill.maker
+            seller_id, seller_nonce = (maker.device_id, maker.order_nonce) if side == "buy" else (device_id, nonce)
+            buyer_id, buyer_nonce = (device_id, nonce) if side == "buy" else (maker.device_id, maker.order_nonce)
+            trade_id = self._conn.execute(
+                "INSERT INTO trades (market_id, price_per_kwh_minor, energy_wh, seller_device_id, seller_order_nonce, "
+                "buyer_device_id, buyer_order_nonce, taker_side, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (market_id, fill.price_per_kwh_minor, fill.energy_wh, seller_id, seller_nonce, buyer_id, buyer_nonce, side, now_ms),
+            ).lastrowid
+            maker_left = fill.maker_remaining_wh
+            self._conn.execute(
+                "UPDATE orders SET remaining_wh = ?, state = ?, closed_ms = ? WHERE device_id = ? AND nonce = ?",
+                (maker_left, "open" if maker_left else "filled", None if maker_left else now_ms,
+                 maker.device_id, maker.order_nonce),
+            )
+            # The buyer's order locked energy x its limit; the trade keeps energy x trade price.
+            # The difference (price improvement for an incoming buy) goes back to the balance.
+            buyer_limit = limit if side == "buy" else maker.price_per_kwh_minor
+            excess = cost_milli_minor(fill.energy_wh, buyer_limit - fill.price_per_kwh_minor)
+            if excess:
+                self._adjust(buyer_id, +excess, -excess)
+                released += excess
+            trades.append({
+                "trade_id": trade_id,
+                "energy_wh": fill.energy_wh,
+                "price_per_kwh_minor": fill.price_per_kwh_minor,
+                "counterparty": maker.device_id,
+                "counterparty_order_nonce": maker.order_nonce,
+            })
+        state = "open" if match.remaining_wh else "filled"
+        self._conn.execute(
+            "UPDATE orders SET remaining_wh = ?, state = ?, closed_ms = ? WHERE order_id = ?",
+            (match.remaining_wh, state, None if match.remaining_wh else now_ms, seq),
+        )
+        return {
+            "order_nonce": nonce,
+            "market_id": market_id,
+            "side": side,
+            "energy_wh": energy_wh,
+            "filled_wh": match.filled_wh,
+            "remaining_wh": match.remaining_wh,
+            "state": state,
+            "locked_milli_minor": locked,
+            "released_milli_minor": released,
+            "trades": trades,
+        }
+
+    def _resting(self, market_id: int, exclude_seq: int | None = None) -> Iterator[BookOrder]:
+        rows = self._all(
+            "SELECT * FROM orders WHERE market_id = ? AND state = 'open' AND remaining_wh > 0 AND order_id IS NOT ? "
+            "ORDER BY order_id",
+            (market_id, exclude_seq),
+        )
+        for row in rows:
+            yield BookOrder(row["device_id"], row["nonce"], row["side"], row["price_per_kwh_minor"], row["remaining_wh"], row["order_id"])
+
+    def _apply_cancel(self, fields: Mapping[str, Any], now_ms: int) -> dict:
+        device_id, market_id, order_nonce = fields["device_id"], fields["market_id"], fields["order_nonce"]
+        order = self._one("SELECT * FROM orders WHERE device_id = ? AND nonce = ?", (device_id, order_nonce))
+        if order is None:
+            others = self._one("SELECT 1 FROM orders WHERE market_id = ? AND nonce = ? AND device_id != ?",
+                               (market_id, order_nonce, device_id))
+            if others is not None:
+                raise Rejection(
+                    "not_owner",
+                    f"order_nonce: order {order_nonce} in market {market_id} belongs to another device; "
+                    "expected the nonce of one of your own orders",
+                )
+            raise Rejection("unknown_order", f"order_nonce: no order of yours has nonce {order_nonce}; expected the nonce of one of your orders")
+        if order["market_id"] != market_id:
+            raise Rejection(
+                "unknown_order",
+                f"market_id: your order {order_nonce} is in market {order['market_id']}, not {market_id}; expected the order's market",
+            )
+        if order["state"] != "open":
+            raise Rejection(
+                "order_closed",
+                f"order_nonce: order {order_nonce} is already {order['state']}; expected an open order",
+            )
+        remaining = order["remaining_wh"]
+        released = 0
+        if order["side"] == "buy":
+            released = cost_milli_minor(remaining, order["price_per_kwh_minor"])
+            self._adjust(device_id, +released, -released)
+        self._conn.execute(
+            "UPDATE orders SET remaining_wh = 0, cancelled_wh = ?, state = 'cancelled', closed_ms = ? WHERE order_id = ?",
+            (remaining, now_ms, order["order_id"]),
+        )
+        return {
+            "order_nonce": order_nonce,
+            "market_id": market_id,
+            "cancelled_wh": remaining,
+            "filled_wh": order["energy_wh"] - remaining,
+            "released_milli_minor": released,
+            "state": "cancelled",
+        }
+
+    # ------------------------------------------------------------- deliveries
+
+    def _apply_report(self, fields: Mapping[str, Any], now_ms: int) -> dict:
+        device_id, trade_id, role = fields["device_id"], fields["trade_id"], fields["role"]
+        trade = self._one("SELECT * FROM trades WHERE trade_id = ?", (trade_id,))
+        if trade is None:
+            raise Rejection("unknown_trade", f"trade_id: no trade {trade_id}; expected the id of one of your trades")
+        if trade["market_id"] != fields["market_id"]:
+            raise Rejection(
+                "unknown_trade",
+                f"market_id: trade {trade_id} is in market {trade['market_id']}, not {fields['market_id']}; expected the trade's market",
+            )
+        parties = {"seller": trade["seller_device_id"], "buyer": trade["buyer_device_id"]}
+        if device_id not in parties.values():
+            raise Rejection("not_a_party", f"trade_id: trade {trade_id} is between two other devices; expected one of your trades")
+        if parties[role] != device_id:
+            actual = "seller" if parties["seller"] == device_id else "buyer"
+            raise Rejection("wrong_role", f"role: you are the {actual} in trade {trade_id}; expected role {actual!r}, got {role!r}")
+        existing = self._one("SELECT * FROM delivery_reports WHERE trade_id = ? AND role = ?", (trade_id, role))
+        if existing is not None:
+            return {
+                "trade_id": trade_id,
+                "role": role,
+                "energy_wh": existing["energy_wh"],
+                "status": existing["status"],
+                "report_nonce": existing["nonce"],
+                "already_reported": True,
+                "trade_state": self._trade_state(trade_id),
+                "settlement": self._settlement(trade_id),
+            }
+        if trade["settled"]:
+            raise Rejection(
+                "trade_settled",
+                f"trade_id: trade {trade_id} was settled at the report deadline "
+                f"({self.report_deadline_seconds} s after its slot) without your report; expected reports before then",
+            )
+        self._conn.execute(
+            "INSERT INTO delivery_reports VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (trade_id, role, device_id, fields["nonce"], fields["energy_wh"], fields["status"], now_ms),
+        )
+        reports = {r["role"]: r["energy_wh"] for r in self._all("SELECT role, energy_wh FROM delivery_reports WHERE trade_id = ?", (trade_id,))}
+        if len(reports) == 2:
+            self._settle(trade, reports["seller"], reports["buyer"], reason="reports", now_ms=now_ms)
+        return {
+            "trade_id": trade_id,
+            "role": role,
+            "energy_wh": fields["energy_wh"],
+            "status": fields["status"],
+            "report_nonce": fields["nonce"],
+            "already_reported": False,
+            "trade_state": self._trade_state(trade_id),
+            "settlement": self._settlement(trade_id),
+        }
+
+    def _settle(self, trade: sqlite3.Row, seller_wh: int | None, buyer_wh: int | None, *, reason: str, now_ms: int) -> None:
+        """Pay for the metered energy and record who fell short.
+
+        settled_wh = min(contracted, seller's report, buyer's report): nobody pays for energy a
+        meter did not see. The shortfall is charged to the party whose report is lower (the
+        seller on a tie: delivering is the seller's obligation); a missing report counts as 0
+        and, when only one party is silent, the silent party is charged.
+        """
+        contracted, price = trade["energy_wh"], trade["price_per_kwh_minor"]
+        seller_value = 0 if seller_wh is None else seller_wh
+        buyer_value = 0 if buyer_wh is None else buyer_wh
+        settled_wh = min(contracted, seller_value, buyer_value)
+        shortfall_wh = contracted - settled_wh
+        party = None
+        if shortfall_wh:
+            if seller_wh is None and buyer_wh is not None:
+                party = "seller"
+            elif buyer_wh is None and seller_wh is not None:
+                party = "buyer"
+            else:
+                party = "seller" if seller_value <= buyer_value else "buyer"
+        party_device = None if party is None else trade[f"{party}_device_id"]
+        lock = cost_milli_minor(contracted, price)
+        paid = cost_milli_minor(settled_wh, price)
+        released = lock - paid
+        self._adjust(trade["buyer_device_id"], +released, -lock)
+        self._adjust(trade["seller_device_id"], +paid, 0)
+        self._conn.execute(
+            "INSERT INTO settlements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (trade["trade_id"], reason, seller_value, buyer_value, settled_wh, paid, released, shortfall_wh, party,
+             party_device, now_ms),
+        )
+        self._conn.execute("UPDATE trades SET settled = 1 WHERE trade_id = ?", (trade["trade_id"],))
+        log.info(
+            "settled trade %d (%s): %d of %d Wh, paid %d milli-minor, shortfall %d Wh%s",
+            trade["trade_id"], reason, settled_wh, contracted, paid, shortfall_wh, f" charged to the {party}" if party else "",
+        )
+
+    # ------------------------------------------------------------------ sweep
+
+    def sweep(self, now_ms: int) -> dict:
+        """Close what time has closed: orders whose gate shut, trades past the report deadline.
+
+        Orders still open at gate closure can never trade, so they expire and their locks are
+        released. Trades not fully reported ``report_deadline_seconds`` after their slot ends are
+        settled with a missing report counted as 0. Called before every request, so every
+        answer reflects the ledger's current time.
+        """
+        now_s = now_ms // 1000
+        gate_cutoff = now_s + self.rules.gate_closure_seconds  # market_id <= cutoff means gate closed
+        trade_cutoff = now_s - self.rules.slot_seconds - self.report_deadline_seconds
+        with self._lock:
+            stale_orders = self._one(
+                "SELECT 1 FROM orders WHERE state = 'open' AND market_id <= ? LIMIT 1", (gate_cutoff,))
+            stale_trades = self._one(
+                "SELECT 1 FROM trades WHERE settled = 0 AND market_id <= ? LIMIT 1", (trade_cutoff,))
+            if stale_orders is None and stale_trades is None:
+                return {"expired_orders": 0, "settled_trades": 0}
+            self._begin()
+            try:
+                expired = self._all("SELECT * FROM orders WHERE state = 'open' AND market_id <= ?", (gate_cutoff,))
+                for order in expired:
+                    if order["side"] == "buy":
+                        released = cost_milli_minor(order["remaining_wh"], order["price_per_kwh_minor"])
+                        self._adjust(order["device_id"], +released, -released)
+                    self._conn.execute(
+                        "UPDATE orders SET cancelled_wh = remaining_wh, remaining_wh = 0, state = 'expired', closed_ms = ? "
+                        "WHERE order_id = ?",
+                        (now_ms, order["order_id"]),
+                    )
+                due = self._all("SELECT * FROM trades WHERE settled = 0 AND market_id <= ?", (trade_cutoff,))
+                for trade in due:
+                    reports = {r["role"]: r["energy_wh"] for r in self._all(
+                        "SELECT role, energy_wh FROM delivery_reports WHERE trade_id = ?", (trade["trade_id"],))}
+                    self._settle(trade, reports.get("seller"), reports.get("buyer"), reason="deadline", now_ms=now_ms)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        if expired:
+            log.info("expired %d open order(s) at gate closure", len(expired))
+        return {"expired_orders": len(expired), "settled_trades": len(due)}
+
+    # ---------------------------------------------------------------- queries
+
+    def _trade_state(self, trade_id: int) -> str:
+        if self._one("SELECT 1 FROM settlements WHERE trade_id = ?", (trade_id,)) is not None:
+            return "settled"
+        if self._one("SELECT 1 FROM delivery_reports WHERE trade_id = ?", (trade_id,)) is not None:
+            return "reported"
+        return "contracted"
+
+    def _settlement(self, trade_id: int) -> dict | None:
+        row = self._one("SELECT * FROM settlements WHERE trade_id = ?", (trade_id,))
+        if row is None:
+            return None
+        return {
+            "reason": row["reason"],
+            "seller_wh": row["seller_wh"],
+            "buyer_wh": row["buyer_wh"],
+            "settled_wh": row["settled_wh"],
+            "paid_milli_minor": row["paid_milli_minor"],
+            "released_milli_minor": row["released_milli_minor"],
+            "shortfall_wh": row["shortfall_wh"],
+            "shortfall_party": row["shortfall_party"],
+            "shortfall_device_id": row["shortfall_device_id"],
+            "settled_ms": row["settled_ms"],
+        }
+
+    def _device_trade(self, row: sqlite3.Row, device_id: str) -> dict:
+        is_seller = row["seller_device_id"] == device_id
+        return {
+            "trade_id": row["trade_id"],
+            "market_id": row["market_id"],
+            "side": "sell" if is_seller else "buy",
+            "energy_wh": row["energy_wh"],
+            "price_per_kwh_minor": row["price_per_kwh_minor"],
+            "order_nonce": row["seller_order_nonce"] if is_seller else row["buyer_order_nonce"],
+            "counterparty": row["buyer_device_id"] if is_seller else row["seller_device_id"],
+            "state": self._trade_state(row["trade_id"]),
+            "created_ms": row["created_ms"],
+            "settlement": self._settlement(row["trade_id"]),
+        }
+
+    def device_trades(self, device_id: str, after: int, limit: int) -> tuple[list[dict], int]:
+        """Trades involving the device with trade_id > after, oldest first; the cursor is the last id returned."""
+        with self._lock:
+            rows = self._all(
+                "SELECT * FROM trades WHERE trade_id > ? AND (seller_device_id = ? OR buyer_device_id = ?) "
+                "ORDER BY trade_id LIMIT ?",
+                (after, device_id, device_id, limit),
+            )
+            trades = [self._device_trade(row, device_id) for row in rows]
+        return trades, (trades[-1]["trade_id"] if trades else after)
+
+    def device_orders(self, device_id: str, market_id: int | None) -> list[dict]:
+        with self._lock:
+            if market_id is None:
+                rows = self._all("SELECT * FROM orders WHERE device_id = ? ORDER BY order_id", (device_id,))
+            else:
+                rows = self._all("SELECT * FROM orders WHERE device_id = ? AND market_id = ? ORDER BY order_id",
+                                 (device_id, market_id))
+        return [
+            {
+                "nonce": r["nonce"],
+                "market_id": r["market_id"],
+                "side": r["side"],
+                "energy_wh": r["energy_wh"],
+                "remaining_wh": r["remaining_wh"],
+                "filled_wh": r["energy_wh"] - r["remaining_wh"] - r["cancelled_wh"],
+                "cancelled_wh": r["cancelled_wh"],
+                "price_per_kwh_minor": r["price_per_kwh_minor"],
+                "state": r["state"],
+                "created_ms": r["created_ms"],
+            }
+            for r in rows
+        ]
+
+    def book(self, market_id: int) -> dict:
+        """The market's open orders: asks cheapest first, bids dearest first, earliest first at a price."""
+        with self._lock:
+            orders = list(self._resting(market_id))
+            times = {r["order_id"]: r["created_ms"] for r in self._all(
+                "SELECT order_id, created_ms FROM orders WHERE market_id = ? AND state = 'open'", (market_id,))}
+        book = OrderBook(orders)
+
+        def entry(o: BookOrder) -> dict:
+            return {
+                "device_id": o.device_id,
+                "order_nonce": o.order_nonce,
+                "remaining_wh": o.remaining_wh,
+                "price_per_kwh_minor": o.price_per_kwh_minor,
+                "seq": o.seq,
+                "time_ms": times[o.seq],
+            }
+
+        return {"asks": [entry(o) for o in book.asks()], "bids": [entry(o) for o in book.bids()]}
+
+    def _trade_detail(self, row: sqlite3.Row) -> dict:
+        reports = {
+            r["role"]: {"device_id": r["device_id"], "nonce": r["nonce"], "energy_wh": r["energy_wh"],
+                        "status": r["status"], "received_ms": r["received_ms"]}
+            for r in self._all("SELECT * FROM delivery_reports WHERE trade_id = ?", (row["trade_id"],))
+        }
+        return {
+            "trade_id": row["trade_id"],
+            "market_id": row["market_id"],
+            "energy_wh": row["energy_wh"],
+            "price_per_kwh_minor": row["price_per_kwh_minor"],
+            "seller": {"device_id": row["seller_device_id"], "order_nonce": row["seller_order_nonce"]},
+            "buyer": {"device_id": row["buyer_device_id"], "order_nonce": row["buyer_order_nonce"]},
+            "taker_side": row["taker_side"],
+            "created_ms": row["created_ms"],
+            "state": self._trade_state(row["trade_id"]),
+            "reports": {"seller": reports.get("seller"), "buyer": reports.get("buyer")},
+            "settlement": self._settlement(row["trade_id"]),
+        }
+
+    def market_trades(self, market_id: int) -> list[dict]:
+        with self._lock:
+            rows = self._all("SELECT * FROM trades WHERE market_id = ? ORDER BY trade_id", (market_id,))
+            return [self._trade_detail(r) for r in rows]
+
+    def trade(self, trade_id: int) -> dict | None:
+        with self._lock:
+            row = self._one("SELECT * FROM trades WHERE trade_id = ?", (trade_id,))
+            return None if row is None else self._trade_detail(row)
+
+    def stats(self) -> dict:
+        with self._lock:
+            one = lambda sql: self._one(sql)[0]  # noqa: E731
+            return {
+                "devices": one("SELECT COUNT(*) FROM devices"),
+                "messages": one("SELECT COUNT(*) FROM messages"),
+                "orders": one("SELECT COUNT(*) FROM orders"),
+                "open_orders": one("SELECT COUNT(*) FROM orders WHERE state = 'open'"),
+                "trades": one("SELECT COUNT(*) FROM trades"),
+                "traded_wh": one("SELECT COALESCE(SUM(energy_wh), 0) FROM trades"),
+                "reported_trades": one(
+                    "SELECT COUNT(*) FROM (SELECT trade_id FROM delivery_reports GROUP BY trade_id HAVING COUNT(*) = 2)"),
+                "settled_trades": one("SELECT COUNT(*) FROM settlements"),
+                "delivered_wh": one("SELECT COALESCE(SUM(settled_wh), 0) FROM settlements"),
+                "shortfall_wh": one("SELECT COALESCE(SUM(shortfall_wh), 0) FROM settlements"),
+                "balance_milli_minor": one("SELECT COALESCE(SUM(balance_milli_minor), 0) FROM devices"),
+                "locked_milli_minor": one("SELECT COALESCE(SUM(locked_milli_minor), 0) FROM devices"),
+            }

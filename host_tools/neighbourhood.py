@@ -1,0 +1,308 @@
+"""A simulated neighbourhood on one machine: the bench ledger, and per house its emulators and
+its own `dgc run` daemon process, each with its own key and board config.
+
+Shared by `make demo` (host_tools.demo) and the HIL tests, so the demo and the tests exercise
+the same real processes: nothing here is mocked. Every server listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+import requests
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIM_TEMPLATE = REPO_ROOT / "board_configs" / "sim.toml"
+LISTENING = re.compile(r"ledger listening on (http://127\.0\.0\.1:\d+)")
+
+
+class NeighbourhoodError(RuntimeError):
+    pass
+
+
+@dataclass
+class HouseSpec:
+    name: str
+    pv_peak_w: int = 0
+    battery_capacity_wh: int = 0
+    load_peak_w: int = 1200
+    start_hour: float = 11.0
+
+
+def default_houses(count: int = 4) -> list[HouseSpec]:
+    """Half the houses with PV and a battery, half without (the pilot's mix, scaled down)."""
+    houses = []
+    for i in range(1, count + 1):
+        if i <= count // 2:
+            houses.append(HouseSpec(f"house-{i}", pv_peak_w=3500 + 500 * i, battery_capacity_wh=5000, load_peak_w=900))
+        else:
+            houses.append(HouseSpec(f"house-{i}", pv_peak_w=0, battery_capacity_wh=0, load_peak_w=1500 + 200 * i))
+    return houses
+
+
+class ManagedProcess:
+    """A child process whose output lines go to a log file and, optionally, to a line callback."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, *, on_line: Callable[[str, str], None] | None = None,
+                 env: dict | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.on_line = on_line
+        self.lines: list[str] = []
+        self._env = env
+        self.process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._line_event = threading.Condition()
+
+    def start(self) -> "ManagedProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self._env or {}))
+        self.process = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, env=env, cwd=REPO_ROOT, start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self, stream: TextIO) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as log_file:
+            for line in stream:
+                line = line.rstrip("\n")
+                log_file.write(line + "\n")
+                log_file.flush()
+                with self._line_event:
+                    self.lines.append(line)
+                    self._line_event.notify_all()
+                if self.on_line:
+                    self.on_line(self.name, line)
+
+    def wait_for_line(self, pattern: re.Pattern | str, timeout_s: float) -> re.Match:
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        with self._line_event:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                if self.process.poll() is not None and seen == len(self.lines):
+                    tail = "\n".join(self.lines[-15:])
+                    raise NeighbourhoodError(f"{self.name} exited with status {self.process.returncode} before '{regex.pattern}':\n{tail}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NeighbourhoodError(f"{self.name}: no line matching '{regex.pattern}' within {timeout_s} s")
+                self._line_event.wait(min(remaining, 0.5))
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running:
+            self.process.send_signal(signum)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._reader:
+            self._reader.join(timeout=5)
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the power-cut / crash case."""
+        if self.running:
+            self.process.kill()
+            self.process.wait()
+        if self._reader:
+            self._reader.join(timeout=5)
+
+
+def _python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+@dataclass
+class House:
+    spec: HouseSpec
+    directory: Path
+    config_path: Path
+    device_id: str = ""
+    emulator: ManagedProcess | None = None
+    daemon: ManagedProcess | None = None
+    daemon_starts: int = 0
+    log_lines: list[str] = field(default_factory=list)
+
+
+class Neighbourhood:
+    """Start with ``start()``; stop with ``stop()`` (also on error: use it as a context manager)."""
+
+    def __init__(self, workdir: Path, houses: list[HouseSpec], *, template: Path = SIM_TEMPLATE,
+                 on_line: Callable[[str, str], None] | None = None, market_overrides: dict | None = None,
+                 cadence_overrides: dict | None = None, last_market_slots: int | None = None):
+        self.workdir = Path(workdir)
+        self.specs = houses
+        self.template = template
+        self.on_line = on_line
+        self.market_overrides = market_overrides or {}
+        self.cadence_overrides = cadence_overrides or {}
+        self.last_market_slots = last_market_slots
+        self.last_market: int | None = None
+        self.operator_token = secrets.token_hex(16)
+        self.ledger: ManagedProcess | None = None
+        self.ledger_url = ""
+        self.houses: dict[str, House] = {}
+        with open(template, "rb") as handle:
+            self.base_config = tomllib.load(handle)
+        self.base_config.setdefault("market", {}).update(self.market_overrides)
+        self.base_config.setdefault("cadence", {}).update(self.cadence_overrides)
+        self.slot_seconds = int(self.base_config["market"].get("slot_seconds", 1800))
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def start(self, *, start_daemons: bool = True) -> "Neighbourhood":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._start_ledger()
+        for spec in self.specs:
+            house = self._prepare_house(spec)
+            self.houses[spec.name] = house
+            self._start_emulator(house)
+        if start_daemons:
+            for house in self.houses.values():
+                self.start_daemon(house.spec.name)
+        return self
+
+    def _start_ledger(self) -> None:
+        ledger_config = self.workdir / "ledger-market.toml"
+        self._write_config(ledger_config, self.base_config)
+        argv = _python_module(
+            "host_tools.cli", "ledger", "serve", "--config", str(ledger_config), "--db", str(self.workdir / "ledger.sqlite3"),
+            "--host", "127.0.0.1", "--port", "0", "--operator-token", self.operator_token,
+        )
+        if self.last_market_slots is not None:
+            # A bounded market day: no market beyond this one takes orders, so every trade of the
+            # run can be delivered, reported and settled before the run ends.
+            slot = self.slot_seconds
+            now = int(time.time())
+            self.last_market = now - now % slot + self.last_market_slots * slot
+            argv += ["--last-market", str(self.last_market)]
+        self.ledger = ManagedProcess("ledger", argv, self.workdir / "ledger.log", on_line=self.on_line).start()
+        self.ledger_url = self.ledger.wait_for_line(LISTENING, timeout_s=30).group(1)
+
+    def _write_config(self, path: Path, data: dict) -> None:
+        import tomli_w
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(tomli_w.dumps(data).encode("utf-8"))
+
+    def _prepare_house(self, spec: HouseSpec) -> House:
+        directory = self.workdir / spec.name
+        directory.mkdir(parents=True, exist_ok=True)
+        data = json.loads(json.dumps(self.base_config))  # deep copy of plain TOML data
+        data["board"].update(name=spec.name, state_dir=str(directory / "state"), key_file=str(directory / "device.key"))
+        data["ledger"]["url"] = self.ledger_url
+        data["bus"][0]["port"] = str(directory / "meter-bus")
+        data["dgr"]["port"] = str(directory / "dgr")
+        data.setdefault("policy", {})["battery_capacity_wh"] = spec.battery_capacity_wh
+        data["sim"] = {
+            "load_peak_w": spec.load_peak_w,
+            "pv_peak_w": spec.pv_peak_w,
+            "battery_capacity_wh": spec.battery_capacity_wh,
+            "start_hour": spec.start_hour,
+        }
+        config_path = directory / "board.toml"
+        self._write_config(config_path, data)
+        house = House(spec=spec, directory=directory, config_path=config_path)
+        if not (directory / "device.key").exists():
+            out = self._run_ok(_python_module("firmware.cli", "keygen", str(config_path)))
+        else:
+            out = self._run_ok(_python_module("firmware.cli", "pubkey", str(config_path)))
+        house.device_id = re.search(r"device_id (\w+)", out).group(1)
+        self._run_ok(_python_module(
+            "host_tools.cli", "ledger", "register", "--url", self.ledger_url, "--config", str(config_path),
+            "--name", spec.name, "--operator-token", self.operator_token,
+        ))
+        return house
+
+    def _run_ok(self, argv: list[str]) -> str:
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise NeighbourhoodError(f"{' '.join(argv[2:5])} failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+        return result.stdout
+
+    def _start_emulator(self, house: House) -> None:
+        argv = _python_module("host_tools.cli", "bench", "house", str(house.config_path))
+        house.emulator = ManagedProcess(f"{house.spec.name}/bench", argv, house.directory / "bench.log", on_line=self.on_line).start()
+        house.emulator.wait_for_line(r"bench house ready", timeout_s=30)
+
+    # -- daemons --------------------------------------------------------------------------
+
+    def start_daemon(self, name: str) -> ManagedProcess:
+        house = self.houses[name]
+        argv = _python_module("firmware.cli", "run", str(house.config_path))
+        house.daemon = ManagedProcess(name, argv, house.directory / "daemon.log", on_line=self.on_line).start()
+        house.daemon_starts += 1
+        house.daemon.wait_for_line(r" running jobs=", timeout_s=30)
+        return house.daemon
+
+    def kill_daemon(self, name: str) -> None:
+        self.houses[name].daemon.kill()
+
+    # -- observing ------------------------------------------------------------------------
+
+    def get(self, path: str) -> dict:
+        response = requests.get(self.ledger_url + path, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def stats(self) -> dict:
+        return self.get("/v1/stats")
+
+    def wait_until(self, predicate: Callable[[], bool], timeout_s: float, poll_s: float = 1.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(poll_s)
+        return predicate()
+
+    def stop(self) -> None:
+        for house in self.houses.values():
+            if house.daemon:
+                house.daemon.stop()
+        for house in self.houses.values():
+            if house.emulator:
+                house.emulator.stop()
+        if self.ledger:
+            self.ledger.stop()
+
+    def __enter__(self) -> "Neighbourhood":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
