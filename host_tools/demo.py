@@ -1,0 +1,115 @@
+"""`dgc-host demo` (what `make demo` runs): a simulated neighbourhood trading end to end.
+
+It starts the bench ledger on 127.0.0.1 and four houses (two with PV and a battery, two
+without), each with its emulated meters and DGR on virtual serial lines and its own `dgc run`
+daemon and key. The market day is bounded (no market after ``--slots`` slots takes orders) so
+that every trade made can be delivered, reported by both sides and settled before the end.
+
+It prints a readable live log and ends with one line:
+
+    summary: houses=N slots=N orders=N trades=N delivered_wh=N reported=N settled=N failed=N
+
+and exits 0 only when there were trades and every one was delivered, reported and settled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .neighbourhood import REPO_ROOT, Neighbourhood, NeighbourhoodError, default_houses
+
+# Daemon events worth showing live; everything else goes to var/demo/<house>/daemon.log.
+SHOWN_EVENTS = (
+    "starting", "running", "bid.done", "review.done", "trade.contracted", "delivery.started", "delivery.metered",
+    "delivery.failed", "delivery.missed", "report.acked", "report.rejected", "order.rejected", "alarm.", "stopped",
+)
+
+
+def _printer(stream=sys.stdout):
+    lock = threading.Lock()
+
+    def on_line(name: str, line: str) -> None:
+        if name == "ledger" or "/bench" in name:
+            if not line.startswith(("bench house ready", "ledger listening")):
+                return
+        elif not any(f" {event}" in line for event in SHOWN_EVENTS):
+            return
+        with lock:
+            stream.write(f"[{name:>8}] {line}\n")
+            stream.flush()
+
+    return on_line
+
+
+def summarise(hood: Neighbourhood) -> tuple[str, bool]:
+    stats = hood.stats()
+    trades = stats.get("trades", 0)
+    line = (
+        f"summary: houses={len(hood.houses)} slots={stats.get('delivered_markets', 0)} orders={stats.get('orders', 0)} "
+        f"trades={trades} delivered_wh={stats.get('delivered_wh', 0)} reported={stats.get('reported_trades', 0)} "
+        f"settled={stats.get('settled_trades', 0)} failed={stats.get('failed_trades', 0)}"
+    )
+    ok = trades > 0 and stats.get("reported_trades") == trades and stats.get("settled_trades") == trades and not stats.get("failed_trades")
+    return line, ok
+
+
+def run_demo(workdir: Path, *, houses: int, slots: int, timeout_s: float) -> int:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    started = time.monotonic()
+    hood = Neighbourhood(workdir, default_houses(houses), on_line=_printer(), last_market_slots=slots + 1)
+    try:
+        print(f"demo: starting the bench ledger and {houses} houses in {workdir} ...", flush=True)
+        hood.start()
+        slot_s = hood.slot_seconds
+        print(
+            f"demo: ledger {hood.ledger_url}; {slot_s}-s slots; markets close after {time.strftime('%H:%M:%S', time.gmtime(hood.last_market))} UTC "
+            f"(+{slot_s} s delivery); watching ...",
+            flush=True,
+        )
+        end_of_day = hood.last_market + slot_s
+
+        def all_settled() -> bool:
+            if time.time() < end_of_day + 2:
+                return False
+            stats = hood.stats()
+            return stats.get("trades", 0) > 0 and stats.get("settled_trades") == stats.get("trades")
+
+        deadline = max(0.0, end_of_day - time.time()) + 60
+        hood.wait_until(all_settled, timeout_s=min(deadline, timeout_s - (time.monotonic() - started)), poll_s=2)
+    except NeighbourhoodError as exc:
+        print(f"demo: {exc}", file=sys.stderr, flush=True)
+        hood.stop()
+        return 1
+    except KeyboardInterrupt:
+        hood.stop()
+        return 130
+    try:
+        line, ok = summarise(hood)
+    finally:
+        hood.stop()
+    print(f"demo: finished in {time.monotonic() - started:.0f} s; logs in {workdir}", flush=True)
+    print(line, flush=True)
+    return 0 if ok else 1
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text, description=__doc__.split("\n\n")[1])
+    parser.add_argument("--houses", type=int, default=4, help="number of houses (half with PV and battery); default 4")
+    parser.add_argument("--slots", type=int, default=7, help="market slots to trade (default 7; about 30 s each)")
+    parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "var" / "demo", help="where configs, keys, journals and logs go")
+    parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default 600)")
+    parser.set_defaults(func=lambda args: _main(args, parser))
+
+
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.houses < 2:
+        parser.error("--houses: expected at least 2 (one seller and one buyer)")
+    if not 1 <= args.slots <= 50:
+        parser.error("--slots: expected 1 to 50")
+    return run_demo(args.workdir, houses=args.houses, slots=args.slots, timeout_s=args.timeout)

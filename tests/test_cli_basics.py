@@ -1,0 +1,152 @@
+"""The real `dgc` command as a subprocess: check-config, keygen, pubkey, and exit status 2 with one stderr line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import coincurve
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SIM = REPO / "board_configs" / "sim.toml"
+_SCRIPT = Path(sys.executable).parent / "dgc"
+DGC = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "firmware.cli"]
+
+
+def dgc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "DGC_CONFIG"}
+    return subprocess.run([*DGC, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> Path:
+    """sim.toml copied into tmp_path with every path of the board (state, key, ports) under tmp_path/state."""
+    text = SIM.read_text()
+    assert text.count('"../var/sim/sim-house-1') == 4
+    text = text.replace('"../var/sim/sim-house-1', '"state')
+    path = tmp_path / "board.toml"
+    path.write_text(text)
+    return path
+
+
+def key_path(board: Path) -> Path:
+    return board.parent / "state" / "device.key"
+
+
+def secret_of(path: Path) -> str:
+    header, secret = path.read_text().split()
+    return secret
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dgc: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def test_check_config_ok_on_the_shipped_sim_config(tmp_path):
+    result = dgc("check-config", SIM, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith(f"{SIM}: ok (board sim-house-1, kind sim; slots 30s x 8;")
+    assert "interchange=sdm120@rs485:2" in result.stdout
+
+
+def test_check_config_ok_on_a_copy(board, tmp_path):
+    result = dgc("check-config", board, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ": ok (" in result.stdout
+
+
+@pytest.mark.parametrize("old, new, table_key", [
+    ("timeout_ms = 2000", 'timeout_ms = "fast"', "[ledger] timeout_ms: expected a positive integer"),
+    ("lot_wh = 100", "lot_wh = 100\nlot_kwh = 0.1", "[market] lot_kwh: expected one of the keys"),
+    ('model = "sdm120"', 'model = "sdm121"', "[meter.1] model: expected one of sdm120, sdm630"),
+])
+def test_broken_config_exits_2_with_one_line_naming_the_key(board, tmp_path, old, new, table_key):
+    text = board.read_text()
+    assert old in text
+    board.write_text(text.replace(old, new, 1))
+    for command in ("check-config", "pubkey", "keygen"):
+        result = dgc(command, board, cwd=tmp_path)
+        assert_one_error_line(result, str(board), table_key)
+    assert not key_path(board).exists()  # keygen did nothing with a broken config
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = dgc("check-config", tmp_path / "nope.toml", cwd=tmp_path)
+    assert_one_error_line(result, str(tmp_path / "nope.toml"), "[file]")
+
+
+def test_keygen_pubkey_and_the_secret_never_printed(board, tmp_path):
+    created = dgc("keygen", board, cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    path = key_path(board)
+    assert path.stat().st_mode & 0o777 == 0o600
+    secret = secret_of(path)
+    public = coincurve.PrivateKey(bytes.fromhex(secret)).public_key.format(compressed=True).hex()
+    device_id = hashlib.sha256(bytes.fromhex(public)).hexdigest()[:40]
+    assert created.stdout.splitlines() == [f"created {path} (mode 0600)", f"public_key {public}", f"device_id {device_id}"]
+
+    shown = dgc("pubkey", board, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [f"public_key {public}", f"device_id {device_id}"]
+
+    as_json = dgc("pubkey", board, "--json", cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == {"public_key": public, "device_id": device_id}
+
+    again = dgc("keygen", board, cwd=tmp_path)
+    assert_one_error_line(again, str(path), "already exists")
+    assert secret_of(path) == secret  # untouched
+
+    path.chmod(0o644)
+    refused = dgc("pubkey", board, cwd=tmp_path)
+    assert_one_error_line(refused, str(path), "mode 0644", "expected 0600")
+
+    for result in (created, shown, as_json, again, refused):
+        for stream in (result.stdout, result.stderr):
+            assert secret not in stream.lower()
+            assert secret[:16] not in stream.lower() and secret[-16:] not in stream.lower()
+
+
+def test_key_file_option_overrides_the_config(board, tmp_path):
+    other = tmp_path / "elsewhere" / "other.key"
+    created = dgc("keygen", board, "--key-file", other, cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert other.exists() and not key_path(board).exists()
+    shown = dgc("pubkey", board, "--key-file", other, "--json", cwd=tmp_path)
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["public_key"] in created.stdout
+    missing = dgc("pubkey", board, cwd=tmp_path)  # the config's key_file was never created
+    assert_one_error_line(missing, str(key_path(board)), "no key file", "dgc keygen")
+
+
+def test_keygen_into_an_unusable_directory_exits_2(board, tmp_path):
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state directory should be")
+    result = dgc("keygen", board, cwd=tmp_path)
+    assert_one_error_line(result, str(key_path(board)), "cannot create the key file")
+
+
+def test_malformed_key_file_exits_2_without_echoing_it(board, tmp_path):
+    path = key_path(board)
+    path.parent.mkdir()
+    secret = hashlib.sha256(b"cli malformed").hexdigest()
+    path.write_text(f"dgc-secp256k1-v1\n{secret}\nextra-line-{secret[:8]}\n")
+    path.chmod(0o600)
+    result = dgc("pubkey", board, cwd=tmp_path)
+    line = assert_one_error_line(result, str(path), "not a DGC key file")
+    assert not re.search(secret[:12], line) and "extra-line" not in line
