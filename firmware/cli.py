@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # pymodbus logs every bus timeout as an ERROR with frame dumps; our drivers turn those
+        # into MeterReadError and the caller reports them once, in words.
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     try:
         config = load_config(args.config)
         return args.func(args, config)

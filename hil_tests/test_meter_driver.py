@@ -8,6 +8,7 @@ exist, a meter that sends NaN, a device that answers with a bad CRC, a port that
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,7 +27,14 @@ import serial
 from firmware.config import BusConfig, MeterConfig, load_config
 from firmware.drivers.meter import MeterBus, MeterReadError, MeterSet
 from firmware.drivers.meter_maps import METER_MAPS, plan_blocks, round_half_away
-from host_tools.emulators.meter_emulator import EmulatedMeter, MeterEmulator, MeterEmulatorThread
+from host_tools.emulators.meter_emulator import (
+    EmulatedMeter,
+    MeterEmulator,
+    MeterEmulatorError,
+    MeterEmulatorThread,
+    house_model_for,
+    run_meter_emulator,
+)
 from host_tools.emulators.virtual_serial import VirtualSerialLine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,19 +123,13 @@ def bench(tmp_path):
 
 
 def _board_config(tmp_path: Path, bus_port: str) -> Path:
-    """sim.toml with its paths pointed into tmp_path and the bus at the given port."""
+    """sim.toml with its state paths in tmp_path, the [[bus]] port at ``bus_port`` and the
+    [dgr] port at a path nobody opens (``dgc meter read`` does not touch the router)."""
     text = SIM_TOML.read_text()
-    replacements = {
-        "state_dir": tmp_path / "state",
-        "key_file": tmp_path / "state" / "device.key",
-        "port": None,  # handled per table below
-    }
-    text = re.sub(r'(?m)^state_dir = ".*"$', f'state_dir = "{replacements["state_dir"]}"', text)
-    text = re.sub(r'(?m)^key_file = ".*"$', f'key_file = "{replacements["key_file"]}"', text)
-    bus_table, rest = text.split("[[meter]]", 1)
-    bus_table = re.sub(r'(?m)^port = ".*"$', f'port = "{bus_port}"', bus_table.split("[[bus]]")[1])
-    text = text.split("[[bus]]")[0] + "[[bus]]" + bus_table + "[[meter]]" + rest
-    text = re.sub(r'(?m)^(\[dgr\]\n)port = ".*"$', rf'\1port = "{tmp_path / "dgr-not-opened"}"', text)
+    text = re.sub(r'(?m)^state_dir = ".*"$', f'state_dir = "{tmp_path / "state"}"', text)
+    text = re.sub(r'(?m)^key_file = ".*"$', f'key_file = "{tmp_path / "state" / "device.key"}"', text)
+    text = re.sub(r'(?m)(^\[\[bus\]\]\n(?:.*\n)*?)port = ".*"$', rf'\g<1>port = "{bus_port}"', text, count=1)
+    text = re.sub(r'(?m)(^\[dgr\]\n(?:.*\n)*?)port = ".*"$', rf'\g<1>port = "{tmp_path / "dgr-not-opened"}"', text, count=1)
     path = tmp_path / "board.toml"
     path.write_text(text)
     config = load_config(path)
@@ -303,16 +305,19 @@ def test_bad_crc_on_the_line_is_a_read_error(tmp_path):
     """A device that answers with a corrupted CRC (noise on the line): the driver must not
     accept the frame and must say so, within its timeout."""
     with VirtualSerialLine(tmp_path / "noisy-bus") as line:
-        stop = threading.Event()
+        stop, ready = threading.Event(), threading.Event()
         answered = []
 
         def noisy_slave() -> None:
             with serial.Serial(str(line.emulator_end), 115200, timeout=0.05) as port:
+                ready.set()
+                request = b""
                 while not stop.is_set():
-                    request = port.read(8)
+                    request += port.read(8 - len(request))
                     if len(request) < 8:
                         continue
                     unit, count = request[0], int.from_bytes(request[4:6], "big")
+                    request = b""
                     body = bytes([unit, 4, 2 * count]) + b"\x43\x66" * count
                     crc = _crc16(body) ^ 0x0101  # corrupted
                     port.write(body + crc.to_bytes(2, "little"))
@@ -320,6 +325,7 @@ def test_bad_crc_on_the_line_is_a_read_error(tmp_path):
 
         slave = threading.Thread(target=noisy_slave, name="noisy-slave")
         slave.start()
+        assert ready.wait(5)
         try:
             bus_config = BusConfig(name="noisy", port=str(line.device_end), baudrate=115200, timeout_ms=TIMEOUT_MS)
             bus = MeterBus(bus_config)
@@ -349,10 +355,98 @@ def test_missing_port_is_a_read_error_naming_it(tmp_path):
                                "no such device (is the adapter plugged in, or the emulator running?)")
 
 
+def test_port_that_disappears_comes_back(tmp_path):
+    """A USB adapter unplugged and plugged back: reads fail naming the port, then recover
+    without restarting anything (the bus reopens the port by itself)."""
+    device_end = tmp_path / "usb-bus"
+    bus = MeterBus(BusConfig(name="rs485", port=str(device_end), baudrate=115200, timeout_ms=TIMEOUT_MS))
+    meters = MeterSet({"rs485": bus}, [MeterConfig(name="house", bus="rs485", unit_id=1, model="sdm630", role="house")],
+                      backoff_step_s=0)
+
+    def plugged() -> tuple[VirtualSerialLine, MeterEmulatorThread]:
+        line = VirtualSerialLine(device_end).start()
+        emulator = MeterEmulator(line.emulator_end, 115200, {1: EmulatedMeter("sdm630", SettableSource(**HOUSE_VALUES))})
+        return line, MeterEmulatorThread(emulator).start()
+
+    with meters:
+        line, thread = plugged()
+        try:
+            assert _quantities(meters.read("house")) == _expected(HOUSE_VALUES)
+        finally:
+            thread.stop()
+            line.stop()
+        with pytest.raises(MeterReadError, match=f"lost the serial port .*|cannot open serial port {device_end}") as info:
+            meters.read("house")
+        assert info.value.kind == "port" and str(device_end) in str(info.value)
+        with pytest.raises(MeterReadError, match=f"cannot open serial port {device_end}: no such device"):
+            meters.read("house")
+        line, thread = plugged()
+        try:
+            assert _quantities(meters.read("house")) == _expected(HOUSE_VALUES)
+        finally:
+            thread.stop()
+            line.stop()
+
+
+def test_emulator_on_a_missing_port_says_which(tmp_path):
+    emulator = MeterEmulator(tmp_path / "absent", 9600, {1: EmulatedMeter("sdm120", SettableSource(**INTERCHANGE_VALUES))})
+    with pytest.raises(MeterEmulatorError, match=f"cannot serve on serial port {tmp_path / 'absent'}"):
+        MeterEmulatorThread(emulator).start()
+    assert not any(t.name.startswith("meter-emulator") for t in threading.enumerate())
+
+
 def test_unknown_meter_name_is_a_usage_error(bench):
     with bench.meter_set() as meters:
         with pytest.raises(ValueError, match="no meter named 'pv'; expected one of house, interchange"):
             meters.read("pv")
+
+
+# --- the bench house ---------------------------------------------------------------------------
+
+def test_bench_house_from_a_board_config(tmp_path):
+    """run_meter_emulator as the bench runs it: in an event loop it shares with the DGR
+    emulator, creating the virtual line itself, fed by the house model; the interchange meter
+    shows exactly the energy the router reported, to the Wh."""
+    board = _board_config(tmp_path, str(tmp_path / "meter-bus"))
+    config = load_config(board)
+    model = house_model_for(config, time.monotonic())
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    ready = threading.Event()
+    emulators: list[MeterEmulator] = []
+
+    def on_ready(started: list[MeterEmulator]) -> None:
+        emulators.extend(started)
+        ready.set()
+
+    runner = threading.Thread(target=loop.run_until_complete, name="meter-emulator bench", args=(
+        run_meter_emulator(board, model=model, create_lines=True, stop=stop, on_ready=on_ready),))
+    runner.start()
+    try:
+        assert ready.wait(5), "the bench's meter emulator did not start"
+        assert [e.port for e in emulators] == [str(tmp_path / "meter-bus.emu")]
+
+        def router_moved(direction: str, energy_wh: float) -> None:  # what the DGR emulator does, in the loop
+            asyncio.run_coroutine_threadsafe(_call(model.add_interchange, direction, energy_wh), loop).result(5)
+
+        with MeterSet.from_config(config) as meters:
+            house = meters.read("house")
+            assert house.power_w < 0 and house.import_energy_wh == 0  # 09:00 with 3 kW of PV: a surplus
+            router_moved("export", 123.4)
+            router_moved("export", 100.2)
+            router_moved("import", 0.6)
+            interchange = meters.read("interchange")
+        assert (interchange.export_energy_wh, interchange.import_energy_wh) == (224, 1)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        runner.join(timeout=5)
+        loop.close()
+    assert not runner.is_alive()
+    assert not (tmp_path / "meter-bus").exists()  # the line it created is gone
+
+
+async def _call(function, *args):
+    return function(*args)
 
 
 # --- the `dgc` command ------------------------------------------------------------------------

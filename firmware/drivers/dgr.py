@@ -136,7 +136,12 @@ class DgrEvent:
 class DgrClient:
     """Thread-safe client of one DGR on one serial port; use as a context manager."""
 
-    def __init__(self, config: DgrConfig):
+    def __init__(self, config: DgrConfig, *, first_seq: int | None = None):
+        """``first_seq`` pins the first sequence number (tests, reproducible bench logs); by
+        default it is random, which makes a stale answer from an earlier process unlikely to
+        match (docs/dgr-protocol.md, section 4)."""
+        if first_seq is not None and (type(first_seq) is not int or not f.SEQ_MIN <= first_seq <= f.SEQ_MAX):
+            raise DgrArgumentError(f"first_seq: expected an integer from {f.SEQ_MIN} to {f.SEQ_MAX}, found {first_seq!r}")
         self._config = config
         self._timeout_s = config.timeout_ms / 1000.0
         self._lock = threading.RLock()
@@ -145,7 +150,8 @@ class DgrClient:
         self._splitter = f.LineSplitter()
         self._backlog: deque[bytes] = deque()
         self._session = secrets.token_hex(4)
-        self._seq = random.SystemRandom().randrange(f.SEQ_MIN, f.SEQ_MAX + 1)
+        first = first_seq if first_seq is not None else random.SystemRandom().randrange(f.SEQ_MIN, f.SEQ_MAX + 1)
+        self._seq = first - 1 if first > f.SEQ_MIN else f.SEQ_MAX  # the last one used; the next is `first`
         self._session_ok = False
         self._hello: DgrHello | None = None
         self._events: deque[tuple[int, DgrEvent]] = deque(maxlen=MAX_EVENTS_KEPT)
@@ -248,15 +254,19 @@ class DgrClient:
                 f"expected an active {direction} transfer of {power_w} W until {end_at} or {energy_wh} Wh; STOP sent")
 
     def stop_transfer(self, trade_id: int) -> DgrStatus:
-        """STOP one transfer (stopping one that already ended is not an error) and confirm it."""
+        """STOP one transfer (stopping one that already ended is not an error) and confirm it
+        with STATUS; if the router still shows it active, SAFE is sent and DgrStateError raised."""
         if type(trade_id) is not int:
             raise DgrArgumentError(f"trade_id: expected an integer, found {trade_id!r}")
         with self._lock:
             ack = self._exchange("STOP", {"trade_id": trade_id})
             status = self._status_locked()
             if status.transfer(trade_id) is not None:
+                # a router that says "stopped" but keeps moving energy cannot be trusted with a STOP
+                confirmed = self._best_effort("SAFE", {})
                 raise DgrStateError(f"DGR acknowledged STOP of trade {trade_id} (was {ack.args.get('was')}) but STATUS "
-                                    f"still shows it active; expected it stopped")
+                                    f"still shows it active; expected it stopped; SAFE sent "
+                                    f"({'acknowledged' if confirmed else 'not acknowledged'})")
             log.info("DGR transfer of trade %d stopped (was %s, %s Wh moved)", trade_id,
                      ack.args.get("was", "?"), ack.args.get("moved_wh", "?"))
             return status

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Union
 
 PROTOCOL_VERSION = 1
-MAX_LINE_BYTES = 512  # a line longer than this is noise, not a frame: dropped up to its newline
+MAX_LINE_BYTES = 1024  # a line longer than this is noise, not a frame: dropped up to its newline
 SEQ_MIN, SEQ_MAX = 1, 65535
 MAX_DETAIL_CHARS = 200
 DIRECTIONS = ("export", "import")
@@ -176,8 +176,8 @@ def crc16_reference(data: bytes) -> int:
 
 def _finish(body: str) -> bytes:
     raw = body.encode("ascii")
-    if len(raw) + 7 > MAX_LINE_BYTES:
-        raise ValueError(f"frame of {len(raw) + 7} bytes exceeds the {MAX_LINE_BYTES}-byte line limit: {body[:60]}...")
+    if len(raw) + 5 > MAX_LINE_BYTES:
+        raise ValueError(f"frame of {len(raw) + 5} bytes exceeds the {MAX_LINE_BYTES}-byte line limit: {body[:60]}...")
     return raw + b"*%04X\r\n" % crc16(raw)
 
 
@@ -453,3 +453,31 @@ def parse_transfers(args: Mapping[str, str], key: str = "xfers") -> tuple[Transf
             )
         )
     return tuple(transfers)
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    """``python -m firmware.drivers.dgr_frames '$2 STATUS'`` prints the frame with its checksum,
+    ready to paste into a serial terminal (``picocom --omap crlf``) when debugging a router;
+    a complete frame (with ``*XXXX``) is parsed and checked instead."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m firmware.drivers.dgr_frames '<frame without *CRC>' | '<frame with *CRC>'", file=sys.stderr)
+        return 2
+    status = 0
+    for text in args:
+        raw = text.encode("ascii", "replace")
+        if b"*" in raw:
+            try:
+                print(f"ok: {parse_frame(raw)}")
+            except FrameError as exc:
+                print(f"bad: {exc}")
+                status = 1
+        else:
+            print((raw + b"*%04X" % crc16(raw)).decode())
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from pymodbus import FramerType
 from pymodbus.client import ModbusSerialClient
-from pymodbus.exceptions import ModbusException
+from pymodbus.exceptions import ConnectionException, ModbusException
 
 from ..config import BoardConfig, BusConfig, MeterConfig
 from .meter_maps import METER_MAPS, Block, DecodeError, MeterMap, decode_block, plan_blocks
@@ -182,12 +182,18 @@ class MeterBus:
         self._requests += 1
         try:
             response = read(address, count=count, device_id=unit_id)
-        except ModbusException as exc:
-            if self._client is not None and not self._client.connected:  # I/O error closed the port
-                self._client = None
+        except ConnectionException:
+            # An I/O error on the port (adapter unplugged): pymodbus closed it; reopen next time.
+            self._client = None
+            client.close()
+            raise MeterReadError(f"{where}: lost the serial port (I/O error) while reading {what}",
+                                 kind="port", port=self.port) from None
+        except ModbusException:
+            # pymodbus's framer drops frames with a bad CRC or from another unit and keeps
+            # listening, so all of these end as "no response" when the timeout expires.
             raise MeterReadError(
                 f"{where}: no valid answer to a read of {what} within {self.config.timeout_ms} ms "
-                f"(timeout, CRC error or garbage on the line): {exc}",
+                f"(timeout, CRC error or garbage on the line)",
                 kind="timeout", port=self.port,
             ) from None
         finally:
@@ -203,9 +209,11 @@ class MeterBus:
                                  kind="decode", port=self.port)
         return registers
 
-    def read_meter(self, name: str, unit_id: int, blocks: Iterable[Block]) -> MeterReading:
-        """All blocks of one meter back to back under one lock hold, so no other thread's
-        request lands between them and the values belong to the same moment."""
+    def read_meter(self, name: str, unit_id: int, plan: MeterMap | Iterable[Block]) -> MeterReading:
+        """One meter: all blocks of its plan (or of its map, planned here) back to back under
+        one lock hold, so no other thread's request lands between them and the values belong
+        to the same moment."""
+        blocks = plan_blocks(plan) if isinstance(plan, MeterMap) else tuple(plan)
         values: dict[str, int] = {}
         with self._lock:
             started_ns = time.time_ns()
@@ -295,8 +303,7 @@ class MeterSet:
                 # after that each failure adds backoff_step_s, up to backoff_max_s.
                 delay = min(self._backoff_step_s * (state.failures - 1), self._backoff_max_s)
                 state.not_before = self._clock() + delay
-            log.warning("%s", exc)
-            raise
+            raise  # the caller logs it once, with its own context
         with self._backoff_lock:
             state.failures, state.not_before = 0, 0.0
         return reading

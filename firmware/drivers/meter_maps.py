@@ -141,7 +141,7 @@ def plan_blocks(meter_map: MeterMap, overhead_registers: int = REQUEST_OVERHEAD_
         regs = sorted((r for r in meter_map.registers if r.function_code == fc), key=lambda r: (r.address, r.words))
         n = len(regs)
         # best[j] = (cost, requests, start of last block) for the first j registers
-        best: list[tuple[int, int, int]] = [(0, 0, 0)] + [(math.inf, 0, 0)] * n  # type: ignore[list-item]
+        best: list[tuple[float, int, int]] = [(0, 0, 0)] + [(math.inf, 0, 0)] * n
         for j in range(1, n + 1):
             end = 0
             for i in range(j, 0, -1):  # block = regs[i-1 .. j-1]

@@ -122,7 +122,9 @@ class DgrEmulator:
     """The router behind ``port_path`` (e.g. ``VirtualSerialLine.emulator_end``).
 
     ``energy_sink(direction, energy_wh)`` is called on the loop with every increment of energy
-    moved ("export" or "import"); an exception in it is logged, never fatal.
+    moved ("export" or "import"); an exception in it is logged, never fatal. ``clock`` (UTC
+    epoch seconds) drives end_at, the energy integration and the heartbeat watchdog alike, so
+    they can never disagree; a clock that steps back moves no energy backwards.
     """
 
     def __init__(

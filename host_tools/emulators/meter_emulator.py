@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import logging
+import signal
 import struct
 import sys
 import threading
@@ -317,13 +318,15 @@ def build_meter_emulators(config: BoardConfig, model: HouseModel, *, clock: Call
 async def run_meter_emulator(config_path: str | Path, *, model: HouseModel | None = None,
                              ports: Mapping[str, str] | None = None, create_lines: bool = False,
                              clock: Callable[[], float] = time.monotonic,
-                             stop: asyncio.Event | None = None) -> None:
+                             stop: asyncio.Event | None = None,
+                             on_ready: Callable[[list[MeterEmulator]], None] | None = None) -> None:
     """Serve the meters of a board config until ``stop`` is set or the task is cancelled.
 
     For ``dgc-host bench``: pass the shared ``model`` so the DGR emulator's
     ``model.add_interchange(...)`` shows on the interchange meter. ``create_lines=True`` also
     creates the virtual serial lines, linking each bus's configured port (the device end);
-    leave it False when the caller owns the lines.
+    leave it False when the caller owns the lines. ``on_ready`` is called with the emulators
+    once all of them answer.
     """
     config = load_config(config_path)
     model = model if model is not None else house_model_for(config, clock())
@@ -336,9 +339,21 @@ async def run_meter_emulator(config_path: str | Path, *, model: HouseModel | Non
         for emulator in emulators:
             await emulator.start()
             stack.push_async_callback(emulator.stop)
+        if on_ready is not None:
+            on_ready(emulators)
         if stop is None:
             stop = asyncio.Event()
         await stop.wait()
+
+
+async def _serve_until_signalled(config_path: str, create_lines: bool) -> None:
+    """SIGINT and SIGTERM end the run through the normal path, so the virtual lines' socat
+    processes are stopped and their links removed (an unhandled SIGTERM would leak them)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run_meter_emulator(config_path, create_lines=create_lines, stop=stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run_meter_emulator(args.config, create_lines=not args.no_lines))
+        asyncio.run(_serve_until_signalled(args.config, create_lines=not args.no_lines))
     except ConfigError as exc:
         print(f"meter emulator: {exc}", file=sys.stderr)
         return 2
