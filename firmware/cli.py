@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         # pymodbus logs every bus timeout as an ERROR with frame dumps; our drivers turn those
         # into MeterReadError and the caller reports them once, in words.
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run is noise
     try:
         config = load_config(args.config)
         return args.func(args, config)

@@ -21,7 +21,7 @@ import serial
 
 from firmware.config import DgrConfig
 from firmware.drivers import dgr_frames as f
-from firmware.drivers.dgr import (DgrArgumentError, DgrClient, DgrError, DgrLinkError, DgrNak, DgrStatus)
+from firmware.drivers.dgr import DgrArgumentError, DgrClient, DgrLinkError, DgrNak, DgrStatus
 from host_tools.emulators.dgr_emulator import DgrEmulator
 from host_tools.emulators.virtual_serial import VirtualSerialLine
 
@@ -115,11 +115,18 @@ def test_status_round_trip_time_over_the_pty(bench, record_property):
     assert median_ms < 20
 
 
-def test_a_method_on_a_closed_client_names_the_mistake(bench):
-    with pytest.raises(DgrError, match="not open"):
-        bench.client().status()
+def test_the_port_opens_on_first_use_and_a_missing_port_is_named(bench):
+    dgr = bench.client()  # how the daemon uses it: no context manager
+    assert dgr.status().mode == "idle"
+    dgr.close()
+    assert dgr.status().mode == "idle"  # reopened by the next request, same session
+    dgr.close()
+    assert len(bench.emu.snapshot().executed("HELLO")) == 1
     with pytest.raises(DgrLinkError, match="cannot open the DGR serial port /nonexistent/tty.*check \\[dgr\\] port"):
         DgrClient(DgrConfig(port="/nonexistent/tty")).open()
+    with pytest.raises(DgrLinkError, match="to HELLO .*cannot open the DGR serial port /nonexistent/tty") as caught:
+        DgrClient(DgrConfig(port="/nonexistent/tty", timeout_ms=20, retries=1)).status()
+    assert caught.value.safe_confirmed is False
 
 
 # --- transfers and energy ---------------------------------------------------------------------

@@ -134,7 +134,11 @@ class DgrEvent:
 
 
 class DgrClient:
-    """Thread-safe client of one DGR on one serial port; use as a context manager."""
+    """Thread-safe client of one DGR on one serial port.
+
+    The port opens on first use (or ``open()``/``with``) and is reopened by the next attempt
+    after an I/O error, so a daemon that starts before the router's USB adapter appears, or
+    survives it re-enumerating, needs no special handling; ``close()`` releases the port."""
 
     def __init__(self, config: DgrConfig, *, first_seq: int | None = None):
         """``first_seq`` pins the first sequence number (tests, reproducible bench logs); by
@@ -146,7 +150,6 @@ class DgrClient:
         self._timeout_s = config.timeout_ms / 1000.0
         self._lock = threading.RLock()
         self._serial: serial.Serial | None = None
-        self._opened = False
         self._splitter = f.LineSplitter()
         self._backlog: deque[bytes] = deque()
         self._session = secrets.token_hex(4)
@@ -162,14 +165,12 @@ class DgrClient:
 
     def open(self) -> "DgrClient":
         with self._lock:
-            self._opened = True
             if self._serial is None:
                 self._open_port()
             return self
 
     def close(self) -> None:
         with self._lock:
-            self._opened = False
             self._close_port()
 
     def __enter__(self) -> "DgrClient":
@@ -358,8 +359,6 @@ class DgrClient:
 
     def _exchange(self, verb: str, args: Mapping[str, object]) -> f.Ack:
         """One request -> its ACK, with session handling; caller holds the lock."""
-        if not self._opened:
-            raise DgrError("DgrClient is not open: use it as a context manager or call open() first")
         if not self._session_ok and verb != "HELLO":
             self._hello_locked()
         try:

@@ -168,6 +168,12 @@ class RestLedger:
         self._session = session or requests.Session()
         self._sleep = sleep
 
+    @classmethod
+    def from_config(cls, config: Any, *, session: requests.Session | None = None) -> "RestLedger":
+        """Build from the board config's [ledger] table (firmware.config.LedgerConfig)."""
+        return cls(config.url, timeout_ms=config.timeout_ms, retries=config.retries, backoff_ms=config.backoff_ms,
+                   verify_tls=config.verify_tls, session=session)
+
     def __repr__(self) -> str:
         return f"RestLedger({self.url!r})"
 

@@ -73,7 +73,9 @@ class EndedTransfer:
 
 @dataclass(frozen=True)
 class CommandRecord:
-    """A request the router executed (replays of a retried seq are not executed, not logged)."""
+    """A request the router processed and answered from scratch, with ACK or a stored NAK.
+    Replays of a retried seq are not processed again and not logged; neither are frames refused
+    before processing (NAK 10/11/23/30) or dropped by fault injection."""
 
     seq: int
     verb: str
