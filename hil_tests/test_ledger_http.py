@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import coincurve
@@ -602,7 +601,9 @@ def test_cli_serve_register_order_book_and_sigterm(tmp_path):
     db = tmp_path / "cli.sqlite3"
     proc = subprocess.Popen(
         [sys.executable, "-m", "host_tools.bench_ledger.cli", "ledger", "serve", "--db", str(db), "--port", "0",
-         "--ledger-id", "cli-ledger", "--operator-token", "tok"],
+         "--ledger-id", "cli-ledger", "--operator-token", "tok",
+         # the wall clock runs here: 30-min slots keep "--market next" open for the whole test
+         "--slot-seconds", "1800", "--markets-ahead", "48", "--gate-closure-seconds", "900"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
     try:

@@ -164,14 +164,16 @@ class Neighbourhood:
 
     def __init__(self, workdir: Path, houses: list[HouseSpec], *, template: Path = SIM_TEMPLATE,
                  on_line: Callable[[str, str], None] | None = None, market_overrides: dict | None = None,
-                 cadence_overrides: dict | None = None, last_market_slots: int | None = None):
-        self.workdir = Path(workdir)
+                 cadence_overrides: dict | None = None, last_market_slots: int | None = None,
+                 ledger_args: list[str] | None = None):
+        self.workdir = Path(workdir).resolve()
         self.specs = houses
         self.template = template
         self.on_line = on_line
         self.market_overrides = market_overrides or {}
         self.cadence_overrides = cadence_overrides or {}
         self.last_market_slots = last_market_slots
+        self.ledger_args = list(ledger_args or [])
         self.last_market: int | None = None
         self.operator_token = secrets.token_hex(16)
         self.ledger: ManagedProcess | None = None
@@ -202,7 +204,7 @@ class Neighbourhood:
         self._write_config(ledger_config, self.base_config)
         argv = _python_module(
             "host_tools.cli", "ledger", "serve", "--config", str(ledger_config), "--db", str(self.workdir / "ledger.sqlite3"),
-            "--host", "127.0.0.1", "--port", "0", "--operator-token", self.operator_token,
+            "--host", "127.0.0.1", "--port", "0", "--operator-token", self.operator_token, *self.ledger_args,
         )
         if self.last_market_slots is not None:
             # A bounded market day: no market beyond this one takes orders, so every trade of the

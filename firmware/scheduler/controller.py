@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 REPORT_TTL_SECONDS = 86_400  # a report may wait out a long network outage; expired ones are re-signed
 STALE_READINGS_FACTOR = 3  # a house reading older than 3 measure periods is not fresh enough to bid on
 MIN_START_SECONDS = 2  # a late start with less than this left in the slot is not attempted
+TRADE_ACTIVE = 34  # DGR protocol v1 NAK: a transfer with this trade id is already active
+DELIVERY_MARGIN_PERCENT = 5  # transfers are sized to finish in the first 95% of the slot
 
 
 @dataclass
@@ -350,7 +352,7 @@ class Controller:
         self.flush_outbox()
 
     def _start_due(self, current: int, now: int) -> int:
-        from ..drivers.dgr import DgrError
+        from ..drivers.dgr import DgrError, DgrNak
 
         started = 0
         for row in self.journal.deliveries(states=("scheduled",), before_market=current + 1):
@@ -363,9 +365,22 @@ class Controller:
                 self.journal.mark_failed_start(row.trade_id, "clock skew beyond bound: delivery not started")
                 self.events.emit("delivery.refused", trade=row.trade_id, reason="clock skew")
                 continue
-            power_w = transfer_power_w(row.energy_wh, end_at - now)
+            # Aim to finish a little before the slot ends: the router stops at the energy target,
+            # so the contracted energy is delivered in full even if the start was a few ms late.
+            usable_s = max(1, int((end_at - self.clock()) * (100 - DELIVERY_MARGIN_PERCENT) / 100))
+            power_w = transfer_power_w(row.energy_wh, usable_s)
             try:
                 self.dgr.start_transfer(row.trade_id, row.direction, power_w, end_at, row.energy_wh)
+            except DgrNak as exc:
+                if exc.code == TRADE_ACTIVE:
+                    # Started before a crash that came between the router's ACK and our journal.
+                    self.journal.mark_running(row.trade_id, None, "already running at the router after a restart")
+                    self.events.emit("delivery.resumed", trade=row.trade_id, market=row.market_id)
+                    started += 1
+                    continue
+                self.journal.mark_failed_start(row.trade_id, f"router: {exc}")
+                self.events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
+                continue
             except DgrError as exc:
                 self.journal.mark_failed_start(row.trade_id, f"router: {exc}")
                 self.events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
@@ -389,7 +404,7 @@ class Controller:
         running = self.journal.deliveries(states=("running",))
         for row in running:
             if row.start_meter_wh is None and row.outcome != "failed":
-                self.journal.set_start_meter(row.trade_id, counters[row.direction])
+                self.journal.set_start_meter(row.trade_id, self._start_counter(row, reading, counters[row.direction]))
         ended = [d for d in self.journal.deliveries(states=("running",)) if d.market_id < current]
         groups: dict[tuple[int, str], list[DeliveryRow]] = {}
         for row in ended:
@@ -404,6 +419,25 @@ class Controller:
                 self.journal.mark_metered(row.trade_id, counters[direction], share, outcome, None)
                 self.events.emit("delivery.metered", trade=row.trade_id, market=market_id, direction=direction,
                                  contracted_wh=row.energy_wh, delivered_wh=share, outcome=outcome)
+
+    def _start_counter(self, row: DeliveryRow, reading, counter_now: int) -> int:
+        """The interchange counter at the start of a delivery.
+
+        Normally the reading taken right after the edge's START commands. After a restart in the
+        middle of a slot that reading is late, so the last reading the measure job journalled
+        at or before the slot's start is used instead: transfers are sized to finish within the
+        first 95 % of their slot, so nothing flows between that reading and the edge unless the
+        measure period is longer than that margin.
+        """
+        late_ms = reading.taken_at_ms - row.market_id * 1000
+        if late_ms <= 1000:
+            return counter_now
+        history = self.journal.readings(self._interchange, (row.market_id - self.rules.slot_seconds) * 1000)
+        before = [r for r in history if r[0] <= row.market_id * 1000]
+        if not before:
+            return counter_now
+        _, import_wh, export_wh = before[-1]
+        return export_wh if row.direction == "export" else import_wh
 
     def _report(self, row: DeliveryRow) -> None:
         delivered = row.delivered_wh or 0

@@ -146,12 +146,11 @@ def _load_key(path: str | Path):
 # ----------------------------------------------------------------------- commands
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from firmware.market import MarketRules  # noqa: F401  (light)
+    config = _load_board_config(args.config)  # before the heavy imports: a bad config fails fast
 
     from .app import LedgerSettings
     from .server import ServeError, serve
 
-    config = _load_board_config(args.config)
     overrides = {
         key: getattr(args, key)
         for key in ("slot_seconds", "markets_ahead", "lot_wh", "gate_closure_seconds", "price_min_per_kwh_minor", "price_max_per_kwh_minor")
