@@ -6,9 +6,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit hil bench clean venv
+.PHONY: demo test unit hil bench clean venv system-deps
 
-$(STAMP): pyproject.toml
+# socat joins the emulators' pseudo-terminals into virtual serial lines (Debian package).
+system-deps:
+	@command -v socat >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat; \
+	  else echo "socat is required: install the Debian package 'socat'" >&2; exit 1; fi; }
+
+$(STAMP): pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[host,test]'
@@ -16,10 +23,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: system-deps $(STAMP)
 	$(VENV)/bin/dgc-host demo
 
-test: $(STAMP)
+test: system-deps $(STAMP)
 	$(PY) -m pytest -q
 
 unit: $(STAMP)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import coincurve
@@ -236,6 +237,12 @@ def test_replayed_nonce_is_a_duplicate_and_applied_once(bench):
     other = bench.message(key, "order", nonce=1, market_id=MARKET, side="buy", energy_wh=500, price_per_kwh_minor=2000)
     rejected(bench.post(other), "nonce_conflict", 409)
     assert bench.book() == book and money(bench, key) == balance
+    # the ledger's record of the device's messages: each once, with the exact bytes signed
+    records = bench.get(f"/v1/devices/{key.device_id}/messages").json()
+    api.MessagesOut.model_validate(records)
+    assert [(m["nonce"], m["kind"], m["status"], m["payload"], m["signature"]) for m in records["messages"]] == [
+        (1, "order", "accepted", message.payload.decode(), message.signature.hex())]
+    assert records["messages"][0]["payload_sha256"] == hashlib.sha256(message.payload).hexdigest()
     # a resend after the message expired still gets the stored answer (its first ack may have been lost)
     bench.clock.ms += 3600 * 1000
     assert accepted(bench.post(message))["duplicate"] is True
@@ -390,7 +397,8 @@ def test_both_reports_settle_and_move_the_money(bench):
     assert money(bench, seller) == (CREDIT + 2_000_000, 0)
     trade = bench.get(f"/v1/trades/{trade_id}").json()
     api.TradeDetail.model_validate(trade)
-    assert trade["reports"]["seller"]["energy_wh"] == 1000 and trade["reports"]["buyer"]["energy_wh"] == 1000
+    assert [(r["role"], r["device_id"], r["energy_wh"]) for r in trade["reports"]] == [
+        ("seller", seller.device_id, 1000), ("buyer", buyer.device_id, 1000)]
     stats = bench.stats()
     assert (stats["reported_trades"], stats["settled_trades"], stats["delivered_wh"], stats["shortfall_wh"]) == (1, 1, 1000, 0)
     assert stats["balance_milli_minor"] + stats["locked_milli_minor"] == 2 * CREDIT  # money is conserved
@@ -573,6 +581,18 @@ def test_operator_token_guards_registration(tmp_path):
         assert "s3cret-token" not in repr(running.app.state.settings)
 
 
+def test_last_market_bounds_the_market_day(tmp_path):
+    clock = Clock((T0 + 100) * 1000)
+    with running_ledger(settings_for(tmp_path / "l.sqlite3", clock, last_market_id=MARKET)) as running:
+        bench = Bench(running.url, clock, running.app)
+        key = make_key(1)
+        bench.register(key)
+        assert bench.get("/v1/info").json()["last_market_id"] == MARKET
+        accepted(bench.order(key, "sell", 100, 2000, market=MARKET))
+        body = rejected(bench.order(key, "sell", 100, 2000, market=MARKET + 1800), "unknown_market", 422)
+        assert str(MARKET) in body["detail"]
+
+
 def test_time_info_and_stats(bench):
     time_ms = bench.get("/v1/time").json()
     api.TimeOut.model_validate(time_ms)
@@ -580,6 +600,7 @@ def test_time_info_and_stats(bench):
     info = bench.get("/v1/info").json()
     api.InfoOut.model_validate(info)
     assert info["ledger_id"] == LEDGER_ID and info["lot_wh"] == 100 and info["price_max_per_kwh_minor"] == 4000
+    assert info["last_market_id"] is None
     assert bench.stats()["devices"] == 0
 
 
@@ -603,7 +624,8 @@ def test_cli_serve_register_order_book_and_sigterm(tmp_path):
         [sys.executable, "-m", "host_tools.bench_ledger.cli", "ledger", "serve", "--db", str(db), "--port", "0",
          "--ledger-id", "cli-ledger", "--operator-token", "tok",
          # the wall clock runs here: 30-min slots keep "--market next" open for the whole test
-         "--slot-seconds", "1800", "--markets-ahead", "48", "--gate-closure-seconds", "900"],
+         "--slot-seconds", "1800", "--markets-ahead", "48", "--gate-closure-seconds", "900",
+         "--clock-offset-ms", "60000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
     try:
@@ -611,6 +633,8 @@ def test_cli_serve_register_order_book_and_sigterm(tmp_path):
         assert line.startswith("ledger listening on http://127.0.0.1:") and line.strip().endswith("ledger_id=cli-ledger"), line
         url = line.split()[3]
         assert requests.get(url + "/v1/info", timeout=5).json()["ledger_id"] == "cli-ledger"
+        skew_ms = requests.get(url + "/v1/time", timeout=5).json()["time_ms"] - time.time() * 1000
+        assert 55_000 < skew_ms < 65_000  # --clock-offset-ms runs the ledger's clock ahead
         key_file = tmp_path / "board.key"
         key = generate_key_file(key_file)
         r = run_cli("register", "--url", url, "--public-key", key.public_key.hex(), "--name", "bench")
@@ -655,9 +679,11 @@ def test_cli_serve_register_order_book_and_sigterm(tmp_path):
         (["book", "--url", "ftp://x", "--market-id", "1800"], "expected an http:// or https:// URL"),
         (["register", "--url", "http://127.0.0.1:9", "--public-key", "abc"], "expected a secp256k1 public key"),
         (["serve", "--port", "70000"], "expected a port"),
+        (["serve", "--clock-offset-ms", "soon"], "expected an integer number of milliseconds"),
         (["order", "--url", "http://127.0.0.1:9", "--key-file", "/nonexistent/key", "--ledger-id", "x",
           "--market-id", "1800", "--side", "buy", "--energy-wh", "100", "--price", "1"], "no key file"),
         (["serve", "--config", "/nonexistent.toml"], "expected an existing board config file"),
+        (["serve", "--last-market", "1801", "--port", "0", "--db", ":memory:"], "expected a slot start"),
     ],
 )
 def test_cli_bad_arguments_exit_2_with_one_line(args, expected):

@@ -469,6 +469,18 @@ class Controller:
         if self.health.dgr_ok is False:
             self.events.emit("dgr.back")
         self.health.dgr_ok = True
+        self._router_events()
+
+    def _router_events(self) -> None:
+        """Turn the router's unsolicited events into status lines (faults as alarms)."""
+        for event in self.dgr.drain_events():
+            args = {k: v for k, v in event.args.items() if k in ("trade_id", "reason", "moved_wh", "code", "mode", "was")}
+            if event.kind == "FAULT":
+                self.events.emit("alarm.dgr_fault", **args)
+            elif event.kind == "END":
+                self.events.emit("dgr.transfer_ended", **args)
+            elif event.kind == "BOOT":
+                self.events.emit("dgr.rebooted")
 
     def _safe_state(self) -> None:
         from ..drivers.dgr import DgrError

@@ -53,6 +53,17 @@ def wall_clock_ms() -> int:
 
 
 @dataclass(frozen=True)
+class OffsetClock:
+    """The host clock shifted by ``offset_ms``: lets a bench give the ledger a skewed clock, so the
+    boards' clock guard can be exercised without touching the machine's time."""
+
+    offset_ms: int
+
+    def __call__(self) -> int:
+        return wall_clock_ms() + self.offset_ms
+
+
+@dataclass(frozen=True)
 class LedgerSettings:
     """Everything a ledger instance needs. The operator token is kept out of repr (and so out of logs)."""
 
@@ -63,6 +74,7 @@ class LedgerSettings:
     initial_credit_milli_minor: int = 1_000_000_000
     report_deadline_seconds: int = 3600
     clock: Callable[[], int] = wall_clock_ms
+    last_market_id: Optional[int] = None  # when set, no market after this one takes orders (a bounded demo day)
 
     def __post_init__(self) -> None:
         if not self.ledger_id or not self.ledger_id.isascii() or not self.ledger_id.isprintable():
@@ -71,6 +83,8 @@ class LedgerSettings:
             raise ValueError(f"initial_credit_milli_minor: expected 0 to {MAX_CREDIT_MILLI_MINOR}, got {self.initial_credit_milli_minor}")
         if self.report_deadline_seconds < 0:
             raise ValueError(f"report_deadline_seconds: expected zero or more, got {self.report_deadline_seconds}")
+        if self.last_market_id is not None and not self.rules.is_market_id(self.last_market_id):
+            raise ValueError(f"last_market_id: expected a slot start (a multiple of {self.rules.slot_seconds}), got {self.last_market_id}")
         if self.operator_token is not None and not self.operator_token:
             raise ValueError("operator_token: expected a non-empty token or None")
 
@@ -104,6 +118,7 @@ class InfoOut(_Strict):
     price_min_per_kwh_minor: int
     price_max_per_kwh_minor: int
     report_deadline_seconds: int
+    last_market_id: Optional[int] = Field(description="no market after this one takes orders; null when unbounded")
 
 
 class RegisterIn(_Strict):
@@ -209,16 +224,12 @@ class Party(_Strict):
 
 
 class Report(_Strict):
+    role: Literal["seller", "buyer"]
     device_id: str
     nonce: int
     energy_wh: int
     status: str
     received_ms: int
-
-
-class Reports(_Strict):
-    seller: Optional[Report]
-    buyer: Optional[Report]
 
 
 class TradeDetail(_Strict):
@@ -231,13 +242,29 @@ class TradeDetail(_Strict):
     taker_side: Literal["buy", "sell"]
     created_ms: int
     state: Literal["contracted", "reported", "settled"]
-    reports: Reports
+    reports: list[Report] = Field(description="the delivery reports received so far, seller's first")
     settlement: Optional[Settlement]
 
 
 class MarketTradesOut(_Strict):
     market_id: int
     trades: list[TradeDetail]
+
+
+class MessageRecord(_Strict):
+    nonce: int
+    kind: str
+    payload_sha256: str
+    payload: str = Field(description="the canonical payload exactly as received and verified")
+    signature: str
+    received_ms: int
+    http_status: int
+    status: Literal["accepted", "rejected"]
+    code: Optional[str] = Field(description="the rejection code, null when accepted")
+
+
+class MessagesOut(_Strict):
+    messages: list[MessageRecord]
 
 
 class StatsOut(_Strict):
@@ -340,7 +367,7 @@ def _validation_detail(errors: list[dict]) -> str:
 
 def create_app(settings: LedgerSettings) -> FastAPI:
     """Build the ledger API over a store at ``settings.db_path`` (created if missing)."""
-    store = LedgerStore(settings.db_path, settings.rules, settings.report_deadline_seconds)
+    store = LedgerStore(settings.db_path, settings.rules, settings.report_deadline_seconds, settings.last_market_id)
     rules = settings.rules
 
     @asynccontextmanager
@@ -413,6 +440,7 @@ def create_app(settings: LedgerSettings) -> FastAPI:
             "price_min_per_kwh_minor": rules.price_min_per_kwh_minor,
             "price_max_per_kwh_minor": rules.price_max_per_kwh_minor,
             "report_deadline_seconds": settings.report_deadline_seconds,
+            "last_market_id": settings.last_market_id,
         }
 
     # ------------------------------------------------------------------------- devices
@@ -469,6 +497,17 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         now_ms()
         _require_device(device_id)
         return JSONResponse({"orders": store.device_orders(device_id, market_id)})
+
+    @app.get("/v1/devices/{device_id}/messages", response_model=MessagesOut, responses=_REJECTIONS,
+             summary="The device's stored messages (nonce order): proof that each was recorded once")
+    def get_device_messages(
+        device_id: str,
+        after: int = Query(0, ge=0, le=INT64_MAX, description="only nonces above this"),
+        limit: int = Query(1000, ge=1, le=1000),
+    ) -> JSONResponse:
+        now_ms()
+        _require_device(device_id)
+        return JSONResponse({"messages": store.device_messages(device_id, after, limit)})
 
     # ------------------------------------------------------------------------ messages
 

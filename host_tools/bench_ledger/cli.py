@@ -81,6 +81,7 @@ def _hex_key(text: str) -> str:
 
 _positive = _int_type("a positive integer", 1)
 _non_negative = _int_type("zero or a positive integer", 0)
+_offset_ms = _int_type("an integer number of milliseconds (negative: behind the host)", -(10**12), 10**12)
 _port = _int_type("a port from 0 (any free port) to 65535", 0, 65535)
 
 
@@ -148,7 +149,7 @@ def _load_key(path: str | Path):
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_board_config(args.config)  # before the heavy imports: a bad config fails fast
 
-    from .app import LedgerSettings
+    from .app import LedgerSettings, OffsetClock
     from .server import ServeError, serve
 
     overrides = {
@@ -171,13 +172,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             operator_token=_token(args),
             initial_credit_milli_minor=args.initial_credit,
             report_deadline_seconds=deadline,
+            last_market_id=args.last_market,
+            **({"clock": OffsetClock(args.clock_offset_ms)} if args.clock_offset_ms else {}),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    log.info("bench ledger %s: slots %d s x %d, lot %d Wh, gate %d s, prices %d..%d, report deadline %d s, db %s%s",
+    log.info("bench ledger %s: slots %d s x %d, lot %d Wh, gate %d s, prices %d..%d, report deadline %d s, db %s%s%s%s",
              ledger_id, rules.slot_seconds, rules.markets_ahead, rules.lot_wh, rules.gate_closure_seconds,
              rules.price_min_per_kwh_minor, rules.price_max_per_kwh_minor, deadline, args.db,
-             ", operator token required" if settings.operator_token else "")
+             ", operator token required" if settings.operator_token else "",
+             f", clock offset {args.clock_offset_ms} ms" if args.clock_offset_ms else "",
+             f", last market {args.last_market}" if args.last_market is not None else "")
     try:
         return serve(settings, host=args.host, port=args.port)
     except ServeError as exc:
@@ -329,6 +334,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=_positive, help=f"override the config's [market] {key} ({what})")
     p.add_argument("--gate-closure-seconds", dest="gate_closure_seconds", type=_non_negative,
                    help="override the config's [market] gate_closure_seconds")
+    p.add_argument("--clock-offset-ms", type=_offset_ms, default=0, metavar="MS",
+                   help="run the ledger's clock this many ms ahead of the host (negative: behind), to test boards' clock guard")
+    p.add_argument("--last-market", type=_non_negative, metavar="MARKET_ID",
+                   help="a bounded market day: no market after this slot start takes orders (demos)")
     p.set_defaults(func=_wrap(cmd_serve))
 
     p = sub.add_parser("register", help="register a device's public key with the ledger")

@@ -185,11 +185,15 @@ class Outcome:
 class LedgerStore:
     """All ledger state and every state change. Thread-safe (one lock around one connection)."""
 
-    def __init__(self, path: Path | str, rules: MarketRules, report_deadline_seconds: int) -> None:
+    def __init__(self, path: Path | str, rules: MarketRules, report_deadline_seconds: int,
+                 last_market_id: int | None = None) -> None:
         if report_deadline_seconds < 0:
             raise ValueError(f"report_deadline_seconds: expected zero or more, got {report_deadline_seconds}")
+        if last_market_id is not None and not rules.is_market_id(last_market_id):
+            raise ValueError(f"last_market_id: expected a slot start (a multiple of {rules.slot_seconds}), got {last_market_id}")
         self.rules = rules
         self.report_deadline_seconds = report_deadline_seconds
+        self.last_market_id = last_market_id  # a bounded market day (demos): no orders beyond it
         self._lock = threading.Lock()
         path_text = str(path)
         if path_text != ":memory:":
@@ -371,6 +375,11 @@ class LedgerStore:
             raise Rejection(
                 "unknown_market",
                 f"market_id: {market_id} is more than {rules.markets_ahead} markets ahead; expected at most {last_market}",
+            )
+        if self.last_market_id is not None and market_id > self.last_market_id:
+            raise Rejection(
+                "unknown_market",
+                f"market_id: {market_id} is after this ledger's last market; expected at most {self.last_market_id}",
             )
         if not rules.gate_open(market_id, now_s):
             raise Rejection(
@@ -746,11 +755,12 @@ class LedgerStore:
         return {"asks": [entry(o) for o in book.asks()], "bids": [entry(o) for o in book.bids()]}
 
     def _trade_detail(self, row: sqlite3.Row) -> dict:
-        reports = {
-            r["role"]: {"device_id": r["device_id"], "nonce": r["nonce"], "energy_wh": r["energy_wh"],
-                        "status": r["status"], "received_ms": r["received_ms"]}
-            for r in self._all("SELECT * FROM delivery_reports WHERE trade_id = ?", (row["trade_id"],))
-        }
+        reports = [
+            {"role": r["role"], "device_id": r["device_id"], "nonce": r["nonce"], "energy_wh": r["energy_wh"],
+             "status": r["status"], "received_ms": r["received_ms"]}
+            # seller first, then buyer
+            for r in self._all("SELECT * FROM delivery_reports WHERE trade_id = ? ORDER BY role DESC", (row["trade_id"],))
+        ]
         return {
             "trade_id": row["trade_id"],
             "market_id": row["market_id"],
@@ -761,9 +771,31 @@ class LedgerStore:
             "taker_side": row["taker_side"],
             "created_ms": row["created_ms"],
             "state": self._trade_state(row["trade_id"]),
-            "reports": {"seller": reports.get("seller"), "buyer": reports.get("buyer")},
+            "reports": reports,
             "settlement": self._settlement(row["trade_id"]),
         }
+
+    def device_messages(self, device_id: str, after: int, limit: int) -> list[dict]:
+        """The device's stored messages with nonce > after: what the ledger recorded, byte for byte,
+        so a board (or a test) can check that each message it signed was recorded exactly once."""
+        with self._lock:
+            rows = self._all(
+                "SELECT * FROM messages WHERE device_id = ? AND nonce > ? ORDER BY nonce LIMIT ?", (device_id, after, limit))
+        out = []
+        for r in rows:
+            outcome = json.loads(r["outcome"])
+            out.append({
+                "nonce": r["nonce"],
+                "kind": r["kind"],
+                "payload_sha256": r["payload_sha256"],
+                "payload": r["payload"],
+                "signature": r["signature"],
+                "received_ms": r["received_ms"],
+                "http_status": r["http_status"],
+                "status": outcome.get("status"),
+                "code": outcome.get("code"),
+            })
+        return out
 
     def market_trades(self, market_id: int) -> list[dict]:
         with self._lock:
