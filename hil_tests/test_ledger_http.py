@@ -516,6 +516,8 @@ HOSTILE_MESSAGE_BODIES = [
     b'{"payload": "{\\"a\\": 1.5}", "signature": "' + b"0" * 128 + b'"}',
     b'{"payload": "{\\"a\\": NaN}", "signature": "' + b"0" * 128 + b'"}',
     b'{"payload": "x", "signature": "zz"}', b'{"payload": 1e400}',
+    b'{"payload": "{\\"device_id\\": \\"\\\\ud800\\"}", "signature": "' + b"0" * 128 + b'"}',  # lone surrogate
+    b'{"payload": "{\\"device_id\\": \\"' + b"A" * 40 + b'\\"}", "signature": "' + b"0" * 128 + b'"}',
     b'{"payload": "' + b"a" * 20000 + b'", "signature": ""}',
 ]
 
@@ -550,6 +552,7 @@ def test_hostile_bodies_get_clear_4xx_never_500(bench):
         assert r.json()["code"] == "malformed", r.text
     for path in ["/v1/markets/abc/book", "/v1/markets/-1800/book", f"/v1/markets/{2**70}/book", "/v1/markets/7/book",
                  "/v1/trades/0", f"/v1/trades/{2**64}", "/v1/trades/999", "/v1/devices/x", "/nope",
+                 "/v1/devices/%ED%A0%80", "/v1/devices/%00/trades", "/v1/devices/%FF/messages",
                  f"/v1/devices/{key.device_id}/trades?after=-1", f"/v1/devices/{key.device_id}/trades?after=x",
                  f"/v1/devices/{key.device_id}/orders?market_id={2**64}"]:
         r = bench.get(path)

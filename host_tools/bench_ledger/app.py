@@ -348,6 +348,14 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_device_id(text: str) -> bool:
+    """Device ids are 40 lowercase hex characters (messages.device_id_from_public_key)."""
+    return len(text) == 40 and set(text) <= _HEX
+
+
 def _validation_detail(errors: list[dict]) -> str:
     """First pydantic/FastAPI error as 'where: what was expected'."""
     if not errors:
@@ -471,13 +479,13 @@ def create_app(settings: LedgerSettings) -> FastAPI:
     @app.get("/v1/devices/{device_id}", response_model=Account, responses=_REJECTIONS, summary="A device's account")
     def get_account(device_id: str) -> JSONResponse:
         now_ms()
-        account = store.account(device_id)
+        account = store.account(device_id) if _is_device_id(device_id) else None
         if account is None:
             return _reject("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
         return JSONResponse(account)
 
     def _require_device(device_id: str) -> None:
-        if store.account(device_id) is None:
+        if not _is_device_id(device_id) or store.account(device_id) is None:
             raise Rejection("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
 
     @app.get("/v1/devices/{device_id}/trades", response_model=DeviceTradesOut, responses=_REJECTIONS,
@@ -533,8 +541,8 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         except Rejection as exc:
             return _reject(exc.code, exc.detail)
         device_id = peek.get("device_id") if isinstance(peek, dict) else None
-        if not isinstance(device_id, str):
-            return _reject("malformed", "payload.device_id: expected the sending device's id (a string)")
+        if not isinstance(device_id, str) or not _is_device_id(device_id):
+            return _reject("malformed", "payload.device_id: expected the sending device's id (40 lowercase hex characters)")
         public_key = store.public_key_of(device_id)
         if public_key is None:
             return _reject("unknown_device", f"payload.device_id: no device {device_id[:64]!r} is registered; expected a registered device")
