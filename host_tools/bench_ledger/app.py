@@ -278,6 +278,8 @@ class StatsOut(_Strict):
     settled_trades: int
     delivered_wh: int = Field(description="sum of settled_wh")
     shortfall_wh: int
+    failed_trades: int = Field(description="trades with a shortfall or a report of a failed delivery")
+    delivered_markets: int = Field(description="markets (slots) in which energy was delivered and settled")
     balance_milli_minor: int
     locked_milli_minor: int
 

@@ -822,6 +822,13 @@ class LedgerStore:
                 "settled_trades": one("SELECT COUNT(*) FROM settlements"),
                 "delivered_wh": one("SELECT COALESCE(SUM(settled_wh), 0) FROM settlements"),
                 "shortfall_wh": one("SELECT COALESCE(SUM(shortfall_wh), 0) FROM settlements"),
+                "failed_trades": one(
+                    "SELECT COUNT(*) FROM trades t WHERE EXISTS (SELECT 1 FROM settlements s WHERE s.trade_id = t.trade_id "
+                    "AND s.shortfall_wh > 0) OR EXISTS (SELECT 1 FROM delivery_reports r WHERE r.trade_id = t.trade_id "
+                    "AND r.status = 'failed')"),
+                "delivered_markets": one(
+                    "SELECT COUNT(DISTINCT t.market_id) FROM trades t JOIN settlements s ON s.trade_id = t.trade_id "
+                    "WHERE s.settled_wh > 0"),
                 "balance_milli_minor": one("SELECT COALESCE(SUM(balance_milli_minor), 0) FROM devices"),
                 "locked_milli_minor": one("SELECT COALESCE(SUM(locked_milli_minor), 0) FROM devices"),
             }
