@@ -101,7 +101,7 @@ def run_demo(workdir: Path, *, houses: int, slots: int, timeout_s: float) -> int
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     parser = sub.add_parser(name, help=help_text, description=__doc__.split("\n\n")[1])
     parser.add_argument("--houses", type=int, default=4, help="number of houses (half with PV and battery); default 4")
-    parser.add_argument("--slots", type=int, default=7, help="market slots to trade (default 7; about 30 s each)")
+    parser.add_argument("--slots", type=int, default=8, help="market slots to trade (default 8; 30 s each on the sim board)")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "var" / "demo", help="where configs, keys, journals and logs go")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default 600)")
     parser.set_defaults(func=lambda args: _main(args, parser))
