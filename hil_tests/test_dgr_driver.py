@@ -386,7 +386,10 @@ def test_garbage_and_hostile_frames_from_the_dgc_side_get_naks_and_never_run(ben
         def ask(line: bytes) -> bytes:
             port.reset_input_buffer()
             port.write(line)
-            return port.readline()
+            answer = port.readline()
+            while answer.startswith(b"!"):  # unsolicited events (e.g. BOOT) may come first
+                answer = port.readline()
+            return answer
 
         assert b"NAK 30 NO_SESSION" in ask(f.encode_request(5, "START", {"trade_id": 1, "direction": "export",
                                                                           "power_w": 1000, "end_at": in_seconds(60),
