@@ -125,42 +125,102 @@ class Controller:
     # -- measuring ----------------------------------------------------------------------
 
     def measure(self) -> None:
+        """Read every meter once (those that answered last time first), judge each reading with
+        firmware.plausibility and journal only what it accepts, in continuous (re-baselined)
+        counter units. Events: alarm.meter (first failure of a run), alarm.meter_implausible
+        (each rejected reading), alarm.meter_reset (a reset or swap, re-baselined),
+        meter.unavailable (max_failures reached: no order from this meter), meter.back."""
         from ..drivers.meter import MeterReadError
+        from ..plausibility import record_failure
 
-        for name in self.meters.names:
+        names = self.meters.read_order() if hasattr(self.meters, "read_order") else self.meters.names
+        for name in names:
             try:
                 reading = self.meters.read(name)
             except MeterReadError as exc:
                 if self.health.meters_ok.get(name, True):
                     self.events.emit("alarm.meter", meter=name, detail=str(exc))
                 self.health.meters_ok[name] = False
+                self._judged(name, record_failure(self._meter_state(name), self._meter_limits(name), str(exc)))
                 continue
-            if not self._plausible(name, reading):
+            stored = self._plausible(name, reading)
+            if stored is None:
                 continue
             if not self.health.meters_ok.get(name, True):
                 self.events.emit("meter.back", meter=name)
             self.health.meters_ok[name] = True
-            self.health.last_reading_ms[name] = reading.taken_at_ms
-            self.journal.add_reading(name, reading.taken_at_ms, reading.import_energy_wh, reading.export_energy_wh, reading.power_w)
+            self.health.last_reading_ms[name] = stored.taken_at_ms
+            self.journal.add_reading(name, stored.taken_at_ms, stored.import_energy_wh, stored.export_energy_wh, stored.power_w)
 
-    def _plausible(self, name: str, reading) -> bool:
-        """Counters never go backwards; a reading that does is rejected, never stored."""
-        last = self.journal.last_reading(name)
-        if last is None:
-            return True
-        _, last_import, last_export = last
-        if reading.import_energy_wh < last_import or reading.export_energy_wh < last_export:
-            self.events.emit(
-                "alarm.meter_implausible", meter=name,
-                detail=f"counter went backwards (import {last_import}->{reading.import_energy_wh}, export {last_export}->{reading.export_energy_wh})",
-            )
-            return False
-        return True
+    def _plausible(self, name: str, reading):
+        """The reading as it may be stored (counters re-baselined after a meter reset or swap),
+        or None when it is implausible: a counter that went backwards, a jump beyond the
+        meter's max_power_w over the elapsed time, an impossible power. Rejected readings are
+        never stored; see firmware/plausibility.py for the rules."""
+        from dataclasses import replace
+
+        from ..plausibility import ACCEPTED, REBASELINED, Sample, check_reading
+
+        sample = Sample(reading.taken_at_ms, reading.import_energy_wh, reading.export_energy_wh, reading.power_w)
+        verdict = check_reading(self._meter_state(name), sample, self._meter_limits(name))
+        self._judged(name, verdict)
+        if verdict.outcome == REBASELINED:
+            self.events.emit("alarm.meter_reset", meter=name, detail=verdict.reason,
+                             import_wh=verdict.stored.import_energy_wh, export_wh=verdict.stored.export_energy_wh)
+        elif verdict.outcome != ACCEPTED:
+            self.events.emit("alarm.meter_implausible", meter=name, detail=verdict.reason)
+            return None
+        stored = verdict.stored
+        return replace(reading, taken_at_ms=stored.taken_at_ms, import_energy_wh=stored.import_energy_wh,
+                                   export_energy_wh=stored.export_energy_wh)
+
+    def _judged(self, name: str, verdict) -> None:
+        """Keep a meter's new plausibility state; announce availability transitions once."""
+        self._meter_states()[name] = verdict.state
+        if verdict.became_unavailable:
+            self.events.emit("meter.unavailable", meter=name, failures=verdict.state.failures,
+                             detail=verdict.reason)
+        elif verdict.became_available:
+            self.events.emit("meter.available", meter=name)
+
+    def _meter_states(self) -> dict:
+        """Per-meter plausibility state, created at first use (kept beside the measuring
+        methods, not in __init__). Written by the measure job only; read by the bid jobs."""
+        states = self.__dict__.get("_plausibility_states")
+        if states is None:
+            states = self.__dict__.setdefault("_plausibility_states", {})
+        return states
+
+    def _meter_state(self, name: str):
+        """A meter's state, seeded from the journal's last stored reading after a restart so
+        the first reading of a new run is judged against it."""
+        from ..plausibility import Sample, seed
+
+        states = self._meter_states()
+        if name not in states:
+            last = self.journal.last_reading(name)
+            states[name] = seed(Sample(*last) if last is not None else None)
+        return states[name]
+
+    def _meter_limits(self, name: str):
+        from ..plausibility import Limits
+
+        meter = next(m for m in self.config.meters if m.name == name)
+        return Limits(max_power_w=meter.power_limit_w, max_failures=meter.max_failures)
+
+    def _house_data_problem(self) -> str | None:
+        """Why the house meter's data must not be bid on now (unavailable after repeated
+        failures, no good reading yet, or too old), or None when it is fresh."""
+        from ..plausibility import unavailable_reason
+
+        limit_ms = STALE_READINGS_FACTOR * self.config.cadence.measure_seconds * 1000
+        reason = unavailable_reason(self._meter_state(self._house), self._meter_limits(self._house), self._now_ms(), limit_ms)
+        return None if reason is None else f"house meter {self._house} unavailable: {reason}"
 
     def _fresh_house_data(self) -> bool:
-        last = self.journal.last_reading(self._house)
-        limit_ms = STALE_READINGS_FACTOR * self.config.cadence.measure_seconds * 1000
-        return last is not None and self._now_ms() - last[0] <= limit_ms and self.health.meters_ok.get(self._house, True)
+        """True only when the house meter's last stored reading is fresh and the meter has not
+        failed max_failures times since: never a stale value passed off as fresh."""
+        return self._house_data_problem() is None
 
     # -- bidding ------------------------------------------------------------------------
 
@@ -343,6 +403,7 @@ class Controller:
             now = self._now()
             current = self.rules.slot_start(now)
             started = self._start_due(current, now)
+            self._stop_ended(current)
             open_rows = self.journal.deliveries(states=("running",))
             needs_meter = [d for d in open_rows if d.start_meter_wh is None or d.market_id < current]
             if started or needs_meter:
@@ -352,7 +413,19 @@ class Controller:
         self.flush_outbox()
 
     def _start_due(self, current: int, now: int) -> int:
-        from ..drivers.dgr import DgrError, DgrNak
+        """START the transfers of the slot that began; fail those that can no longer start.
+
+        A router with a latched hardware fault refuses with NAK 32: it is sent RESUME once — the
+        router acknowledges only faults whose cause has gone, so a persisting one refuses again —
+        and the START once more. Safe mode (NAK 31) is not lifted here: the DGC's own link-loss
+        handling lifts it when the link is back (``heartbeat``), and one an operator commanded
+        must stay until the operator resumes. A lost link fails the row it
+        happened on (the driver has already sent its best-effort SAFE; if that was lost, the
+        router's watchdog makes it safe) and ends this round: the other rows stay scheduled and
+        the next tick, two seconds on, tries them again instead of waiting out the retries of a
+        dead line for each of them now.
+        """
+        from ..drivers.dgr import DgrError, DgrLinkError, DgrNak
 
         started = 0
         for row in self.journal.deliveries(states=("scheduled",), before_market=current + 1):
@@ -370,7 +443,17 @@ class Controller:
             usable_s = max(1, int((end_at - self.clock()) * (100 - DELIVERY_MARGIN_PERCENT) / 100))
             power_w = transfer_power_w(row.energy_wh, usable_s)
             try:
-                self.dgr.start_transfer(row.trade_id, row.direction, power_w, end_at, row.energy_wh)
+                try:
+                    self.dgr.start_transfer(row.trade_id, row.direction, power_w, end_at, row.energy_wh)
+                except DgrNak as refused:
+                    if refused.name != "FAULT":
+                        raise
+                    status = self.dgr.resume()
+                    self.events.emit("dgr.resumed", trade=row.trade_id, was=refused.name, mode=status.mode,
+                                     faults=",".join(status.faults) or "-")
+                    if status.mode in ("safe", "fault"):
+                        raise
+                    self.dgr.start_transfer(row.trade_id, row.direction, power_w, end_at, row.energy_wh)
             except DgrNak as exc:
                 if exc.code == TRADE_ACTIVE:
                     # Started before a crash that came between the router's ACK and our journal.
@@ -381,6 +464,11 @@ class Controller:
                 self.journal.mark_failed_start(row.trade_id, f"router: {exc}")
                 self.events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
                 continue
+            except DgrLinkError as exc:
+                self.journal.mark_failed_start(row.trade_id, f"router link lost: {exc}")
+                self.events.emit("delivery.failed", trade=row.trade_id, detail="router link lost",
+                                 safe_confirmed=exc.safe_confirmed)
+                break
             except DgrError as exc:
                 self.journal.mark_failed_start(row.trade_id, f"router: {exc}")
                 self.events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
@@ -391,6 +479,20 @@ class Controller:
             self.events.emit("delivery.started", trade=row.trade_id, market=row.market_id, direction=row.direction,
                              power_w=power_w, energy_wh=row.energy_wh, lateness_ms=self._now_ms() - row.market_id * 1000)
         return started
+
+    def _stop_ended(self, current: int) -> None:
+        """STOP the transfers of slots that have ended. The router stops each one by itself at its
+        energy target or end time; the explicit STOP (harmless when it already ended) makes sure,
+        and the read-back confirms the router agrees before the slot is metered."""
+        from ..drivers.dgr import DgrError
+
+        for row in self.journal.deliveries(states=("running",), before_market=current):
+            if row.outcome == "failed" or row.end_meter_wh is not None:
+                continue
+            try:
+                self.dgr.stop_transfer(row.trade_id)
+            except DgrError as exc:
+                self.events.emit("alarm.dgr", detail=f"stop of trade {row.trade_id} not confirmed: {exc}")
 
     def _meter_deliveries(self, current: int) -> None:
         from ..drivers.meter import MeterReadError
@@ -451,7 +553,23 @@ class Controller:
         self.events.emit("report.signed", nonce=message.fields["nonce"], trade=row.trade_id, energy_wh=delivered, status=status)
 
     def heartbeat(self) -> None:
-        from ..drivers.dgr import DgrError
+        """Feed the router's watchdog from the scheduler's own cycle (a hung scheduler lets the
+        router go safe by itself), and act on what the answer, or its absence, says.
+
+        Lost link (the driver's retries are exhausted and it has sent one best-effort SAFE; if
+        even that was lost, the router's watchdog makes it safe within its timeout): every
+        delivery of this slot still expected to flow is marked failed, so the slot-end metering
+        reports it as failed with whatever did flow — except one the router had already reported
+        ended at its energy target, which the meter will show delivered. Rows are selected and
+        marked under the delivery lock, so a slot edge metering them meanwhile is never undone.
+
+        Link back: the router may still run a transfer that no healthy delivery owns (a START
+        whose read-back was lost on the failing line); it is stopped, so nothing flows that the
+        journal does not expect. The safe mode the lost link caused (the driver's SAFE or the
+        watchdog) is then lifted with RESUME, or every later delivery would be refused. Until
+        both succeed the link counts as down and the next heartbeat tries again.
+        """
+        from ..drivers.dgr import DgrError, DgrLinkError
 
         try:
             self.dgr.heartbeat()
@@ -459,26 +577,70 @@ class Controller:
             if self.health.dgr_ok is not False:
                 self.events.emit("alarm.dgr", detail=str(exc))
             self.health.dgr_ok = False
-            running = [d for d in self.journal.deliveries(states=("running",)) if d.outcome != "failed"]
-            if running:
-                self._safe_state()
-                for row in running:
+            current = self.rules.slot_start(self._now())
+            failed = []
+            with self._delivery_lock:
+                for row in self.journal.deliveries(states=("running",), market_id=current):
+                    end = self.dgr.transfer_end(row.trade_id)
+                    if row.outcome == "failed" or (end is not None and end.args.get("reason") == "target"):
+                        continue
                     self.journal.mark_failed_start(row.trade_id, f"router link lost: {exc}")
                     self.events.emit("delivery.failed", trade=row.trade_id, detail="router link lost")
+                    failed.append(row.trade_id)
+            if failed and not (isinstance(exc, DgrLinkError) and exc.safe_confirmed):
+                self._safe_state()
             return
         if self.health.dgr_ok is False:
-            self.events.emit("dgr.back")
+            with self._delivery_lock:
+                expected = {d.trade_id for d in self.journal.deliveries(states=("scheduled", "running"))
+                            if d.outcome != "failed"}
+                try:
+                    status = self.dgr.status()
+                    orphans = [t.trade_id for t in status.transfers if t.trade_id not in expected]
+                    for trade_id in orphans:
+                        status = self.dgr.stop_transfer(trade_id)
+                    if status.mode == "safe":
+                        status = self.dgr.resume()
+                except DgrError as exc:
+                    self.events.emit("alarm.dgr", detail=f"link back but the router's transfers not checked: {exc}")
+                    return
+            self.events.emit("dgr.back", mode=status.mode, faults=",".join(status.faults) or "-",
+                             stopped=",".join(map(str, orphans)) or "-")
         self.health.dgr_ok = True
         self._router_events()
 
     def _router_events(self) -> None:
-        """Turn the router's unsolicited events into status lines (faults as alarms)."""
+        """Turn the router's unsolicited events into status lines (faults as alarms).
+
+        An END before the target for a reason of the router's own (safe mode, a latched fault,
+        its heartbeat watchdog) fails that delivery at once, with the reason in the log; the
+        slot-end metering then reports it as failed with what did flow. Only a row still running
+        is marked, under the delivery lock, so a slot edge that metered it is never undone.
+        A watchdog trip seen while the link works (the scheduler stalled longer than the
+        router's timeout) is lifted with RESUME: the DGC is demonstrably alive again."""
+        from ..drivers.dgr import DgrError
+
         for event in self.dgr.drain_events():
             args = {k: v for k, v in event.args.items() if k in ("trade_id", "reason", "moved_wh", "code", "mode", "was")}
             if event.kind == "FAULT":
                 self.events.emit("alarm.dgr_fault", **args)
+                if event.args.get("code") == "heartbeat_lost":
+                    try:
+                        status = self.dgr.resume()
+                        self.events.emit("dgr.resumed", was="heartbeat_lost", mode=status.mode,
+                                         faults=",".join(status.faults) or "-")
+                    except DgrError as exc:
+                        self.events.emit("alarm.dgr", detail=f"RESUME after the watchdog trip failed: {exc}")
             elif event.kind == "END":
                 self.events.emit("dgr.transfer_ended", **args)
+                reason, trade = event.args.get("reason"), event.args.get("trade_id", "")
+                if reason in ("safe", "fault", "heartbeat") and trade.isdigit():
+                    with self._delivery_lock:
+                        row = next((d for d in self.journal.deliveries(states=("running",))
+                                    if d.trade_id == int(trade) and d.outcome != "failed"), None)
+                        if row is not None:
+                            self.journal.mark_failed_start(row.trade_id, f"router ended the transfer: {reason}")
+                            self.events.emit("delivery.failed", trade=row.trade_id, detail=f"router ended the transfer: {reason}")
             elif event.kind == "BOOT":
                 self.events.emit("dgr.rebooted")
 
@@ -486,7 +648,26 @@ class Controller:
         from ..drivers.dgr import DgrError
 
         try:
-            self.dgr.safe_state()
-            self.events.emit("dgr.safe_state")
+            status = self.dgr.safe_state()
+            self.events.emit("dgr.safe_state", mode=status.mode)
         except DgrError as exc:
             self.events.emit("alarm.dgr", detail=f"safe state not confirmed: {exc}")
+
+    def operator_safe_state(self) -> tuple[bool, str]:
+        """The operator's `safe` (serial console or control socket): send the DGR to its safe state now.
+
+        Returns (confirmed, detail) instead of raising, because the caller is a person at a
+        terminal who needs the answer in words. Running deliveries are not marked failed here:
+        the next metering at the slot edge records what the interchange meter saw, and the
+        router refuses new transfers until RESUME or a new HELLO (docs/dgr-protocol.md).
+        """
+        from ..drivers.dgr import DgrError
+
+        self.events.emit("dgr.safe_requested", by="operator")
+        try:
+            status = self.dgr.safe_state()
+        except DgrError as exc:
+            self.events.emit("alarm.dgr", detail=f"safe state not confirmed: {exc}")
+            return False, str(exc)
+        self.events.emit("dgr.safe_state", mode=status.mode)
+        return True, f"router mode {status.mode}, {len(status.transfers)} transfers active"
