@@ -18,7 +18,7 @@ system-deps:
 $(STAMP): pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[host,test]'
+	$(PY) -m pip install --quiet -e '.[host,test,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)

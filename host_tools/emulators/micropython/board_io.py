@@ -41,6 +41,22 @@ ticks_us = time.ticks_us
 ticks_diff = time.ticks_diff
 
 
+class MonotonicMs:
+    """Milliseconds since boot that never wrap (ticks_ms wraps after 2**30 ms on most ports):
+    each call adds the ticks elapsed since the previous one. The loop calls it at least once a
+    second, far inside ticks_diff's half-period."""
+
+    def __init__(self):
+        self._last = time.ticks_ms()
+        self._total = 0
+
+    def __call__(self):
+        t = time.ticks_ms()
+        self._total += ticks_diff(t, self._last)
+        self._last = t
+        return self._total
+
+
 def char_time_us(baudrate, bits_per_char=11):
     """One character on the line. Modbus counts 11 bits (start, 8 data, parity or a second
     stop bit, stop) whatever the actual format, so its silences are conservative."""
@@ -201,14 +217,25 @@ class UartPort:
         n = self._uart.readinto(buf)
         return n or 0
 
+    def _write_all(self, data):
+        # With timeout=0 an rp2 UART takes what fits in its TX buffer and returns the count.
+        uart = self._uart
+        mv = memoryview(data)
+        deadline = time.ticks_add(ticks_us(), (len(data) + 4) * char_time_us(self.baudrate) + 100000)
+        while len(mv):
+            n = uart.write(mv) or 0
+            mv = mv[n:]
+            if len(mv) and ticks_diff(deadline, ticks_us()) <= 0:
+                raise PortError("UART%d: %d bytes not sent in time" % (self.uart_id, len(mv)))
+
     def write(self, data):
         uart = self._uart
         if self._de is None:
-            uart.write(data)
+            self._write_all(data)
             return
         self._de.value(1 if self.de_active_high else 0)
         try:
-            uart.write(data)
+            self._write_all(data)
             char_us = char_time_us(self.baudrate)
             deadline = time.ticks_add(ticks_us(), (len(data) + 4) * char_us + 2000)
             txdone = getattr(uart, "txdone", None)

@@ -58,7 +58,7 @@ def crc16(data):
 
 class FrameError(Exception):
     def __init__(self, message, code=11, seq=None):
-        Exception.__init__(self, message)
+        super().__init__(message)
         self.message = message
         self.code = code
         self.seq = seq
@@ -73,7 +73,7 @@ class ArgError(Exception):
     def __init__(self, key, expected, found, code=21):
         found_text = "nothing" if found is None else repr(found)
         self.message = "%s: expected %s, found %s" % (key, expected, found_text)
-        Exception.__init__(self, self.message)
+        super().__init__(self.message)
         self.key = key
         self.code = code
 
@@ -188,9 +188,20 @@ def parse_frame(line):
     seq = int(tokens[0])
     if text[0] == "!":
         _check_head(tokens[1], "event kind", seq)
+        _parse_args(tokens[2:], seq)
         return Other(seq, "event")
-    if tokens[1] in ("ACK", "NAK"):
-        return Other(seq, tokens[1])
+    if tokens[1] == "NAK":
+        if len(tokens) < 4 or not tokens[2].isdigit() or len(tokens[2]) > 3:
+            raise FrameError("NAK: expected 'NAK <code> <NAME> [detail]'", seq=seq)
+        if not is_verb(tokens[3]):
+            raise FrameError("NAK name %r: expected upper-case letters" % (tokens[3],), seq=seq)
+        return Other(seq, "NAK")
+    if tokens[1] == "ACK":
+        if len(tokens) < 3:
+            raise FrameError("ACK without the verb it answers", seq=seq)
+        _check_head(tokens[2], "verb", seq)
+        _parse_args(tokens[3:], seq)
+        return Other(seq, "ACK")
     _check_head(tokens[1], "verb", seq)
     args, keys = _parse_args(tokens[2:], seq)
     return Request(seq, tokens[1], args, keys, bytes(body))

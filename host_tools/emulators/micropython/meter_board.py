@@ -103,7 +103,7 @@ class MeterUnit:
             return 2
         values = self.current(now_ms)
         words = [0] * count  # gap registers read 0, as on an Eastron meter
-        for quantity, reg_address, data_type, scale, fc, word_order in self.table:
+        for quantity, reg_address, data_type, scale, fc, word_order, divisor in self.table:
             if fc != function_code:
                 continue
             n = _WORDS[data_type]
@@ -112,7 +112,7 @@ class MeterUnit:
             if quantity not in values:
                 return 4
             try:
-                encoded = encode_register(data_type, word_order, values[quantity] / scale)
+                encoded = encode_register(data_type, word_order, values[quantity] * divisor / scale)
             except (ArithmeticError, ValueError, OverflowError):
                 return 4
             for i in range(n):
@@ -123,3 +123,66 @@ class MeterUnit:
 
     def describe(self):
         return "unit %d %s%s" % (self.unit_id, self.model, " (integrating)" if self.integrate else "")
+
+
+# What a unit reads when its config leaves a quantity out: a quiet house on a 230 V, 50 Hz grid.
+DEFAULT_VALUES = {
+    "import_energy_wh": 0.0, "export_energy_wh": 0.0, "power_w": 0.0,
+    "voltage_mv": 230000.0, "frequency_mhz": 50000.0,
+}
+
+
+def build_units(units_cfg, clock):
+    """[{"unit_id": 1, "model": "sdm630", "integrate": true, "values": {...}}, ...] -> {id: MeterUnit}."""
+    units = {}
+    for u in units_cfg:
+        unit_id = int(u["unit_id"])
+        if not 1 <= unit_id <= 247:
+            raise ValueError("unit id must be 1..247, found %d" % unit_id)
+        if unit_id in units:
+            raise ValueError("unit id %d given twice" % unit_id)
+        values = dict(DEFAULT_VALUES)
+        values.update(u.get("values", {}))
+        units[unit_id] = MeterUnit(unit_id, u["model"], values, u.get("integrate", False), clock)
+    if not units:
+        raise ValueError("a meter bus needs at least one unit")
+    return units
+
+
+def _parse_number(text):
+    return float(text)  # accepts nan and inf: a faulty meter's registers
+
+
+def command(units, words, now_ms):
+    """One console command after the leading "meter"; returns the answer text.
+
+    set <unit> <quantity>=<value> ...   (values in the firmware's units; nan/inf allowed)
+    remove <unit> <quantity>            (the unit then answers exception 4)
+    show <unit>                         (the quantities now, as JSON)
+    """
+    import json
+
+    if len(words) < 2:
+        raise ValueError("usage: meter set|remove|show <unit> ...")
+    cmd, unit_id = words[0], int(words[1])
+    unit = units.get(unit_id)
+    if unit is None:
+        raise ValueError("no unit %d on this bus" % unit_id)
+    if cmd == "set":
+        updates = {}
+        for token in words[2:]:
+            key, eq, value = token.partition("=")
+            if not eq:
+                raise ValueError("expected quantity=value, found %r" % (token,))
+            updates[key] = _parse_number(value)
+        unit.set(updates, now_ms)
+        return "ok"
+    if cmd == "remove":
+        if len(words) != 3:
+            raise ValueError("usage: meter remove <unit> <quantity>")
+        unit.remove(words[2], now_ms)
+        return "ok"
+    if cmd == "show":
+        values = unit.current(now_ms)
+        return json.dumps(dict((k, repr(v)) for k, v in values.items()))
+    raise ValueError("unknown meter command %r: expected set, remove or show" % (cmd,))
