@@ -8,12 +8,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test unit hil bench clean venv system-deps
 
-# socat joins the emulators' pseudo-terminals into virtual serial lines (Debian package).
+# Debian packages the tests and the demo use: socat joins the emulators' pseudo-terminals into
+# virtual serial lines; OpenSSH (client and a loopback server) is the provisioning/flashing target.
+SYSTEM_PACKAGES := socat openssh-client openssh-server
 system-deps:
-	@command -v socat >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat; \
-	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat; \
-	  else echo "socat is required: install the Debian package 'socat'" >&2; exit 1; fi; }
+	@missing=""; \
+	command -v socat >/dev/null 2>&1 || missing="$$missing socat"; \
+	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
+	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (install them with apt-get)" >&2; exit 1; fi; \
+	fi
 
 $(STAMP): pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

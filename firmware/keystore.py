@@ -8,6 +8,9 @@ Why this way:
   have copied it already, and the owner must know.
 - ``DeviceKey`` holds a coincurve key (libsecp256k1, constant time, RFC 6979, low-S) and has
   no method that returns the secret; its repr shows only the device id.
+- A key is only created once the kernel's random pool is initialised: a Pi has no RTC and
+  little entropy early in its first boot, and a key drawn from a predictable pool is a key
+  someone else can recompute (see ``require_entropy``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def generate_key_file(path: Path) -> DeviceKey:
     path = Path(path)
     if path.exists():
         raise KeyFileError(f"{path}: a key file already exists; refusing to overwrite it (move it away first to rotate)")
+    require_entropy()
     key = coincurve.PrivateKey()  # os.urandom-backed
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -76,6 +80,34 @@ def generate_key_file(path: Path) -> DeviceKey:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return DeviceKey(key)
+
+
+ENTROPY_AVAIL = Path("/proc/sys/kernel/random/entropy_avail")
+
+
+def require_entropy() -> None:
+    """Raise KeyFileError while the kernel's random pool is not initialised.
+
+    ``getrandom(GRND_NONBLOCK)`` fails with EAGAIN exactly while the pool is uninitialised (the
+    kernel's own definition of "not ready"), so that is the test; ``entropy_avail`` is only
+    quoted in the message (since Linux 5.18 it reads 256 once the pool is ready, and its value
+    alone proves nothing). Where there is no getrandom (not Linux), os.urandom is seeded by the
+    OS before user space runs, so there is nothing to check.
+    """
+    getrandom = getattr(os, "getrandom", None)
+    if getrandom is None:
+        return
+    try:
+        getrandom(1, os.GRND_NONBLOCK)
+    except BlockingIOError:
+        try:
+            avail = f"entropy_avail {ENTROPY_AVAIL.read_text().strip()}"
+        except OSError:
+            avail = "entropy_avail unreadable"
+        raise KeyFileError(
+            f"the kernel's random pool is not initialised yet ({avail}); refusing to create a key from it: "
+            "wait until boot has finished (or enable the hardware RNG, rng-tools) and run keygen again"
+        ) from None
 
 
 def load_key_file(path: Path) -> DeviceKey:

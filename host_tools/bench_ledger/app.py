@@ -135,10 +135,17 @@ class Account(_Strict):
     balance_milli_minor: int = Field(description="spendable money")
     locked_milli_minor: int = Field(description="money held for open buy orders and unsettled trades")
     max_nonce: int = Field(description="highest nonce stored from this device, 0 if none")
+    revoked_ms: Optional[int] = Field(description="when the operator revoked the device (its messages are then rejected "
+                                                  "'revoked'); null while it is valid")
 
 
 class RegisterOut(Account):
     created: bool = Field(description="false when the key was already registered (idempotent)")
+
+
+class RevokeOut(Account):
+    already_revoked: bool = Field(description="true when the device had been revoked before (nothing changed)")
+    cancelled_orders: int = Field(description="open orders of the device cancelled by this revocation")
 
 
 class Envelope(_Strict):
@@ -284,7 +291,7 @@ class StatsOut(_Strict):
     locked_milli_minor: int
 
 
-_REJECTIONS = {status: {"model": Rejected} for status in (400, 401, 404, 409, 413, 422)}
+_REJECTIONS = {status: {"model": Rejected} for status in (400, 401, 403, 404, 409, 413, 422)}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -463,11 +470,8 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": RegisterIn.model_json_schema()}}}},
     )
     async def register(request: Request) -> JSONResponse:
-        if settings.operator_token is not None:
-            header = request.headers.get("authorization", "")
-            expected = f"Bearer {settings.operator_token}".encode()
-            if not hmac.compare_digest(header.encode("utf-8", "replace"), expected):
-                return _reject("unauthorized", "Authorization header: expected 'Bearer <operator token>' (the token was missing or wrong)")
+        if not _operator_ok(request):
+            return _reject("unauthorized", "Authorization header: expected 'Bearer <operator token>' (the token was missing or wrong)")
         raw = await _read_body(request)
         obj = _parse_json(raw, "body")
         try:
@@ -477,6 +481,29 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         credit = settings.initial_credit_milli_minor if body.credit_milli_minor is None else body.credit_milli_minor
         account, created = await run_in_threadpool(store.register_device, body.public_key, body.name, credit, settings.clock())
         return JSONResponse({**account, "created": created})
+
+    def _operator_ok(request: Request) -> bool:
+        """True when the ledger has no operator token (an open bench) or the request carries it."""
+        if settings.operator_token is None:
+            return True
+        header = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.operator_token}".encode()
+        return hmac.compare_digest(header.encode("utf-8", "replace"), expected)
+
+    @app.post(
+        "/v1/devices/{device_id}/revoke",
+        response_model=RevokeOut,
+        responses=_REJECTIONS,
+        summary="Revoke a device (operator only when the ledger has a token): its messages are rejected 'revoked' "
+                "from now on and its open orders are cancelled; idempotent",
+    )
+    async def revoke(request: Request, device_id: str) -> JSONResponse:
+        if not _operator_ok(request):
+            return _reject("unauthorized", "Authorization header: expected 'Bearer <operator token>' (the token was missing or wrong)")
+        if not _is_device_id(device_id):
+            return _reject("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
+        account, already, cancelled = await run_in_threadpool(store.revoke_device, device_id, settings.clock())
+        return JSONResponse({**account, "already_revoked": already, "cancelled_orders": cancelled})
 
     @app.get("/v1/devices/{device_id}", response_model=Account, responses=_REJECTIONS, summary="A device's account")
     def get_account(device_id: str) -> JSONResponse:

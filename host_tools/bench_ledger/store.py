@@ -71,6 +71,7 @@ REJECTION_STATUS: dict[str, int] = {
     "not_a_party": 422,
     "wrong_role": 422,
     "trade_settled": 422,
+    "revoked": 403,
 }
 
 ORDER_STATES = ("open", "filled", "cancelled", "expired")
@@ -83,7 +84,8 @@ CREATE TABLE IF NOT EXISTS devices (
     name TEXT NOT NULL,
     balance_milli_minor INTEGER NOT NULL,
     locked_milli_minor INTEGER NOT NULL,
-    registered_ms INTEGER NOT NULL
+    registered_ms INTEGER NOT NULL,
+    revoked_ms INTEGER  -- set once by the operator (key rotated or compromised); never cleared
 );
 CREATE TABLE IF NOT EXISTS messages (
     device_id TEXT NOT NULL,
@@ -204,6 +206,9 @@ class LedgerStore:
         self._conn.execute("PRAGMA synchronous=FULL")  # an acknowledged message survives a power cut
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)
+        columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(devices)")}
+        if "revoked_ms" not in columns:  # a database created before revocation existed
+            self._conn.execute("ALTER TABLE devices ADD COLUMN revoked_ms INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -245,10 +250,18 @@ class LedgerStore:
         with self._lock:
             self._begin()
             try:
-                created = self._one("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)) is None
+                existing = self._one("SELECT revoked_ms FROM devices WHERE device_id = ?", (device_id,))
+                created = existing is None
+                if existing is not None and existing["revoked_ms"] is not None:
+                    raise Rejection(
+                        "revoked",
+                        f"public_key: device {device_id} was revoked and cannot be registered again; "
+                        "expected a new key (dgc-host provision --rotate)",
+                    )
                 if created:
                     self._conn.execute(
-                        "INSERT INTO devices VALUES (?, ?, ?, ?, 0, ?)",
+                        "INSERT INTO devices (device_id, public_key, name, balance_milli_minor, locked_milli_minor, registered_ms) "
+                        "VALUES (?, ?, ?, ?, 0, ?)",
                         (device_id, public_key.hex(), name, credit_milli_minor, now_ms),
                     )
                 self._conn.execute("COMMIT")
@@ -258,6 +271,48 @@ class LedgerStore:
             if created:
                 log.info("registered device %s (%s) with %d milli-minor", device_id, name, credit_milli_minor)
             return self._account(device_id), created
+
+    def revoke_device(self, device_id: str, now_ms: int) -> tuple[dict, bool, int]:
+        """Revoke a device: from now on its messages are rejected ``revoked``; its open orders are
+        cancelled (buy locks released) in the same transaction, because orders resting from a key
+        that was rotated away or compromised must not trade. Contracted trades stay; they settle
+        at the report deadline like any trade a party stopped reporting on.
+
+        Returns (account, already_revoked, cancelled_orders); revoking twice changes nothing.
+        Raises Rejection('not_found') for an unknown device.
+        """
+        with self._lock:
+            self._begin()
+            try:
+                row = self._one("SELECT revoked_ms FROM devices WHERE device_id = ?", (device_id,))
+                if row is None:
+                    raise Rejection("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
+                already = row["revoked_ms"] is not None
+                cancelled = 0
+                if not already:
+                    self._conn.execute("UPDATE devices SET revoked_ms = ? WHERE device_id = ?", (now_ms, device_id))
+                    for order in self._all("SELECT * FROM orders WHERE device_id = ? AND state = 'open'", (device_id,)):
+                        if order["side"] == "buy":
+                            released = cost_milli_minor(order["remaining_wh"], order["price_per_kwh_minor"])
+                            self._adjust(device_id, +released, -released)
+                        self._conn.execute(
+                            "UPDATE orders SET cancelled_wh = remaining_wh, remaining_wh = 0, state = 'cancelled', closed_ms = ? "
+                            "WHERE order_id = ?",
+                            (now_ms, order["order_id"]),
+                        )
+                        cancelled += 1
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            if not already:
+                log.info("revoked device %s (%d open order(s) cancelled)", device_id, cancelled)
+            return self._account(device_id), already, cancelled
+
+    def revoked_ms(self, device_id: str) -> int | None:
+        with self._lock:
+            row = self._one("SELECT revoked_ms FROM devices WHERE device_id = ?", (device_id,))
+        return None if row is None else row["revoked_ms"]
 
     def public_key_of(self, device_id: str) -> bytes | None:
         with self._lock:
@@ -280,6 +335,7 @@ class LedgerStore:
             "balance_milli_minor": row["balance_milli_minor"],
             "locked_milli_minor": row["locked_milli_minor"],
             "max_nonce": max_nonce,
+            "revoked_ms": row["revoked_ms"],
         }
 
     # ---------------------------------------------------------------- messages
@@ -322,6 +378,14 @@ class LedgerStore:
                 "nonce_conflict",
                 f"nonce {nonce}: already used by this device for a different {stored['kind']} message; "
                 "expected a new nonce (the highest seen is in GET /v1/devices/{device_id})",
+            )
+            return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
+        revoked_ms = self._one("SELECT revoked_ms FROM devices WHERE device_id = ?", (device_id,))["revoked_ms"]
+        if revoked_ms is not None:  # checked under the same lock as revoke_device: nothing slips in after it
+            rejection = Rejection(
+                "revoked",
+                f"device_id: device {device_id} was revoked by the operator at {revoked_ms} ms (its key was rotated "
+                "or withdrawn); expected a message signed by a device that is not revoked",
             )
             return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
         if now_ms > fields["expires_at"] * 1000:

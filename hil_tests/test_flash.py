@@ -1,0 +1,273 @@
+"""`dgc-host flash`: one real bundle (real wheels from the package index), installed over a real
+sshd on 127.0.0.1 into a board directory, health-checked by the real `dgc selftest` against a
+bench house (Modbus meters and DGR emulator on virtual serial lines) and the bench ledger.
+
+Building with real wheels is the slow part, so the session builds ONE bundle; the variants are
+built from its wheels with `flash build --wheels-from` (the real build path, re-hashed and
+re-signed), and the damaged ones are copies with one byte changed. The failing release fails
+honestly: its board config names a meter port that does not exist, so `dgc selftest` really
+runs from the new release and really cannot read the meters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from host_tools.bench_ledger.app import LedgerSettings
+from host_tools.bench_ledger.server import running_ledger
+from host_tools.neighbourhood import ManagedProcess
+
+from .board_rig import SshServer
+
+REPO = Path(__file__).resolve().parents[1]
+KIND = "sim-pi"
+TOKEN = "flash-test-token"
+LEDGER_ID = "flash-test-ledger"
+BOARD_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
+
+
+def host_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "host_tools.cli", *args], capture_output=True, text=True, timeout=timeout,
+                            cwd=REPO, stdin=subprocess.DEVNULL)
+    assert "\r" not in result.stderr, "progress output must stay quiet when stderr is not a terminal"
+    return result
+
+
+@dataclass
+class Release:
+    key: Path
+    pub: Path
+    bundle: Path  # built with real wheels, no config
+    other_key: Path
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory) -> Release:
+    d = tmp_path_factory.mktemp("release")
+    for name in ("release.key", "other.key"):
+        r = host_cli("flash", "keygen", "--out", str(d / name))
+        assert r.returncode == 0, r.stderr
+    assert oct((d / "release.key").stat().st_mode & 0o777) == "0o600"
+    r = host_cli("flash", "build", "--version", "0.0.1", "--board-kind", KIND, "--release-key", str(d / "release.key"),
+                 "--out", str(d / "out"), timeout=900)
+    assert r.returncode == 0, r.stderr
+    bundle = d / "out" / "dgc-0.0.1"
+    wheels = sorted(p.name for p in (bundle / "wheels").glob("*.whl"))
+    assert any(w.startswith("dgc_firmware-") for w in wheels) and any(w.startswith("coincurve-") for w in wheels)
+    assert any(w.startswith("pymodbus-3.16.1") for w in wheels)
+    return Release(key=d / "release.key", pub=d / "release.key.pub", bundle=bundle, other_key=d / "other.key")
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    with SshServer(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@dataclass
+class Rig:
+    root: Path
+    work: Path
+    release: Release
+    sshd: SshServer
+    ledger_url: str
+
+    def config(self, name: str, **bus_port: str) -> Path:
+        """A board config with every path inside the board root (absolute, as a bundle requires)."""
+        data = tomllib.loads((REPO / "board_configs" / "sim.toml").read_text())
+        r = self.root
+        data["board"].update(name="house-5", kind=KIND, state_dir=f"{r}/var/lib/dgc", key_file=f"{r}/var/lib/dgc/device.key")
+        data["ledger"].update(url=self.ledger_url, ledger_id=LEDGER_ID)
+        data["bus"][0]["port"] = bus_port.get("port", f"{r}/dev/rs485")
+        data["dgr"]["port"] = f"{r}/dev/dgr"
+        path = self.work / name
+        path.write_text(tomli_w.dumps(data))
+        return path
+
+    def build(self, version: str, *extra: str, key: Path | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+        result = host_cli("flash", "build", "--version", version, "--wheels-from", str(self.release.bundle), "--release-key",
+                          str(key or self.release.key), "--out", str(self.work / "bundles"), *extra)
+        return result, self.work / "bundles" / f"dgc-{version}"
+
+    def ssh(self, *args: str) -> list[str]:
+        return [*args, self.sshd.destination, "--root", str(self.root), "--board-python", BOARD_PYTHON, *self.sshd.ssh_args()]
+
+    def install(self, bundle: Path, *extra: str) -> subprocess.CompletedProcess:
+        return host_cli("flash", "install", str(bundle), *self.ssh(), *extra)
+
+    def current(self) -> str:
+        return os.readlink(self.root / "opt/dgc/current")
+
+    def releases(self) -> set[str]:
+        return {p.name for p in (self.root / "opt/dgc/releases").iterdir()}
+
+    def snapshot(self) -> dict:
+        """Every path under the board root with its type, size, mtime and link: any change shows."""
+        out = {}
+        for path in sorted(self.root.rglob("*")):
+            info = path.lstat()
+            out[str(path.relative_to(self.root))] = (info.st_mode, info.st_size, info.st_mtime_ns,
+                                                      os.readlink(path) if path.is_symlink() else None)
+        return out
+
+
+@pytest.fixture
+def rig(tmp_path, release, sshd):
+    root = tmp_path / "b"
+    (root / "dev").mkdir(parents=True)
+    settings = LedgerSettings(db_path=tmp_path / "ledger.sqlite3", ledger_id=LEDGER_ID, operator_token=TOKEN)
+    with running_ledger(settings) as ledger:
+        rig = Rig(root=root, work=tmp_path, release=release, sshd=sshd, ledger_url=ledger.url)
+        house = ManagedProcess("bench-house", [sys.executable, "-m", "host_tools.cli", "bench", "house", str(rig.config("good.toml"))],
+                               tmp_path / "bench.log").start()
+        try:
+            house.wait_for_line(r"bench house ready", timeout_s=30)
+            yield rig
+        finally:
+            house.stop()
+
+
+def selftest_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line.strip() for line in result.stdout.splitlines() if line.strip().startswith(("PASS ", "FAIL "))]
+
+
+def test_good_then_failing_release_leaves_the_board_on_the_good_one(rig: Rig):
+    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
+    assert r.returncode == 0, r.stderr
+    assert (rig.root / "etc/dgc/release-pubkey.hex").read_text().strip() == rig.release.pub.read_text().strip()
+
+    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
+    assert built.returncode == 0, built.stderr
+    # A bare board has no config: its kind must be said on the first install.
+    r = rig.install(v1)
+    assert r.returncode == 2 and "pass --board-kind" in r.stderr
+    r = rig.install(v1, "--board-kind", KIND)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS meters" in r.stdout and "PASS dgr" in r.stdout and "not provisioned yet" in r.stdout
+    assert rig.current() == "releases/1.0.0"
+    assert os.readlink(rig.root / "etc/dgc/board.toml") == "../../opt/dgc/current/board.toml"
+    assert (rig.root / "opt/dgc/current/venv/bin/dgc").exists()
+
+    # Provision the flashed board through its own installed firmware (default --dgc path).
+    r = host_cli("provision", *rig.ssh(), "--ledger", rig.ledger_url, "--operator-token", TOKEN)
+    assert r.returncode == 0, r.stderr
+    device_id = r.stdout.split()[1]
+
+    built, v2 = rig.build("2.0.0", "--config", str(rig.config("good.toml")))
+    assert built.returncode == 0, built.stderr
+    r = rig.install(v2, "--keep", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = selftest_lines(r)
+    assert [line.split(":")[0] for line in lines] == ["PASS config", "PASS key", "PASS meters", "PASS dgr", "PASS ledger",
+                                                      "PASS clock", "PASS device"], lines
+    assert f"device {device_id} is registered" in r.stdout
+    assert rig.current() == "releases/2.0.0" and rig.releases() == {"1.0.0", "2.0.0"}
+    # The board's identity was carried into the new release's config.
+    assert tomllib.loads((rig.root / "etc/dgc/board.toml").read_text())["ledger"]["url"] == rig.ledger_url
+
+    bad_config = rig.config("bad.toml", port=f"{rig.root}/dev/no-such-rs485")
+    built, v3 = rig.build("3.0.0", "--config", str(bad_config))
+    assert built.returncode == 0, built.stderr
+    r = rig.install(v3)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "switched /opt/dgc/current: 2.0.0 -> 3.0.0" in r.stdout  # it really ran from the new release ...
+    assert any(line.startswith("FAIL meters") and "no-such-rs485" in line for line in selftest_lines(r)), r.stdout
+    assert "rolled back by itself to 2.0.0" in r.stdout  # ... and switched back by itself
+    assert rig.current() == "releases/2.0.0" and rig.releases() == {"1.0.0", "2.0.0"}
+    assert not (rig.root / "opt/dgc/pending.json").exists()
+    state = json.loads((rig.root / "opt/dgc/state.json").read_text())
+    assert state["current"] == "2.0.0" and "3.0.0" in state["failed"]
+    # The board runs the good version: its own health check, run directly from `current`, passes.
+    check = subprocess.run([str(rig.root / "opt/dgc/current/venv/bin/dgc"), "selftest", str(rig.root / "etc/dgc/board.toml")],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "no-such-rs485" not in (rig.root / "etc/dgc/board.toml").read_text()
+
+    # Refusals: nothing on the board may change.
+    before = rig.snapshot()
+    tampered = rig.work / "tampered"
+    shutil.copytree(v2, tampered)
+    wheel = next((tampered / "wheels").glob("dgc_firmware-*.whl"))
+    data = bytearray(wheel.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one byte
+    wheel.write_bytes(bytes(data))
+    r = rig.install(tampered)
+    assert r.returncode == 2 and "refused" in r.stderr and wheel.name in r.stderr and "sha256" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+
+    edited = rig.work / "edited-manifest"
+    shutil.copytree(v2, edited)
+    manifest = edited / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"version":"2.0.0"', b'"version":"2.0.9"'))
+    r = rig.install(edited)
+    assert r.returncode == 2 and "signature does not verify" in r.stderr, r.stderr
+
+    built, other_kind = rig.build("4.0.0-other", "--board-kind", "rpi4-sdm630")
+    assert built.returncode == 0, built.stderr
+    r = rig.install(other_kind)
+    assert r.returncode == 2 and "rpi4-sdm630" in r.stderr and f"this board is {KIND!r}" in r.stderr, r.stderr
+
+    built, foreign = rig.build("4.0.0-foreign", "--config", str(rig.config("good.toml")), key=rig.release.other_key)
+    assert built.returncode == 0, built.stderr
+    r = rig.install(foreign)
+    assert r.returncode == 2 and "signature does not verify" in r.stderr
+    assert rig.snapshot() == before
+
+    # Keep N: with --keep 1, installing 5.0.0 keeps 2.0.0 (the newest earlier one) and drops 1.0.0.
+    built, v5 = rig.build("5.0.0", "--board-kind", KIND)  # no config in the bundle: the board keeps its own
+    assert built.returncode == 0, built.stderr
+    r = rig.install(v5, "--keep", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "removed old release(s) 1.0.0" in r.stdout
+    assert rig.current() == "releases/5.0.0" and rig.releases() == {"2.0.0", "5.0.0"}
+
+    # And back by hand.
+    r = host_cli("flash", "rollback", *rig.ssh())
+    assert r.returncode == 0 and "5.0.0 -> 2.0.0" in r.stdout, r.stderr
+    r = host_cli("flash", "status", *rig.ssh())
+    status = json.loads(r.stdout)
+    assert status["current"] == "2.0.0" and status["provisioned"] is True and status["releases"] == ["2.0.0", "5.0.0"]
+
+
+def test_bundles_are_checked_before_a_local_board_is_touched(tmp_path, release):
+    board = tmp_path / "sdcard"
+    board.mkdir()
+
+    def install(bundle: Path) -> subprocess.CompletedProcess:
+        return host_cli("flash", "install", str(bundle), str(board), "--board-kind", KIND, "--board-python", BOARD_PYTHON)
+
+    r = install(release.bundle)
+    assert r.returncode == 2 and "no release key is pinned" in r.stderr and "flash trust" in r.stderr
+    assert list(board.iterdir()) == []
+
+    r = host_cli("flash", "trust", str(board), "--release-pubkey", release.pub.read_text().strip())
+    assert r.returncode == 0, r.stderr
+    r = host_cli("flash", "trust", str(board), "--release-pubkey", str(release.other_key) + ".pub")
+    assert r.returncode == 2 and "pins another release key" in r.stderr and "--replace" in r.stderr
+
+    extra = tmp_path / "extra"
+    shutil.copytree(release.bundle, extra)
+    (extra / "wheels" / "evil-1.0-py3-none-any.whl").write_bytes(b"not signed")
+    before = sorted(str(p) for p in board.rglob("*"))
+    r = install(extra)
+    assert r.returncode == 2 and "evil-1.0-py3-none-any.whl is not in the manifest" in r.stderr
+    r = install(release.bundle)  # signed, fine, but neither it nor the board has a config
+    assert r.returncode == 2 and "neither the bundle nor" in r.stderr
+    assert sorted(str(p) for p in board.rglob("*")) == before
+
+    r = host_cli("flash", "build", "--config", str(REPO / "board_configs" / "sim.toml"), "--release-key", str(release.key),
+                 "--wheels-from", str(release.bundle), "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "expected an absolute path" in r.stderr
+    r = host_cli("flash", "build", "--version", "../x", "--board-kind", KIND, "--release-key", str(release.key),
+                 "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "--version" in r.stderr
