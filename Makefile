@@ -10,7 +10,6 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the tests and the demo use: socat joins the emulators' pseudo-terminals into
 # virtual serial lines; OpenSSH (client and a loopback server) is the provisioning/flashing target.
-SYSTEM_PACKAGES := socat openssh-client openssh-server
 system-deps:
 	@missing=""; \
 	command -v socat >/dev/null 2>&1 || missing="$$missing socat"; \

@@ -77,7 +77,16 @@ def cmd_meter_read(args: argparse.Namespace, config: BoardConfig) -> int:
         raise UsageError(f"--meter {args.meter}: expected one of {', '.join(names)}")
     wanted = [args.meter] if args.meter else names
     failed = False
-    with MeterSet.from_config(config) as meters:
+
+    def show_frames(exchange) -> None:
+        """--raw: each request and its answer as they happen, before the decoded reading."""
+        if args.json:
+            print(json.dumps({"frame": exchange.as_dict()}, sort_keys=True), flush=True)
+        else:
+            for line in exchange.describe():
+                print(line, flush=True)
+
+    with MeterSet.from_config(config, frame_trace=show_frames if args.raw else None) as meters:
         for name in wanted:
             try:
                 reading = meters.read(name)
@@ -96,6 +105,64 @@ def cmd_run(args: argparse.Namespace, config: BoardConfig) -> int:
     from .scheduler.daemon import run_daemon
 
     return run_daemon(config, key_path=_key_path(args, config))
+
+
+def cmd_status(args: argparse.Namespace, config: BoardConfig) -> int:
+    """Ask the running daemon through its control socket; exit 1 (and say so) if none answers."""
+    from .scheduler.control import ControlUnavailable, request
+    from .scheduler.status import format_answer
+
+    try:
+        answer = request(config.control_socket_path, {"cmd": args.show}, timeout_s=args.timeout)
+    except ControlUnavailable as exc:
+        print(f"dgc: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not answer.get("ok"):
+        print(f"dgc: the daemon refused {args.show!r}: {answer.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(answer[args.show], sort_keys=True))
+    else:
+        print("\n".join(format_answer(answer)))
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace, config: None) -> int:
+    """Board-side rollback (dgc-rollback.service); needs no board config, which may be what broke."""
+    from .rollback import main as rollback_main
+
+    return rollback_main(["--root", args.root, "--dgc-dir", args.dgc_dir, *(["--dry-run"] if args.dry_run else [])])
+
+
+def cmd_identity(args: argparse.Namespace, config: BoardConfig) -> int:
+    """Answer a provisioning host's challenge: public key, device id, signature (never the secret)."""
+    from .identity import IdentityError, answer_challenge, parse_challenge
+    from .keystore import load_key_file
+
+    try:
+        challenge = parse_challenge(args.challenge)
+    except IdentityError as exc:
+        raise UsageError(f"--challenge: {exc}") from None
+    path = _key_path(args, config)
+    answer = answer_challenge(load_key_file(path), challenge)
+    if args.json:
+        print(json.dumps({**answer, "key_file": str(path)}, sort_keys=True))
+    else:
+        for name in ("public_key", "device_id", "signature"):
+            print(f"{name} {answer[name]}")
+    return EXIT_OK
+
+
+def cmd_selftest(args: argparse.Namespace, config: BoardConfig) -> int:
+    """Health check of this release on this board: one line per check; exit 0 all passed, 1 otherwise."""
+    from .selftest import run_selftest
+
+    checks = run_selftest(config, key_path=_key_path(args, config), allow_missing_key=args.allow_missing_key)
+    for check in checks:
+        print(check.line(), flush=True)
+    failed = [c.name for c in checks if not c.ok]
+    print(f"selftest: {'failed: ' + ', '.join(failed) if failed else f'all {len(checks)} checks passed'}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,12 +194,42 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("--meter", help="only this meter (a [[meter]] name)")
     p.add_argument("--json", action="store_true", help="one JSON object per meter")
+    p.add_argument("--raw", action="store_true",
+                   help="also show every Modbus request and answer frame in hex, with timings in ms")
     p.set_defaults(func=cmd_meter_read)
 
     p = sub.add_parser("run", help="run the trading daemon (Ctrl-C or SIGTERM stops it cleanly)")
     _config_arg(p)
     p.add_argument("--key-file", help="key path (default: [board] key_file of the config)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="ask the running daemon (control socket) for its status; exit 1 if it is not running")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true", help="the daemon's answer as one JSON object (or list)")
+    p.add_argument("--show", choices=("status", "orders", "trades", "deliveries", "meters"), default="status",
+                   help="what to show (default: status)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("rollback", help="switch /opt/dgc/current back to the previous release (run by dgc-rollback.service)")
+    p.add_argument("--root", default="/", help="filesystem prefix, for tests and images (default /)")
+    p.add_argument("--dgc-dir", default="/opt/dgc", help="the install directory under the root (default /opt/dgc)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be switched, change nothing")
+    p.set_defaults(func=cmd_rollback, needs_config=False)
+
+    p = sub.add_parser("identity", help="prove possession of the device key: sign a provisioning challenge")
+    _config_arg(p)
+    p.add_argument("--challenge", required=True, metavar="HEX", help="the host's fresh challenge, 64 hex characters")
+    p.add_argument("--key-file", help="key path (default: [board] key_file of the config)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_identity)
+
+    p = sub.add_parser("selftest", help="health check: config, key, meters, DGR, ledger, clock, registration; exit 0/1")
+    _config_arg(p)
+    p.add_argument("--key-file", help="key path (default: [board] key_file of the config)")
+    p.add_argument("--allow-missing-key", action="store_true",
+                   help="pass the key check when no key file exists yet (a board not provisioned yet)")
+    p.set_defaults(func=cmd_selftest)
     return parser
 
 
@@ -151,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run is noise
     try:
-        config = load_config(args.config)
+        config = load_config(args.config) if getattr(args, "needs_config", True) else None
         return args.func(args, config)
     except (ConfigError, KeyFileError, UsageError) as exc:
         print(f"dgc: {exc}", file=sys.stderr)

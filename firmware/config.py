@@ -110,6 +110,21 @@ class BusConfig:
     bytesize: int = _spec("7 or 8", lambda v: v in (7, 8), default=8)
     timeout_ms: int = _positive(default=500)
     request_gap_ms: int = _spec("zero or a positive integer", lambda v: v >= 0, default=25)
+    # The kernel's RS-485 mode (TIOCSRS485) for a UART whose transceiver's driver-enable pin is
+    # wired to RTS: the kernel raises it for exactly the length of each frame. USB adapters with
+    # automatic direction control need none of this. Delays are in ms because the kernel's
+    # struct serial_rs485 counts milliseconds (it clamps them to 100 ms).
+    rs485: bool = _spec("true or false", default=False)
+    rs485_delay_before_tx_ms: int = _spec("an integer from 0 to 100", lambda v: 0 <= v <= 100, default=0)
+    rs485_delay_after_tx_ms: int = _spec("an integer from 0 to 100", lambda v: 0 <= v <= 100, default=0)
+    rs485_rts_active_high: bool = _spec("true or false", default=True)
+
+
+RS485_KEYS = ("rs485_delay_before_tx_ms", "rs485_delay_after_tx_ms", "rs485_rts_active_high")
+CUSTOM_MODEL = "custom"
+# The largest power a meter of each role can plausibly see, when [[meter]] max_power_w is 0: a
+# house connection (3 x 100 A x 230 V is 69 kW), the router's line, a PV inverter, with margin.
+ROLE_MAX_POWER_W = {"house": 100_000, "interchange": 50_000, "pv": 50_000}
 
 
 @dataclass(frozen=True)
@@ -117,8 +132,41 @@ class MeterConfig:
     name: str = _spec("a meter name", lambda v: bool(v))
     bus: str = _spec("the name of a [[bus]]", lambda v: bool(v))
     unit_id: int = _spec("a Modbus unit id from 1 to 247", lambda v: 1 <= v <= 247)
-    model: str = _spec("a meter model such as 'sdm120' or 'sdm630'", lambda v: bool(v))
+    model: str = _spec("a meter model such as 'sdm120', 'sdm630', 'sdm72dm' or 'custom'", lambda v: bool(v))
     role: str = _spec(f"one of {', '.join(METER_ROLES)}", lambda v: v in METER_ROLES)
+    # Plausibility bound on the energy counters, in counter-Wh per hour of wall time (= W on a
+    # real board; a time-compressed bench house needs its compression factor times more).
+    max_power_w: int = _spec("zero (the role's default) or a positive integer", lambda v: v >= 0, default=0)
+    max_failures: int = _spec("an integer from 1 to 100", lambda v: 1 <= v <= 100, default=3)
+    max_registers_per_request: int = _spec("zero (the model's own limit) or an integer from 1 to 125",
+                                           lambda v: 0 <= v <= 125, default=0)
+
+    @property
+    def power_limit_w(self) -> int:
+        """max_power_w, or the role's default when it is 0."""
+        return self.max_power_w or ROLE_MAX_POWER_W[self.role]
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """One [[meter.register]] of a custom map: where the quantity is and what the register holds.
+
+    The register's value times ``scale`` / ``scale_divisor`` is the value in ``unit`` (the
+    datasheet's unit); the unit's exact factor to the firmware's unit is applied on top, so
+    every custom register becomes the same integer-only :class:`Register` as a built-in one.
+    """
+
+    quantity: str = _spec("one of import_energy_wh, export_energy_wh, power_w, voltage_mv, frequency_mhz",
+                          lambda v: v in ("import_energy_wh", "export_energy_wh", "power_w", "voltage_mv", "frequency_mhz"))
+    address: int = _spec("a register address from 0 to 65535 (the wire address: 30073 in a datasheet is 0x0048 = 72)",
+                         lambda v: 0 <= v <= 0xFFFF)
+    function_code: int = _spec("3 (holding registers) or 4 (input registers)", lambda v: v in (3, 4))
+    type: str = _spec("one of float32, int32, uint32, int16, uint16",
+                      lambda v: v in ("float32", "int32", "uint32", "int16", "uint16"))
+    unit: str = _spec("the register's unit, e.g. kWh, Wh, W, kW, V, mV, Hz", lambda v: bool(v))
+    word_order: str = _spec("big (high word first) or little", lambda v: v in ("big", "little"), default="big")
+    scale: int = _positive(default=1)
+    scale_divisor: int = _positive(default=1)
 
 
 @dataclass(frozen=True)
@@ -128,6 +176,23 @@ class DgrConfig:
     timeout_ms: int = _positive(default=500)
     retries: int = _spec("an integer from 0 to 10", lambda v: 0 <= v <= 10, default=3)
     heartbeat_seconds: int = _positive(default=5)
+
+
+CONSOLE_BAUDRATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
+UNIX_SOCKET_PATH_MAX = 107  # bytes: sockaddr_un.sun_path is 108 bytes on Linux, NUL included
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """The serial console and the control socket (docs/console.md).
+
+    Both paths are plain strings so that an empty value can mean "off" (tty) or "the default
+    under state_dir" (control_socket); parse_config resolves relative ones like the ports.
+    """
+
+    tty: str = _spec("a serial device path such as /dev/ttyS0, or \"\" for no serial console", default="")
+    baudrate: int = _spec(f"one of {', '.join(map(str, CONSOLE_BAUDRATES))}", lambda v: v in CONSOLE_BAUDRATES, default=115200)
+    control_socket: str = _spec("a path for the daemon's control socket, or \"\" for state_dir/control.sock", default="")
 
 
 @dataclass(frozen=True)
@@ -143,9 +208,18 @@ class BoardConfig:
     meters: tuple[MeterConfig, ...]
     dgr: DgrConfig
     sim: dict = field(default_factory=dict)  # emulator parameters; read by host_tools, ignored on a board
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
+
+    # The register map of each meter, by meter name: the built-in model's map (with the meter's
+    # request limit) or the custom map of its [[meter.register]] tables. Not a table of its own.
+    meter_maps: dict = field(default_factory=dict)
 
     def meter_by_role(self, role: str) -> MeterConfig:
         return next(m for m in self.meters if m.role == role)
+
+    def meter_map(self, name: str):
+        """The MeterMap a meter is read with (firmware.drivers.meter_maps)."""
+        return self.meter_maps[name]
 
     def bus(self, name: str) -> BusConfig:
         return next(b for b in self.buses if b.name == name)
@@ -153,6 +227,11 @@ class BoardConfig:
     @property
     def journal_path(self) -> Path:
         return self.board.state_dir / "journal.sqlite3"
+
+    @property
+    def control_socket_path(self) -> Path:
+        """The daemon's control socket: [console] control_socket, default state_dir/control.sock."""
+        return Path(self.console.control_socket) if self.console.control_socket else self.board.state_dir / "control.sock"
 
 
 _MARKET_CHECKS = {
@@ -232,7 +311,7 @@ def _market_rules(raw: Any, file: Path) -> MarketRules:
     return rules
 
 
-TOP_LEVEL_TABLES = ("board", "ledger", "market", "cadence", "policy", "forecast", "bus", "meter", "dgr", "sim")
+TOP_LEVEL_TABLES = ("board", "ledger", "market", "cadence", "policy", "forecast", "bus", "meter", "dgr", "sim", "console")
 
 
 def parse_config(text: str, file: Path | str = "<config>") -> BoardConfig:
@@ -261,13 +340,35 @@ def parse_config(text: str, file: Path | str = "<config>") -> BoardConfig:
     if not isinstance(meters_raw, list) or not meters_raw:
         raise ConfigError(file, "meter", "", "one or more [[meter]] tables", meters_raw)
     buses = tuple(_build(BusConfig, f"bus.{i}", b, file, base_dir) for i, b in enumerate(buses_raw))
-    meters = tuple(_build(MeterConfig, f"meter.{i}", m, file, base_dir) for i, m in enumerate(meters_raw))
+    _check_rs485(file, buses_raw, buses)
+    meters = tuple(_build(MeterConfig, f"meter.{i}", _without_registers(m), file, base_dir) for i, m in enumerate(meters_raw))
     _check_references(file, buses, meters)
+    meter_maps = _meter_maps(file, meters, meters_raw)
     sim = raw.get("sim", {})
     if not isinstance(sim, dict):
         raise ConfigError(file, "sim", "", "a table", sim)
     return BoardConfig(path=file, board=board, ledger=ledger, market=market, cadence=cadence, policy=policy,
-                       forecast=forecast, buses=buses, meters=meters, dgr=dgr, sim=sim)
+                       forecast=forecast, buses=buses, meters=meters, dgr=dgr, sim=sim, meter_maps=meter_maps,
+                       console=_console(raw.get("console", {}), file, base_dir, board, dgr, buses))
+
+
+def _console(raw: Any, file: Path, base_dir: Path, board: BoardSection, dgr: DgrConfig,
+             buses: tuple[BusConfig, ...]) -> ConsoleConfig:
+    """[console]: relative paths resolved like the ports; a tty owned by nothing else; a configured
+    socket path short enough to bind."""
+    console = _build(ConsoleConfig, "console", raw, file, base_dir)
+    if console.tty:
+        console = dataclasses.replace(console, tty=_resolve(base_dir, console.tty, keep_type=str))
+        if console.tty == dgr.port or console.tty in (b.port for b in buses):
+            raise ConfigError(file, "console", "tty", "a serial device not used by [dgr] or a [[bus]]", console.tty)
+    if console.control_socket:
+        console = dataclasses.replace(console, control_socket=_resolve(base_dir, console.control_socket, keep_type=str))
+        if len(os.fsencode(console.control_socket)) > UNIX_SOCKET_PATH_MAX:
+            raise ConfigError(file, "console", "control_socket",
+                              f"a socket path of at most {UNIX_SOCKET_PATH_MAX} bytes (the Unix socket limit)", console.control_socket)
+    # The default (state_dir/control.sock) is not checked here: commands other than `dgc run` do not
+    # need the socket, and the daemon runs without it (with an alarm line) if it cannot bind.
+    return console
 
 
 def _check_references(file: Path, buses: tuple[BusConfig, ...], meters: tuple[MeterConfig, ...]) -> None:
@@ -287,8 +388,9 @@ def _check_references(file: Path, buses: tuple[BusConfig, ...], meters: tuple[Me
         table = f"meter.{i}"
         if meter.bus not in bus_names:
             raise ConfigError(file, table, "bus", f"the name of a [[bus]] ({', '.join(bus_names)})", meter.bus)
-        if meter.model not in METER_MAPS:
-            raise ConfigError(file, table, "model", f"one of {', '.join(sorted(METER_MAPS))}", meter.model)
+        if meter.model not in METER_MAPS and meter.model != CUSTOM_MODEL:
+            raise ConfigError(file, table, "model", f"one of {', '.join(sorted(METER_MAPS))} or {CUSTOM_MODEL!r} "
+                              "(with [[meter.register]] tables)", meter.model)
         if (meter.bus, meter.unit_id) in seen:
             raise ConfigError(file, table, "unit_id", f"a unit id not already used on bus {meter.bus!r}", meter.unit_id)
         if meter.name in names:
@@ -299,6 +401,84 @@ def _check_references(file: Path, buses: tuple[BusConfig, ...], meters: tuple[Me
         count = sum(1 for m in meters if m.role == role)
         if count != 1:
             raise ConfigError(file, "meter", "role", f"exactly one [[meter]] with role = {role!r}", f"{count} such meters")
+
+
+def _check_rs485(file: Path, buses_raw: list, buses: tuple[BusConfig, ...]) -> None:
+    """An rs485_* setting on a bus without ``rs485 = true`` would be silently ignored: refuse it."""
+    for i, (raw, bus) in enumerate(zip(buses_raw, buses)):
+        for key in RS485_KEYS:
+            if key in raw and not bus.rs485:
+                raise ConfigError(file, f"bus.{i}", key, "no rs485_* key unless rs485 = true on this [[bus]]", raw[key])
+
+
+def _without_registers(raw: Any) -> Any:
+    """A [[meter]] table minus its [[meter.register]] array, which _meter_maps parses."""
+    return {k: v for k, v in raw.items() if k != "register"} if isinstance(raw, dict) else raw
+
+
+def _meter_maps(file: Path, meters: tuple[MeterConfig, ...], meters_raw: list) -> dict:
+    """The register map of every meter: a built-in model's (with the meter's request limit) or
+    the custom map of its [[meter.register]] tables, checked here so a bad map fails at start
+    with the file, the register's table and the key."""
+    from .drivers.meter_maps import METER_MAPS, MeterMap, RegisterMapError, check_map, with_request_limit
+
+    maps = {}
+    for i, (meter, raw) in enumerate(zip(meters, meters_raw)):
+        table = f"meter.{i}"
+        registers_raw = raw.get("register")
+        if meter.model != CUSTOM_MODEL:
+            if registers_raw is not None:
+                raise ConfigError(file, table, "register", f"no [[meter.register]] tables unless model = {CUSTOM_MODEL!r} "
+                                  f"(model {meter.model!r} has its built-in map)", f"{len(registers_raw)} table(s)"
+                                  if isinstance(registers_raw, list) else registers_raw)
+            builtin = METER_MAPS[meter.model]
+            limit = meter.max_registers_per_request or builtin.max_registers_per_request
+            maps[meter.name] = with_request_limit(builtin, limit)
+            continue
+        if not isinstance(registers_raw, list) or not registers_raw:
+            raise ConfigError(file, table, "register", "one or more [[meter.register]] tables (model = 'custom')",
+                              registers_raw if registers_raw is not None else dataclasses.MISSING)
+        registers = tuple(_register(file, f"{table}.register.{j}", r) for j, r in enumerate(registers_raw))
+        limit = meter.max_registers_per_request or 80
+        seen: dict[str, int] = {}
+        for j, reg in enumerate(registers):
+            where = f"{table}.register.{j}"
+            if reg.quantity in seen:
+                raise ConfigError(file, where, "quantity", f"a quantity not already mapped by [{table}.register.{seen[reg.quantity]}]",
+                                  reg.quantity)
+            seen[reg.quantity] = j
+            if reg.address + reg.words > 0x10000:
+                raise ConfigError(file, where, "address", f"an address whose {reg.words} register(s) end by 65535", reg.address)
+            if reg.words > limit:
+                raise ConfigError(file, table, "max_registers_per_request", f"at least {reg.words} (the size of a {reg.data_type})", limit)
+        missing = [q for q in ("import_energy_wh", "export_energy_wh") if q not in seen]
+        if missing:
+            raise ConfigError(file, table, "register", "[[meter.register]] tables for both import_energy_wh and "
+                              "export_energy_wh (readings are journalled and settled from both counters)",
+                              f"none for {' and '.join(missing)}")
+        custom = MeterMap(model=f"{CUSTOM_MODEL}:{meter.name}", registers=registers, max_registers_per_request=limit)
+        try:
+            check_map(custom)
+        except RegisterMapError as exc:  # the checks above should have caught it; never let it pass
+            raise ConfigError(file, table, "register", "a register map the driver can read", str(exc)) from None
+        maps[meter.name] = custom
+    return maps
+
+
+def _register(file: Path, table: str, raw: Any):
+    """One [[meter.register]] -> a driver Register with its exact integer scale."""
+    from math import gcd
+
+    from .drivers.meter_maps import QUANTITY_UNITS, Register
+
+    spec = _build(RegisterConfig, table, raw, file, Path.cwd())
+    units = QUANTITY_UNITS[spec.quantity]
+    if spec.unit not in units:
+        raise ConfigError(file, table, "unit", f"a unit of {spec.quantity}: one of {', '.join(units)}", spec.unit)
+    multiplier, divisor = units[spec.unit] * spec.scale, spec.scale_divisor
+    common = gcd(multiplier, divisor)
+    return Register(spec.quantity, spec.address, spec.type, multiplier // common, function_code=spec.function_code,
+                    word_order=spec.word_order, scale_divisor=divisor // common)
 
 
 def load_config(path: Path | str) -> BoardConfig:

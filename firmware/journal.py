@@ -396,3 +396,60 @@ class Journal:
                 "SUM(CASE WHEN state = 'reported' THEN 1 ELSE 0 END), SUM(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END) FROM deliveries"
             ).fetchone()
         return {"trades": row[0], "delivered_wh": row[1], "reported": row[2] or 0, "failed": row[3] or 0}
+
+    # -- read-only views for `dgc status`, the control socket and the serial console ------
+
+    def order_counts(self) -> dict[str, int]:
+        """Orders per state (sending, open, cancelling, filled, cancelled, rejected)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT state, COUNT(*) FROM orders GROUP BY state").fetchall())
+
+    def open_orders(self, limit: int = 100) -> list[OrderRow]:
+        """Orders that may still trade: being sent, resting at the ledger, or being cancelled; oldest market first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT nonce, market_id, side, energy_wh, price_per_kwh_minor, state, filled_wh FROM orders "
+                "WHERE state IN ('sending', 'open', 'cancelling') ORDER BY market_id, nonce LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [OrderRow(*r) for r in rows]
+
+    def recent_trades(self, limit: int = 20) -> list[dict]:
+        """The newest trades first, as plain dicts (trade_id, market_id, side, energy_wh, price, order_nonce, counterparty)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT trade_id, market_id, side, energy_wh, price_per_kwh_minor, order_nonce, counterparty, received_at_ms "
+                "FROM trades ORDER BY trade_id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        keys = ("trade_id", "market_id", "side", "energy_wh", "price_per_kwh_minor", "order_nonce", "counterparty", "received_at_ms")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def trade_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM trades").fetchone()[0]
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Deliveries per state (scheduled, running, metered, reported), plus 'failed' for failed outcomes."""
+        with self._lock:
+            counts = dict(self._db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
+            counts["failed"] = self._db.execute("SELECT COUNT(*) FROM deliveries WHERE outcome = 'failed'").fetchone()[0]
+        return counts
+
+    def recent_deliveries(self, limit: int = 20) -> list[DeliveryRow]:
+        """The newest deliveries first (by market, then trade)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT trade_id, market_id, direction, energy_wh, state, start_meter_wh, end_meter_wh, delivered_wh, outcome, detail "
+                "FROM deliveries ORDER BY market_id DESC, trade_id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [DeliveryRow(*r) for r in rows]
+
+    def check_writable(self, now_ms: int | None = None) -> None:
+        """Commit one tiny write (meta 'health_probe_ms'); raises sqlite3.Error or OSError if the journal
+        cannot take writes (disk full, read-only remount, lost SD card). Used by the daemon's health
+        check so that a board that can no longer record what it signs stops telling systemd it is well."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('health_probe_ms', ?)",
+                       (self._clock_ms() if now_ms is None else now_ms,))

@@ -1,10 +1,14 @@
-"""DGR driver against the router emulator over a real virtual serial line (socat pty pair).
+"""DGR driver against a router over a real serial line, on the rig (hil_tests/rig.py).
 
-Nothing is mocked: the driver opens the device end with pyserial exactly as it opens
-/dev/ttyAMA0 on a board, the emulator serves the other end in its own asyncio loop (a
-background thread here, the bench's shared loop elsewhere), and every exchange is real
-protocol bytes through the kernel's ptys. Timeouts are shortened so the whole module runs in
-seconds; the energy arithmetic is checked for exactness, not approximately.
+Nothing is mocked: the driver opens the port with pyserial exactly as it opens /dev/ttyAMA0 on
+a board. On the default rig the router is the DGR emulator, serving the other end of a socat
+pty pair in its own asyncio loop (a background thread here, the bench's shared loop
+elsewhere), and every exchange is real protocol bytes through the kernel's ptys; with ``--rig``
+the same tests run against the MicroPython bench board's router or a real bench. Tests that
+read the router's state or change its settings declare ``emulator-control``, those that make
+it misbehave ``fault-injection``; they are skipped on a rig without them. Timeouts are
+shortened so the whole module runs in seconds; the energy arithmetic is checked for
+exactness, not approximately.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from firmware.drivers import dgr_frames as f
 from firmware.drivers.dgr import DgrArgumentError, DgrClient, DgrLinkError, DgrNak, DgrStatus
 from host_tools.emulators.dgr_emulator import DgrEmulator
 from host_tools.emulators.virtual_serial import VirtualSerialLine
+from hil_tests.rig import Rig, RigError
 
 
 def wait_until(predicate, timeout_s: float = 3.0, what: str = "condition"):
@@ -70,16 +75,53 @@ class Bench:
             self.line.stop()
 
 
+class _NoEmulator:
+    """Stands in for the emulator on a rig without emulator control (a real bench): any use
+    names the feature the test should have declared."""
+
+    def __init__(self, rig: Rig):
+        self._rig = rig
+
+    def __getattr__(self, name: str):
+        raise RigError(f"{self._rig.config.describe()}: bench.emu.{name} needs the rig feature emulator-control "
+                       "(declare it with @pytest.mark.rig_features)")
+
+
+class RigBench(Bench):
+    """The suite's ``Bench`` on the rig's DGR link: ``emu`` is the rig's router control (the
+    CPython DgrEmulator, or the MicroPython board's console) and ``sink`` the energy it reported
+    moving; the driver config keeps the suite's short timeouts with the rig's port and baud rate.
+    The rig starts the router (with ``heartbeat_timeout_s`` on an emulated rig) and stops it."""
+
+    def __init__(self, rig: Rig, heartbeat_timeout_s: float | None = None):
+        settings = {} if heartbeat_timeout_s is None else {"heartbeat_timeout_s": heartbeat_timeout_s}
+        self.rig = rig
+        self.line = self.resource = rig.dgr(**settings)  # line.device_end: the port the driver opens
+        self.config = DgrConfig(port=self.resource.port, baudrate=self.resource.baudrate, timeout_ms=150, retries=2,
+                                heartbeat_seconds=1)
+
+    @property
+    def emu(self):
+        return self.resource.control if self.resource.control is not None else _NoEmulator(self.rig)
+
+    @property
+    def sink(self) -> list[tuple[str, float]]:
+        return self.resource.sink
+
+    def close(self) -> None:
+        pass  # the rig stops the router and its line after the test
+
+
 @pytest.fixture
-def bench(tmp_path):
-    b = Bench(tmp_path)
+def bench(hil_rig):
+    b = RigBench(hil_rig)
     yield b
     b.close()
 
 
 @pytest.fixture
-def fast_watchdog_bench(tmp_path):
-    b = Bench(tmp_path, heartbeat_timeout_s=0.4)
+def fast_watchdog_bench(hil_rig):
+    b = RigBench(hil_rig, heartbeat_timeout_s=0.4)
     yield b
     b.close()
 
@@ -91,6 +133,7 @@ def in_seconds(s: int) -> int:
 # --- basics ----------------------------------------------------------------------------------
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_hello_reports_identity_clock_limits_and_opens_a_session(bench):
     with bench.client() as dgr:
         hello = dgr.hello()
@@ -115,6 +158,7 @@ def test_status_round_trip_time_over_the_pty(bench, record_property):
     assert median_ms < 20
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_the_port_opens_on_first_use_and_a_missing_port_is_named(bench):
     dgr = bench.client()  # how the daemon uses it: no context manager
     assert dgr.status().mode == "idle"
@@ -132,6 +176,7 @@ def test_the_port_opens_on_first_use_and_a_missing_port_is_named(bench):
 # --- transfers and energy ---------------------------------------------------------------------
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_transfers_stop_themselves_at_exactly_their_energy_target(bench):
     with bench.client() as dgr:
         status = dgr.start_transfer(101, "export", 7200, in_seconds(600), 2)  # 2 Wh in 1 s
@@ -153,6 +198,7 @@ def test_transfers_stop_themselves_at_exactly_their_energy_target(bench):
     assert ends["102"]["reason"] == "target"
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_a_transfer_stops_itself_at_end_at(bench):
     with bench.client() as dgr:
         end_at = in_seconds(1)
@@ -169,6 +215,7 @@ def test_a_transfer_stops_itself_at_end_at(bench):
     assert status.export_wh == int(ended.moved_wh) and status.mode == "idle"
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_stop_transfer_is_confirmed_and_stopping_twice_is_harmless(bench):
     with bench.client() as dgr:
         dgr.start_transfer(301, "import", 5000, in_seconds(600), 5000)
@@ -186,6 +233,7 @@ def test_stop_transfer_is_confirmed_and_stopping_twice_is_harmless(bench):
     assert answers == ["ACK", "ACK", "ACK"]
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_safe_state_stops_everything_and_refuses_starts_until_resume(bench):
     with bench.client() as dgr:
         dgr.start_transfer(401, "export", 2000, in_seconds(600), 1000)
@@ -200,6 +248,7 @@ def test_safe_state_stops_everything_and_refuses_starts_until_resume(bench):
     assert {e.reason for e in bench.emu.snapshot().ended} == {"safe"}
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_router_refusals_arrive_as_naks_with_their_codes(bench):
     with bench.client() as dgr:
         with pytest.raises(DgrNak) as past:
@@ -229,6 +278,7 @@ def test_router_refusals_arrive_as_naks_with_their_codes(bench):
 # --- retries, idempotency, link loss ------------------------------------------------------------
 
 
+@pytest.mark.rig_features("emulator-control", "fault-injection")
 def test_a_lost_answer_is_retried_with_the_same_seq_and_the_start_runs_once(bench):
     with bench.client() as dgr:
         dgr.hello()
@@ -240,6 +290,7 @@ def test_a_lost_answer_is_retried_with_the_same_seq_and_the_start_runs_once(benc
     assert len(state.transfers) == 1
 
 
+@pytest.mark.rig_features("emulator-control", "fault-injection")
 def test_a_corrupted_answer_is_retried_at_once(bench):
     with bench.client() as dgr:
         dgr.hello()
@@ -250,6 +301,7 @@ def test_a_corrupted_answer_is_retried_at_once(bench):
     assert bench.emu.snapshot().replays == 1
 
 
+@pytest.mark.rig_features("emulator-control", "fault-injection")
 def test_a_late_answer_is_not_taken_for_the_next_request(bench):
     with bench.client() as dgr:
         dgr.hello()
@@ -260,6 +312,7 @@ def test_a_late_answer_is_not_taken_for_the_next_request(bench):
     assert len(bench.emu.snapshot().executed("HEARTBEAT")) == 1
 
 
+@pytest.mark.rig_features("emulator-control", "fault-injection")
 def test_lost_link_raises_after_retries_and_sends_the_router_safe(bench):
     with bench.client() as dgr:
         dgr.start_transfer(701, "export", 1000, in_seconds(600), 1000)
@@ -279,6 +332,7 @@ def test_lost_link_raises_after_retries_and_sends_the_router_safe(bench):
 # --- sessions ----------------------------------------------------------------------------------
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_a_restarted_dgc_reusing_seq_numbers_gets_fresh_answers(bench):
     with bench.client(first_seq=1) as before_restart:
         before_restart.hello()  # seq 1
@@ -292,6 +346,7 @@ def test_a_restarted_dgc_reusing_seq_numbers_gets_fresh_answers(bench):
     assert [c.seq for c in state.executed("STATUS")].count(2) == 2
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_reconnecting_keeps_session_and_sequence(bench):
     dgr = bench.client()
     with dgr:
@@ -304,6 +359,7 @@ def test_reconnecting_keeps_session_and_sequence(bench):
     assert all(b == a % 65535 + 1 for a, b in zip(seqs, seqs[1:]))
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_sequence_numbers_wrap_from_65535_to_1(bench):
     with bench.client(first_seq=65534) as dgr:
         dgr.status()  # HELLO 65534, STATUS 65535
@@ -311,6 +367,7 @@ def test_sequence_numbers_wrap_from_65535_to_1(bench):
     assert [c.seq for c in bench.emu.snapshot().commands] == [65534, 65535, 1]
 
 
+@pytest.mark.rig_features("emulator-control", "fault-injection")
 def test_a_router_restart_is_detected_and_the_session_reopened(bench):
     with bench.client() as dgr:
         dgr.start_transfer(901, "export", 1000, in_seconds(600), 1000)
@@ -325,6 +382,7 @@ def test_a_router_restart_is_detected_and_the_session_reopened(bench):
 # --- watchdog ------------------------------------------------------------------------------------
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_heartbeats_keep_a_transfer_running(fast_watchdog_bench):
     bench = fast_watchdog_bench
     with bench.client() as dgr:
@@ -335,6 +393,7 @@ def test_heartbeats_keep_a_transfer_running(fast_watchdog_bench):
     assert bench.emu.mode == "transfer"
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_silence_puts_the_router_in_safe_state_by_itself(fast_watchdog_bench):
     bench = fast_watchdog_bench
     with bench.client() as dgr:
@@ -353,6 +412,7 @@ def test_silence_puts_the_router_in_safe_state_by_itself(fast_watchdog_bench):
         assert dgr.status().faults == ()
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_an_idle_router_does_not_trip_its_watchdog(fast_watchdog_bench):
     with fast_watchdog_bench.client() as dgr:
         dgr.hello()
@@ -363,6 +423,7 @@ def test_an_idle_router_does_not_trip_its_watchdog(fast_watchdog_bench):
 # --- hostile bytes -------------------------------------------------------------------------------
 
 
+@pytest.mark.rig_features("emulator-control", "fault-injection")
 def test_garbage_from_the_router_side_does_not_disturb_the_driver(bench):
     rng = random.Random(5)
     with bench.client() as dgr:
@@ -381,8 +442,9 @@ def test_garbage_from_the_router_side_does_not_disturb_the_driver(bench):
         assert dgr.start_transfer(1201, "export", 1000, in_seconds(600), 1000).transfer(1201) is not None
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_garbage_and_hostile_frames_from_the_dgc_side_get_naks_and_never_run(bench):
-    with serial.Serial(str(bench.line.device_end), 115200, timeout=0.3) as port:
+    with serial.Serial(str(bench.line.device_end), bench.config.baudrate, timeout=0.3) as port:
         def ask(line: bytes) -> bytes:
             port.reset_input_buffer()
             port.write(line)
@@ -412,6 +474,7 @@ def test_garbage_and_hostile_frames_from_the_dgc_side_get_naks_and_never_run(ben
         assert dgr.status().mode == "idle"
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_concurrent_callers_each_get_their_own_answer(bench):
     errors: list[BaseException] = []
 
@@ -434,3 +497,60 @@ def test_concurrent_callers_each_get_their_own_answer(bench):
     state = bench.emu.snapshot()
     assert all(not c.answer.startswith("NAK") for c in state.commands) and state.replays == 0
     assert len(state.commands) == 1 + 4 * 25 * 2 + 2  # HELLO, the workers, START + its STATUS read-back
+
+
+# --- any rig: the router the rig file names, through the board config the rig writes -------------
+
+
+def _trade_id() -> int:
+    """A trade id a real router has not seen in this session (tests on a bench share one router)."""
+    return int(time.time() * 1000) % 10**12 + random.randrange(1000)
+
+
+def test_rig_router_handshake_status_and_a_short_transfer(hil_rig):
+    """The firmware's DgrClient, built from the rig's board config, against the rig's router:
+    HELLO opens this session with a clock within 2 s, STATUS says idle, a START in the past is
+    refused (NAK 33), a START runs and is listed, HEARTBEAT sees it, STOP ends it (END reason
+    stop). What the emulators model is exactly what a real router must do here."""
+    hil_rig.dgr()
+    trade_id = _trade_id()
+    with hil_rig.dgr_client() as dgr:
+        hello = dgr.hello()
+        assert (hello.protocol, hello.session) == (1, dgr.session)
+        assert abs(hello.clock_offset_s) < 2, "the router's clock must be UTC (on an RP2040: mpremote rtc --set)"
+        assert hello.heartbeat_timeout_ms > 0 and hello.max_power_w > 0 and hello.max_transfers >= 1
+        status = dgr.status()
+        assert (status.mode, status.transfers) == ("idle", ()), "the router must be idle when a test starts"
+        power_w = min(1000, hello.max_power_w)
+        with pytest.raises(DgrNak) as past:
+            dgr.start_transfer(trade_id, "export", power_w, in_seconds(-10), 1)
+        assert (past.value.code, past.value.name) == (33, "END_PAST")
+        status = dgr.start_transfer(trade_id, "export", power_w, in_seconds(60), 1000)
+        assert status.mode == "transfer" and status.transfer(trade_id).power_w == power_w
+        assert dgr.heartbeat() == "transfer"
+        status = dgr.stop_transfer(trade_id)
+        assert (status.mode, status.transfers) == ("idle", ())
+        ends = [e.args for e in dgr.drain_events() if e.kind == "END"]
+    assert [(e["trade_id"], e["reason"]) for e in ends] == [(str(trade_id), "stop")]
+
+
+@pytest.mark.rig_features("power-cycle")
+def test_a_router_power_cut_mid_transfer_is_detected_and_the_session_reopened(hil_rig):
+    """The rig cuts the router's power during a transfer (an emulator replaced by a fresh one,
+    a board process killed with SIGKILL and booted again, or the bench's [power] command): the
+    transfer died with it, the driver notices (BOOT, or NO_SESSION), says HELLO again and
+    carries on in the same session."""
+    hil_rig.dgr()
+    trade_id = _trade_id()
+    with hil_rig.dgr_client() as dgr:
+        hello = dgr.hello()
+        dgr.start_transfer(trade_id, "export", min(1000, hello.max_power_w), in_seconds(600), 1000)
+        hil_rig.power_cycle("dgr")
+        status = dgr.status()
+        assert (status.mode, status.transfers) == ("idle", ())
+        assert "BOOT" in [e.kind for e in dgr.drain_events()]
+        status = dgr.start_transfer(trade_id + 1, "export", min(1000, hello.max_power_w), in_seconds(600), 1000)
+        assert status.transfer(trade_id + 1) is not None and status.transfer(trade_id) is None
+        assert dgr.stop_transfer(trade_id + 1).transfers == ()
+        session = dgr.session
+    assert session == hello.session  # the DGC's session survives; the router learnt it again

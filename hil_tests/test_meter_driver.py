@@ -1,9 +1,16 @@
-"""The meter driver against the meter emulator over a real virtual serial line.
+"""The meter driver against meters over a real serial line, on the rig (hil_tests/rig.py).
 
-Nothing is mocked: the driver (pymodbus client) and the emulator (pymodbus server) exchange
-Modbus RTU frames over a socat pty pair, exactly as the board talks to meters on RS-485.
-Faults are injected on the line side: a unit id nobody answers, a register that does not
-exist, a meter that sends NaN, a device that answers with a bad CRC, a port that is missing.
+Nothing is mocked: the driver (pymodbus client) and the meters exchange Modbus RTU frames over a
+serial line, exactly as the board talks to meters on RS-485. On the default rig the meters are
+the pymodbus emulator behind a socat pty pair; with ``--rig`` the same tests run against the
+MicroPython bench-board emulators or a real bench. Tests that set the meters' values or read
+the emulator's counters declare ``emulator-control``, those that make a meter misbehave
+``fault-injection``; they are skipped on a rig without them. Faults are injected on the line
+side: a unit id nobody answers, a register that does not exist, a meter that sends NaN, a device
+that answers with a bad CRC, a port that is missing.
+
+Tests that build their own lines and emulators (a noisy slave, a port that disappears, the bench
+house, the timing of the pymodbus emulator) do not use the rig and run the same on every rig.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import serial
 from firmware.config import BusConfig, MeterConfig, load_config
 from firmware.drivers.meter import MeterBus, MeterReadError, MeterSet
 from firmware.drivers.meter_maps import METER_MAPS, plan_blocks, round_half_away
+from hil_tests.rig import Rig, RigError
 from host_tools.emulators.meter_emulator import (
     EmulatedMeter,
     MeterEmulator,
@@ -113,27 +121,97 @@ class Bench:
         return MeterSet({"rs485": MeterBus(self.bus_config(**bus_overrides))}, meters)
 
 
+class _NoEmulator:
+    """Stands in for emulator control on a rig without it (a real bench): any use names the
+    feature the test should have declared."""
+
+    def __init__(self, rig: Rig, what: str):
+        self._rig, self._what = rig, what
+
+    def __getattr__(self, name: str):
+        raise RigError(f"{self._rig.config.describe()}: {self._what}.{name} needs the rig feature emulator-control "
+                       "(declare it with @pytest.mark.rig_features)")
+
+
+class UnitValues:
+    """``SettableSource``'s interface (``set``/``remove``) for one unit of the rig's emulated bus."""
+
+    def __init__(self, control, unit_id: int):
+        self._control, self._unit_id = control, unit_id
+
+    def set(self, **quantities: float) -> None:
+        self._control.set(self._unit_id, **quantities)
+
+    def remove(self, quantity: str) -> None:
+        self._control.remove(self._unit_id, quantity)
+
+
+class RigBench(Bench):
+    """The suite's ``Bench`` on the rig's meter bus, which must have an SDM630 at unit 1 and an
+    SDM120 at unit 2 (the test is skipped otherwise). On an emulated rig ``house`` and
+    ``interchange`` set the emulator's values (the suite's HOUSE_VALUES and INTERCHANGE_VALUES
+    to begin with) and ``emulator`` counts requests and answers per unit id; on a real bench
+    they are unavailable. The rig starts and stops the line and the emulator."""
+
+    def __init__(self, rig: Rig):
+        bus = rig.meter_bus()
+        if bus.find(model="sdm630", unit_id=1) is None or bus.find(model="sdm120", unit_id=2) is None:
+            pytest.skip(f"{rig.config.describe()}: these tests need an sdm630 at unit 1 and an sdm120 at unit 2 "
+                        "on [meter_bus]")
+        self.rig, self.line, self.baudrate = rig, bus, bus.baudrate  # line.device_end: the port the driver opens
+        if bus.control is None:
+            self.house, self.interchange = _NoEmulator(rig, "bench.house"), _NoEmulator(rig, "bench.interchange")
+            self.emulator = _NoEmulator(rig, "bench.emulator")
+        else:
+            self.house, self.interchange = UnitValues(bus.control, 1), UnitValues(bus.control, 2)
+            self.emulator = bus.control
+            self.house.set(**HOUSE_VALUES)
+            self.interchange.set(**INTERCHANGE_VALUES)
+
+    def __enter__(self) -> "RigBench":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def bus_config(self, **overrides) -> BusConfig:
+        """The suite's timing (TIMEOUT_MS, a 5 ms gap) with the rig's port and serial format."""
+        spec = self.line.spec
+        return super().bus_config(**{"parity": spec.parity, "stopbits": spec.stopbits, "bytesize": spec.bytesize,
+                                     **overrides})
+
+    def meter_set(self, extra_meters: tuple[MeterConfig, ...] = (), **bus_overrides) -> MeterSet:
+        meters = (
+            MeterConfig(name="house", bus="rs485", unit_id=1, model="sdm630", role="house"),
+            MeterConfig(name="interchange", bus="rs485", unit_id=2, model="sdm120", role="interchange"),
+        ) + extra_meters
+        bus = MeterBus(self.bus_config(**bus_overrides), frame_trace=self.rig.frame_recorder)
+        return MeterSet({"rs485": bus}, meters)
+
+
 @pytest.fixture
-def bench(tmp_path):
-    with Bench(tmp_path, 115200) as b:
+def bench(hil_rig):
+    """The rig's meter bus as the suite's bench; the rig checks after the test that nothing was
+    left behind (emulator thread or board process, socat, links)."""
+    with RigBench(hil_rig) as b:
         yield b
-    # Teardown left nothing behind: the emulator thread is joined and socat's links are gone.
-    assert not any(t.name.startswith("meter-emulator") for t in threading.enumerate())
-    assert not b.line.device_end.exists() and not b.line.emulator_end.exists()
 
 
-def _board_config(tmp_path: Path, bus_port: str) -> Path:
-    """sim.toml with its state paths in tmp_path, the [[bus]] port at ``bus_port`` and the
-    [dgr] port at a path nobody opens (``dgc meter read`` does not touch the router)."""
+def _board_config(tmp_path: Path, bus_port: str, baudrate: int = 115200) -> Path:
+    """sim.toml with its state paths in tmp_path, the [[bus]] port at ``bus_port`` (at
+    ``baudrate``) and the [dgr] port at a path nobody opens (``dgc meter read`` does not touch
+    the router)."""
     text = SIM_TOML.read_text()
     text = re.sub(r'(?m)^state_dir = ".*"$', f'state_dir = "{tmp_path / "state"}"', text)
     text = re.sub(r'(?m)^key_file = ".*"$', f'key_file = "{tmp_path / "state" / "device.key"}"', text)
     text = re.sub(r'(?m)(^\[\[bus\]\]\n(?:.*\n)*?)port = ".*"$', rf'\g<1>port = "{bus_port}"', text, count=1)
+    text = re.sub(r'(?m)(^\[\[bus\]\]\n(?:.*\n)*?)baudrate = \d+$', rf'\g<1>baudrate = {baudrate}', text, count=1)
     text = re.sub(r'(?m)(^\[dgr\]\n(?:.*\n)*?)port = ".*"$', rf'\g<1>port = "{tmp_path / "dgr-not-opened"}"', text, count=1)
     path = tmp_path / "board.toml"
     path.write_text(text)
     config = load_config(path)
     assert config.buses[0].port == bus_port and config.dgr.port == str(tmp_path / "dgr-not-opened")
+    assert config.buses[0].baudrate == baudrate
     return path
 
 
@@ -149,8 +227,9 @@ def _quantities(reading) -> dict[str, int]:
 
 # --- reading ---------------------------------------------------------------------------------
 
+@pytest.mark.rig_features("emulator-control")
 def test_two_meters_on_one_bus_read_exact_values(bench, tmp_path):
-    config = load_config(_board_config(tmp_path, str(bench.line.device_end)))
+    config = load_config(_board_config(tmp_path, str(bench.line.device_end), bench.baudrate))
     before_ms = time.time_ns() // 1_000_000
     with MeterSet.from_config(config) as meters:
         house = meters.read("house")
@@ -166,6 +245,7 @@ def test_two_meters_on_one_bus_read_exact_values(bench, tmp_path):
     assert "import 12346 Wh" in house.describe() and "power -1235 W" in house.describe()
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_sdm630_read_takes_the_planned_number_of_requests(bench):
     planned = plan_blocks(METER_MAPS["sdm630"])
     assert len(planned) == 2
@@ -178,6 +258,7 @@ def test_sdm630_read_takes_the_planned_number_of_requests(bench):
     assert bench.emulator.requests[1] == 4 and bench.emulator.answers[1] == 4
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_values_are_live(bench):
     with bench.meter_set() as meters:
         assert meters.read("interchange").export_energy_wh == 1_500
@@ -186,6 +267,7 @@ def test_values_are_live(bench):
     assert (reading.export_energy_wh, reading.power_w) == (1_600, -3)  # half away from zero
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_read_all_returns_readings_and_errors_side_by_side(bench):
     ghost = MeterConfig(name="ghost", bus="rs485", unit_id=9, model="sdm120", role="pv")
     with bench.meter_set((ghost,)) as meters:
@@ -196,6 +278,7 @@ def test_read_all_returns_readings_and_errors_side_by_side(bench):
     assert isinstance(results["ghost"], MeterReadError)
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_concurrent_readers_share_the_bus_safely(bench):
     """The daemon reads from several threads: the bus lock keeps every read whole."""
     results: list[object] = []
@@ -228,8 +311,102 @@ def test_request_gap_is_kept_between_requests(bench):
     assert elapsed >= 0.120
 
 
+# --- any rig: the meters the rig file names, through the board config the rig writes ----------
+
+PLAUSIBLE = {"voltage_mv": (100_000, 300_000), "frequency_mhz": (45_000, 65_000)}
+
+
+def test_rig_meters_read_through_the_board_config(hil_rig):
+    """Every meter the rig names answers through the firmware's own MeterSet, built from the
+    board config the rig writes (port, serial format, unit ids, models): identity, timestamps,
+    plausible values, counters that never go back, and exactly the planned requests. On an
+    emulated rig the values are the rig file's ``values``, to the unit."""
+    bus = hil_rig.meter_bus()
+    assert bus.meters, f"{hil_rig.config.path}: [meter_bus] names no meter"
+    before_ms = time.time_ns() // 1_000_000
+    with hil_rig.meter_set() as meters:
+        first, second = meters.read_all(), meters.read_all()
+        sent = meters.bus_of(bus.meters[0].name).requests_sent
+    after_ms = time.time_ns() // 1_000_000
+    assert list(first) == list(second) == [m.name for m in bus.meters]
+    for meter in bus.meters:
+        old, new = first[meter.name], second[meter.name]
+        for reading in (old, new):
+            assert not isinstance(reading, Exception), f"{meter.name} (unit {meter.unit_id}): {reading}"
+            assert (reading.meter, reading.unit_id) == (meter.name, meter.unit_id)
+            assert before_ms <= reading.taken_at_ms <= after_ms
+            for quantity, (low, high) in PLAUSIBLE.items():
+                value = getattr(reading, quantity)
+                assert value is None or low <= value <= high, f"{meter.name}: {quantity} {value}"
+            assert reading.import_energy_wh >= 0 and reading.export_energy_wh >= 0
+        assert new.import_energy_wh >= old.import_energy_wh and new.export_energy_wh >= old.export_energy_wh
+        assert f"import {new.import_energy_wh} Wh" in new.describe()
+        if bus.control is not None:  # an emulator: it serves exactly what the rig file says
+            expected = {k: v for k, v in _expected(dict(meter.values)).items() if getattr(new, k) is not None}
+            assert {k: getattr(new, k) for k in expected} == expected
+    assert sent == 2 * sum(len(plan_blocks(METER_MAPS[m.model])) for m in bus.meters)
+
+
+def test_rig_dgc_meter_read_json(hil_rig):
+    """`dgc meter read --json` on the rig's board config: one JSON line per meter, in order."""
+    bus = hil_rig.meter_bus()
+    result = subprocess.run([_dgc(), "meter", "read", str(hil_rig.board_config()), "--json"], capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "DGC_CONFIG": ""})
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["meter"], r["unit_id"]) for r in lines] == [(m.name, m.unit_id) for m in bus.meters]
+    for line in lines:
+        assert line["voltage_mv"] is None or 100_000 <= line["voltage_mv"] <= 300_000
+
+
+@pytest.mark.rig_features("emulator-control", "modbus-fault-injection")
+def test_line_faults_on_the_rig_bus_are_read_errors_and_the_bus_recovers(bench):
+    """Faults injected at the emulator's end of the rig's line: silence, a corrupted CRC and a
+    busy meter each fail one read with the right kind, and the very next read is whole again."""
+    faults = [("no_reply", {}, r"no answer|timeout", "timeout"),
+              ("bad_crc", {}, "timeout, CRC error or garbage", "timeout"),
+              ("exception", {"code": 6}, r"Modbus exception 6 \(device busy\)", "exception")]
+    with bench.meter_set() as meters:
+        for kind, params, message, error_kind in faults:
+            bench.emulator.inject(2, kind, **params)
+            with pytest.raises(MeterReadError, match=message) as info:
+                meters.read("interchange")
+            assert info.value.kind == error_kind, kind
+            assert _quantities(meters.read("interchange")) == _expected(INTERCHANGE_VALUES), f"after {kind}"
+        assert _quantities(meters.read("house")) == _expected(HOUSE_VALUES)  # the other meter was never disturbed
+    blocks = len(plan_blocks(METER_MAPS["sdm120"]))
+    # each failed read stopped at its first request; only the silent one went unanswered
+    assert bench.emulator.requests[2] == 3 * (1 + blocks) and bench.emulator.answers[2] == 3 * (1 + blocks) - 1
+
+
+@pytest.mark.rig_features("rs485-timing")
+def test_rig_sdm630_read_takes_at_least_its_time_on_the_wire(hil_rig, record_property):
+    """On a real RS-485 bus every bit takes 1/baud seconds: an SDM630 read (its planned requests
+    and answers) cannot be faster than its bytes on the wire. A pty has no such time, which is
+    why this needs rs485-timing; a read that is faster means the rig is not the wire it names."""
+    bus = hil_rig.meter_bus()
+    meter = bus.find(model="sdm630")
+    if meter is None:
+        pytest.skip(f"{hil_rig.config.describe()}: no sdm630 on [meter_bus]")
+    spec = bus.spec
+    bits_per_byte = 1 + spec.bytesize + (spec.parity != "N") + spec.stopbits
+    wire_bytes = sum(8 + 5 + 2 * block.count for block in plan_blocks(METER_MAPS["sdm630"]))
+    wire_s = wire_bytes * bits_per_byte / spec.baudrate
+    with hil_rig.meter_set() as meters:  # the request gap only adds to the time: the bound holds
+        meters.read(meter.name)  # opens the port
+        samples = []
+        for _ in range(10):
+            start = time.perf_counter()
+            meters.read(meter.name)
+            samples.append(time.perf_counter() - start)
+    record_property("sdm630_wire_ms", round(wire_s * 1000, 2))
+    record_property("sdm630_read_ms_median", round(statistics.median(samples) * 1000, 2))
+    assert min(samples) >= wire_s, f"fastest read {min(samples) * 1000:.1f} ms < {wire_s * 1000:.1f} ms on the wire"
+
+
 # --- faults ----------------------------------------------------------------------------------
 
+@pytest.mark.rig_features("emulator-control")
 def test_unit_that_does_not_exist_times_out_and_the_bus_recovers(bench):
     ghost = MeterConfig(name="ghost", bus="rs485", unit_id=9, model="sdm120", role="pv")
     with bench.meter_set((ghost,)) as meters:
@@ -259,6 +436,7 @@ def test_unit_that_does_not_exist_times_out_and_the_bus_recovers(bench):
         assert bench.emulator.requests[9] == 2
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_register_that_does_not_exist_is_a_modbus_exception(bench):
     bus = MeterBus(bench.bus_config())
     try:
@@ -273,6 +451,7 @@ def test_register_that_does_not_exist_is_a_modbus_exception(bench):
         bus.close()
 
 
+@pytest.mark.rig_features("emulator-control", "fault-injection")
 def test_nan_from_the_meter_is_a_read_error_naming_the_quantity(bench):
     bench.house.set(voltage_mv=float("nan"))
     with bench.meter_set() as meters:
@@ -284,6 +463,7 @@ def test_nan_from_the_meter_is_a_read_error_naming_the_quantity(bench):
         assert meters.read("house").voltage_mv == 230_000
 
 
+@pytest.mark.rig_features("emulator-control", "fault-injection")
 def test_meter_fault_answers_device_failure(bench):
     bench.interchange.remove("frequency_mhz")  # the emulated meter cannot produce a value
     with bench.meter_set() as meters:
@@ -456,8 +636,9 @@ def _dgc() -> str:
     return str(path) if path.exists() else shutil.which("dgc") or pytest.skip("dgc console script not installed")
 
 
+@pytest.mark.rig_features("emulator-control")
 def test_dgc_meter_read_json(bench, tmp_path):
-    board = _board_config(tmp_path, str(bench.line.device_end))
+    board = _board_config(tmp_path, str(bench.line.device_end), bench.baudrate)
     result = subprocess.run([_dgc(), "meter", "read", str(board), "--json"], capture_output=True, text=True,
                             timeout=30, env={**os.environ, "DGC_CONFIG": ""})
     assert result.returncode == 0, result.stderr

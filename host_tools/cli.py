@@ -16,6 +16,9 @@ GROUPS = (
     ("ledger", "host_tools.bench_ledger.cli", "bench ledger: serve it, register devices, place signed orders, show books"),
     ("bench", "host_tools.emulators.cli", "bench house emulators: meters (Modbus RTU) and DGR on virtual serial lines"),
     ("demo", "host_tools.demo", "run a simulated neighbourhood end to end and print a summary"),
+    ("provision", "host_tools.provision", "give a board its identity: key made on the board, proof of possession, registered, config written"),
+    ("flash", "host_tools.flash", "build signed release bundles; install one on a board with atomic switch, health check, rollback"),
+    ("console", "host_tools.console", "the board's serial console: show its lines with host timestamps, send commands, or script one exchange"),
 )
 
 

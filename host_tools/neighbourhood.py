@@ -165,7 +165,7 @@ class Neighbourhood:
     def __init__(self, workdir: Path, houses: list[HouseSpec], *, template: Path = SIM_TEMPLATE,
                  on_line: Callable[[str, str], None] | None = None, market_overrides: dict | None = None,
                  cadence_overrides: dict | None = None, last_market_slots: int | None = None,
-                 ledger_args: list[str] | None = None):
+                 ledger_args: list[str] | None = None, config_overrides: dict[str, dict] | None = None):
         self.workdir = Path(workdir).resolve()
         self.specs = houses
         self.template = template
@@ -174,6 +174,8 @@ class Neighbourhood:
         self.cadence_overrides = cadence_overrides or {}
         self.last_market_slots = last_market_slots
         self.ledger_args = list(ledger_args or [])
+        # Tables merged into every house's board config (not the ledger's), e.g. {"console": {"tty": ...}}.
+        self.config_overrides = {table: dict(values) for table, values in (config_overrides or {}).items()}
         self.last_market: int | None = None
         self.operator_token = secrets.token_hex(16)
         self.ledger: ManagedProcess | None = None
@@ -237,6 +239,8 @@ class Neighbourhood:
             "battery_capacity_wh": spec.battery_capacity_wh,
             "start_hour": spec.start_hour,
         }
+        for table, values in self.config_overrides.items():
+            data.setdefault(table, {}).update(values)
         config_path = directory / "board.toml"
         self._write_config(config_path, data)
         house = House(spec=spec, directory=directory, config_path=config_path)
@@ -264,10 +268,11 @@ class Neighbourhood:
 
     # -- daemons --------------------------------------------------------------------------
 
-    def start_daemon(self, name: str) -> ManagedProcess:
+    def start_daemon(self, name: str, *, env: dict[str, str] | None = None) -> ManagedProcess:
+        """``env``: extra environment for this daemon (e.g. NOTIFY_SOCKET, WATCHDOG_USEC as systemd sets them)."""
         house = self.houses[name]
         argv = _python_module("firmware.cli", "run", str(house.config_path))
-        house.daemon = ManagedProcess(name, argv, house.directory / "daemon.log", on_line=self.on_line).start()
+        house.daemon = ManagedProcess(name, argv, house.directory / "daemon.log", on_line=self.on_line, env=env).start()
         house.daemon_starts += 1
         house.daemon.wait_for_line(r" running jobs=", timeout_s=30)
         return house.daemon
@@ -284,6 +289,26 @@ class Neighbourhood:
 
     def stats(self) -> dict:
         return self.get("/v1/stats")
+
+    def control_path(self, house: str) -> Path:
+        """The house's bench control socket (``dgc-host bench house`` puts it next to the DGR port)."""
+        from host_tools.emulators.bench_control import control_path_for
+
+        return control_path_for(self.houses[house].directory / "dgr")
+
+    def fault(self, house: str, command: dict, *, timeout_s: float = 5.0) -> dict:
+        """Send one command to a house's bench over its control socket (docs/bench-faults.md),
+        e.g. ``{"target": "dgr", "fault": {"kind": "link_cut"}}`` or ``{"cmd": "status"}``, and
+        return the answer; a refusal raises NeighbourhoodError with the bench's reason."""
+        from host_tools.emulators.bench_control import request
+
+        answer = request(self.control_path(house), command, timeout_s=timeout_s)
+        if not answer.get("ok"):
+            raise NeighbourhoodError(f"{house}/bench refused {command}: {answer.get('error')}")
+        return answer
+
+    def bench_status(self, house: str) -> dict:
+        return self.fault(house, {"cmd": "status"})
 
     def wait_until(self, predicate: Callable[[], bool], timeout_s: float, poll_s: float = 1.0) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -17,6 +17,7 @@ from firmware.config import (
     BusConfig,
     CadenceConfig,
     ConfigError,
+    ConsoleConfig,
     DgrConfig,
     ForecastConfig,
     LedgerConfig,
@@ -300,6 +301,7 @@ DOC_TABLES = {
     "[[bus]]": BusConfig,
     "[[meter]]": MeterConfig,
     "[dgr]": DgrConfig,
+    "[console]": ConsoleConfig,
 }
 
 

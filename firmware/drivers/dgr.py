@@ -36,7 +36,7 @@ import random
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -55,6 +55,7 @@ __all__ = [
 
 READ_POLL_S = 0.05  # granularity of the read loop; answers are taken as soon as their newline arrives
 MAX_EVENTS_KEPT = 1000
+ENDS_REMEMBERED = 64  # END events kept per trade for transfer_end(): several slots' worth of transfers
 CLOCK_SKEW_WARN_S = 2
 
 
@@ -160,6 +161,7 @@ class DgrClient:
         self._events: deque[tuple[int, DgrEvent]] = deque(maxlen=MAX_EVENTS_KEPT)
         self._events_received = 0
         self._last_event_seq: int | None = None
+        self._ends: OrderedDict[int, DgrEvent] = OrderedDict()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -302,6 +304,14 @@ class DgrClient:
             events = [event for _, event in self._events]
             self._events.clear()
             return events
+
+    def transfer_end(self, trade_id: int) -> DgrEvent | None:
+        """The END event the router sent for this trade's transfer, if one arrived (the last
+        ``ENDS_REMEMBERED`` are kept, drained or not). Why: after the link is lost the caller must
+        tell a transfer the router had already finished at its target from one cut short, and the
+        router cannot be asked any more."""
+        with self._lock:
+            return self._ends.get(trade_id)
 
     # --- exchanges ----------------------------------------------------------------------------
 
@@ -481,6 +491,13 @@ class DgrClient:
             self._session_ok = False
         elif event.kind == "FAULT":
             log.warning("DGR fault event: %s", dict(event.args))
+        elif event.kind == "END" and event.args.get("trade_id", "").isdigit():
+            log.info("DGR event %s %s", event.kind, dict(event.args))
+            trade_id = int(event.args["trade_id"])
+            self._ends[trade_id] = DgrEvent(event.seq, event.kind, dict(event.args), time.time())
+            self._ends.move_to_end(trade_id)
+            while len(self._ends) > ENDS_REMEMBERED:
+                self._ends.popitem(last=False)
         else:
             log.info("DGR event %s %s", event.kind, dict(event.args))
         if len(self._events) == self._events.maxlen:

@@ -18,6 +18,12 @@ Why this shape:
   does) so one dead meter cannot stall the others on its bus with a timeout per cycle.
 * The port is opened lazily at the first request and reopened after an I/O error, so a USB
   adapter that is re-plugged comes back without restarting the daemon.
+* A bus may put a UART into the kernel's RS-485 mode (``[[bus]] rs485 = true``): pyserial's
+  ``RS485Settings`` on the port object pymodbus opened (``client.socket``), i.e. the
+  ``TIOCSRS485`` ioctl. A port that refuses it (a pty, most USB adapters) is logged as a
+  warning and used as it is: a bench must not fail for lack of a driver-enable pin.
+* Every request can be observed as a :class:`FrameExchange` (the request and answer frames in
+  hex, with timings), through pymodbus's ``trace_packet`` hook: ``dgc meter read --raw``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from dataclasses import dataclass
 from pymodbus import FramerType
 from pymodbus.client import ModbusSerialClient
 from pymodbus.exceptions import ConnectionException, ModbusException
+from serial.rs485 import RS485Settings
 
 from ..config import BoardConfig, BusConfig, MeterConfig
 from .meter_maps import METER_MAPS, Block, DecodeError, MeterMap, decode_block, plan_blocks
@@ -54,15 +61,81 @@ EXCEPTION_NAMES = {
 
 class MeterReadError(Exception):
     """A meter could not be read. ``kind`` lets callers count causes without parsing text:
-    "port", "timeout", "exception", "decode", "backoff"."""
+    "port", "timeout", "exception", "decode", "backoff" (and "implausible", raised by the
+    daemon for a reading firmware.plausibility rejected). ``bytes_received`` tells a silent
+    meter (0) from a garbled answer (a bad CRC or noise: bytes came, no valid frame) on a
+    "timeout"."""
 
     def __init__(self, message: str, *, kind: str, meter: str | None = None, port: str | None = None,
-                 exception_code: int | None = None):
+                 exception_code: int | None = None, bytes_received: int | None = None):
         super().__init__(message)
         self.kind = kind
         self.meter = meter
         self.port = port
         self.exception_code = exception_code
+        self.bytes_received = bytes_received
+
+
+def rs485_settings(config: BusConfig) -> RS485Settings | None:
+    """The kernel RS-485 settings a bus asks for, or None when it does not use RS-485 mode.
+
+    pyserial maps ``rts_level_for_tx``/``rts_level_for_rx`` to SER_RS485_RTS_ON_SEND /
+    SER_RS485_RTS_AFTER_SEND and takes the delays in seconds (it writes whole milliseconds to
+    the kernel, which is why the config keys are in ms). Loopback (receiving our own frame) is
+    off: the Modbus client must not read its request back as an answer.
+    """
+    if not config.rs485:
+        return None
+    active_high = config.rs485_rts_active_high
+    return RS485Settings(
+        rts_level_for_tx=active_high,
+        rts_level_for_rx=not active_high,
+        loopback=False,
+        delay_before_tx=config.rs485_delay_before_tx_ms / 1000,
+        delay_before_rx=config.rs485_delay_after_tx_ms / 1000,
+    )
+
+
+@dataclass(frozen=True)
+class FrameExchange:
+    """One request on the wire and what came back, for ``dgc meter read --raw``.
+
+    ``request``/``response`` are the raw RTU frames (address, PDU, CRC) as sent and as
+    received (every byte the client read, even a frame it then rejected); times are ms on a
+    monotonic clock: ``started_ms`` since the bus's first traced request, ``reply_ms`` from
+    the request leaving to the last byte of the answer (None without an answer),
+    ``elapsed_ms`` for the whole request including pymodbus's frame checks.
+    """
+
+    meter: str | None
+    unit_id: int
+    function_code: int
+    address: int
+    count: int
+    request: bytes
+    response: bytes
+    started_ms: float
+    reply_ms: float | None
+    elapsed_ms: float
+    outcome: str  # "ok", or the MeterReadError kind
+
+    def as_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["request"], values["response"] = self.request.hex(" "), self.response.hex(" ")
+        return values
+
+    def describe(self) -> list[str]:
+        """Two lines a human can compare with a datasheet or a logic analyser trace."""
+        who = f"{self.meter} " if self.meter else ""
+        what = f"unit {self.unit_id} fc {self.function_code} 0x{self.address:04X}+{self.count}"
+        tx = f"[{self.started_ms:9.1f} ms] {who}{what} > {self.request.hex(' ').upper()}"
+        if self.response:
+            timing = f"reply after {self.reply_ms:.1f} ms" if self.reply_ms is not None else "reply"
+            rx = (f"[{self.started_ms + self.elapsed_ms:9.1f} ms] {who}{what} < {self.response.hex(' ').upper()}"
+                  f"  ({len(self.response)} bytes, {timing}, {self.outcome})")
+        else:
+            rx = f"[{self.started_ms + self.elapsed_ms:9.1f} ms] {who}{what} < (nothing)  (no answer within {self.elapsed_ms:.1f} ms, {self.outcome})"
+        return [tx, rx]
 
 
 @dataclass(frozen=True)
@@ -110,13 +183,24 @@ class MeterBus:
     daemon reads again at its next cadence instead.
     """
 
-    def __init__(self, config: BusConfig, *, retries: int = 0):
+    def __init__(self, config: BusConfig, *, retries: int = 0,
+                 frame_trace: Callable[[FrameExchange], None] | None = None):
         self.config = config
         self._retries = retries
         self._lock = threading.Lock()
         self._client: ModbusSerialClient | None = None
         self._last_request_end = 0.0  # monotonic seconds
         self._requests = 0
+        self._frame_trace = frame_trace
+        self._trace_origin: float | None = None  # perf_counter of the first traced request
+        # The request in flight, as seen by pymodbus's trace_packet hook (under the bus lock).
+        self._tx = b""
+        self._tx_at: float | None = None
+        self._rx = bytearray()
+        self._rx_buffer = b""
+        self._rx_at: float | None = None
+        self.rs485_active: bool | None = None  # None: not asked for; False: the port refused it
+        self._rs485_warned = False
 
     @property
     def name(self) -> str:
@@ -146,6 +230,7 @@ class MeterBus:
             timeout=cfg.timeout_ms / 1000,
             retries=self._retries,
             name=f"bus-{cfg.name}",
+            trace_packet=self._trace_packet,
         )
         if not client.connect():
             if not os.path.exists(cfg.port):
@@ -158,7 +243,57 @@ class MeterBus:
                                  kind="port", port=cfg.port)
         self._client = client
         log.debug("bus %s: opened %s at %d baud", cfg.name, cfg.port, cfg.baudrate)
+        settings = rs485_settings(cfg)
+        if settings is not None:
+            self._apply_rs485(client, settings)
         return client
+
+    def _apply_rs485(self, client: ModbusSerialClient, settings: RS485Settings) -> None:
+        """Put the freshly opened port into the kernel's RS-485 mode, or say loudly why not.
+
+        pymodbus 3.16.1 keeps the pyserial object it opened as ``client.socket``; assigning
+        ``rs485_mode`` there reconfigures the open port with the TIOCSRS485 ioctl. A port whose
+        driver lacks RS-485 support (a pty, a USB adapter) raises; the setting is then removed
+        again (pyserial would otherwise retry it on every reconfiguration) and the port is used
+        as a plain serial line, with one warning per bus.
+        """
+        port = client.socket
+        cfg = self.config
+        try:
+            port.rs485_mode = settings
+        except (ValueError, OSError, NotImplementedError) as exc:
+            try:
+                port.rs485_mode = None
+            except (ValueError, OSError):  # the plain settings were applied before; keep them
+                log.debug("bus %s: clearing the refused RS-485 mode failed", cfg.name, exc_info=True)
+            self.rs485_active = False
+            level = logging.DEBUG if self._rs485_warned else logging.WARNING
+            self._rs485_warned = True
+            log.log(level, "bus %s: %s refused the kernel's RS-485 mode (%s); using it as a plain serial port, "
+                    "so the transceiver's driver-enable must be switched by the adapter itself", cfg.name, cfg.port, exc)
+            return
+        self.rs485_active = True
+        log.info("bus %s: kernel RS-485 mode on %s (RTS %s while sending, %d ms before, %d ms after)", cfg.name,
+                 cfg.port, "high" if cfg.rs485_rts_active_high else "low", cfg.rs485_delay_before_tx_ms,
+                 cfg.rs485_delay_after_tx_ms)
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        """pymodbus's trace_packet hook: remember the frame sent and every byte received.
+
+        On receiving, pymodbus passes its whole receive buffer (what is left of earlier bytes
+        plus the new ones). Its RTU framer (3.16.1) either keeps that buffer whole (frame not
+        complete yet) or consumes all of it (a frame, good or with a bad CRC), so the new bytes
+        are what extends the previous buffer, or the whole buffer after a consumption. The
+        data is returned unchanged: this hook only watches.
+        """
+        now = time.perf_counter()
+        if sending:
+            self._tx, self._tx_at = bytes(data), now
+        else:
+            previous = self._rx_buffer
+            self._rx += data[len(previous):] if data.startswith(previous) else data
+            self._rx_buffer, self._rx_at = bytes(data), now
+        return data
 
     def close(self) -> None:
         with self._lock:
@@ -171,13 +306,44 @@ class MeterBus:
         with self._lock:
             return self._request(unit_id, function_code, address, count)
 
-    def _request(self, unit_id: int, function_code: int, address: int, count: int) -> list[int]:
+    def _request(self, unit_id: int, function_code: int, address: int, count: int, meter: str | None = None) -> list[int]:
         client = self._open()
-        where = f"unit {unit_id} on {self.port}"
-        what = f"{count} register(s) at 0x{address:04X} (function {function_code})"
         wait = self._last_request_end + self.config.request_gap_ms / 1000 - time.monotonic()
         if wait > 0:
             time.sleep(wait)
+        self._tx, self._tx_at, self._rx, self._rx_buffer, self._rx_at = b"", None, bytearray(), b"", None
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return self._exchange(client, unit_id, function_code, address, count)
+        except MeterReadError as exc:
+            outcome = exc.kind
+            raise
+        finally:
+            self._last_request_end = time.monotonic()
+            if self._frame_trace is not None:
+                self._report_exchange(meter, unit_id, function_code, address, count, started, outcome)
+
+    def _report_exchange(self, meter: str | None, unit_id: int, function_code: int, address: int, count: int,
+                         started: float, outcome: str) -> None:
+        finished = time.perf_counter()
+        if self._trace_origin is None:
+            self._trace_origin = started
+        reply_ms = None
+        if self._rx and self._rx_at is not None and self._tx_at is not None:
+            reply_ms = (self._rx_at - self._tx_at) * 1000
+        exchange = FrameExchange(meter=meter, unit_id=unit_id, function_code=function_code, address=address,
+                                 count=count, request=self._tx, response=bytes(self._rx),
+                                 started_ms=(started - self._trace_origin) * 1000, reply_ms=reply_ms,
+                                 elapsed_ms=(finished - started) * 1000, outcome=outcome)
+        try:
+            self._frame_trace(exchange)
+        except Exception:  # a broken observer must not break the bus
+            log.exception("bus %s: frame trace callback failed", self.name)
+
+    def _exchange(self, client: ModbusSerialClient, unit_id: int, function_code: int, address: int, count: int) -> list[int]:
+        where = f"unit {unit_id} on {self.port}"
+        what = f"{count} register(s) at 0x{address:04X} (function {function_code})"
         read = client.read_input_registers if function_code == 4 else client.read_holding_registers
         self._requests += 1
         try:
@@ -190,14 +356,15 @@ class MeterBus:
                                  kind="port", port=self.port) from None
         except ModbusException:
             # pymodbus's framer drops frames with a bad CRC or from another unit and keeps
-            # listening, so all of these end as "no response" when the timeout expires.
+            # listening, so all of these end as "no response" when the timeout expires. The
+            # bytes seen on the line tell a silent meter from a garbled answer.
+            received = len(self._rx)
+            seen = (f"{received} byte(s) received, no valid frame" if received else "nothing received")
             raise MeterReadError(
                 f"{where}: no valid answer to a read of {what} within {self.config.timeout_ms} ms "
-                f"(timeout, CRC error or garbage on the line)",
-                kind="timeout", port=self.port,
+                f"(timeout, CRC error or garbage on the line: {seen})",
+                kind="timeout", port=self.port, bytes_received=received,
             ) from None
-        finally:
-            self._last_request_end = time.monotonic()
         if response.isError():
             code = getattr(response, "exception_code", None)
             name = EXCEPTION_NAMES.get(code, "unknown exception")
@@ -219,14 +386,14 @@ class MeterBus:
             started_ns = time.time_ns()
             try:
                 for block in blocks:
-                    words = self._request(unit_id, block.function_code, block.address, block.count)
+                    words = self._request(unit_id, block.function_code, block.address, block.count, meter=name)
                     values.update(decode_block(block, words))
             except DecodeError as exc:
                 raise MeterReadError(f"meter {name} (unit {unit_id} on {self.port}): implausible value: {exc}",
                                      kind="decode", meter=name, port=self.port) from None
             except MeterReadError as exc:
                 raise MeterReadError(f"meter {name}: {exc}", kind=exc.kind, meter=name, port=self.port,
-                                     exception_code=exc.exception_code) from None
+                                     exception_code=exc.exception_code, bytes_received=exc.bytes_received) from None
             finished_ns = time.time_ns()
         return MeterReading(meter=name, unit_id=unit_id, taken_at_ms=(started_ns + finished_ns) // 2_000_000, **values)
 
@@ -238,21 +405,28 @@ class _Backoff:
 
 
 class MeterSet:
-    """All meters of a board, by name, on their buses. A context manager: closing releases the ports."""
+    """All meters of a board, by name, on their buses. A context manager: closing releases the ports.
+
+    ``meter_maps`` (by meter name: a board config's custom maps and request limits) take
+    precedence over ``maps`` (by model name).
+    """
 
     def __init__(self, buses: Mapping[str, MeterBus], meters: Iterable[MeterConfig], *,
-                 maps: Mapping[str, MeterMap] = METER_MAPS, backoff_step_s: float = 2.0,
-                 backoff_max_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
+                 maps: Mapping[str, MeterMap] = METER_MAPS, meter_maps: Mapping[str, MeterMap] | None = None,
+                 backoff_step_s: float = 2.0, backoff_max_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic):
         self._buses = dict(buses)
         self._meters: dict[str, MeterConfig] = {}
         self._blocks: dict[str, tuple[Block, ...]] = {}
         for meter in meters:
             if meter.bus not in self._buses:
                 raise ValueError(f"meter {meter.name}: bus {meter.bus!r} is not one of {', '.join(self._buses)}")
-            if meter.model not in maps:
-                raise ValueError(f"meter {meter.name}: model {meter.model!r} is not one of {', '.join(sorted(maps))}")
+            meter_map = (meter_maps or {}).get(meter.name) or maps.get(meter.model)
+            if meter_map is None:
+                raise ValueError(f"meter {meter.name}: model {meter.model!r} is not one of {', '.join(sorted(maps))}"
+                                 " and no map was given for it")
             self._meters[meter.name] = meter
-            self._blocks[meter.name] = plan_blocks(maps[meter.model])
+            self._blocks[meter.name] = plan_blocks(meter_map)
         self._backoff_step_s = backoff_step_s
         self._backoff_max_s = backoff_max_s
         self._clock = clock
@@ -260,10 +434,12 @@ class MeterSet:
         self._backoff_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: BoardConfig, **options) -> "MeterSet":
-        """No port is opened here: a missing port is reported by the read that needs it."""
-        buses = {bus.name: MeterBus(bus) for bus in config.buses}
-        return cls(buses, config.meters, **options)
+    def from_config(cls, config: BoardConfig, *, frame_trace: Callable[[FrameExchange], None] | None = None,
+                    **options) -> "MeterSet":
+        """No port is opened here: a missing port is reported by the read that needs it.
+        ``frame_trace`` sees every request on every bus (``dgc meter read --raw``)."""
+        buses = {bus.name: MeterBus(bus, frame_trace=frame_trace) for bus in config.buses}
+        return cls(buses, config.meters, meter_maps=config.meter_maps, **options)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -308,10 +484,24 @@ class MeterSet:
             state.failures, state.not_before = 0, 0.0
         return reading
 
+    def failures(self, name: str) -> int:
+        """Failed reads of this meter in a row (0 after a good read)."""
+        self._meter(name)
+        with self._backoff_lock:
+            return self._backoff[name].failures
+
+    def read_order(self) -> tuple[str, ...]:
+        """The meters in the order a cycle should read them: those that answered last time
+        first (in config order), then the failing ones, so a dead meter's timeout, when it is
+        tried again, never delays a live meter's reading within the cycle."""
+        with self._backoff_lock:
+            return tuple(sorted(self._meters, key=lambda name: self._backoff[name].failures > 0))
+
     def read_all(self) -> dict[str, MeterReading | MeterReadError]:
-        """Every meter once; a failure is returned in place of its reading, never raised."""
+        """Every meter once (healthy ones first); a failure is returned in place of its
+        reading, never raised."""
         results: dict[str, MeterReading | MeterReadError] = {}
-        for name in self._meters:
+        for name in self.read_order():
             try:
                 results[name] = self.read(name)
             except MeterReadError as exc:

@@ -6,10 +6,15 @@ as few block reads as its request limit allows; adding a meter model means addin
 not writing code.
 
 Eastron documents input registers as 3xxxx numbers: 30073 is address 0x0048 on the wire.
+
+A board may also declare its own map in the board config (``model = "custom"`` with
+``[[meter.register]]`` tables, parsed by :mod:`firmware.config`): the same :class:`Register`
+rows, so a custom meter is planned, read and decoded by exactly the code the built-in ones use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from collections.abc import Iterable, Sequence
@@ -25,6 +30,19 @@ _STRUCT_CODES = {"float32": "f", "int32": "i", "uint32": "I", "int16": "h", "uin
 # decoding fault, not a measurement.
 QUANTITIES = ("import_energy_wh", "export_energy_wh", "power_w", "voltage_mv", "frequency_mhz")
 SIGNED_QUANTITIES = frozenset({"power_w"})
+# A reading without both counters cannot be journalled, forecast or settled.
+REQUIRED_QUANTITIES = ("import_energy_wh", "export_energy_wh")
+
+# The units a meter's register may hold for each quantity, as an exact integer factor to the
+# firmware's unit. A custom map names the datasheet's unit (``unit = "kWh"``) instead of a
+# bare multiplier, so an energy register cannot be scaled like a voltage by a slip of the pen.
+QUANTITY_UNITS: dict[str, dict[str, int]] = {
+    "import_energy_wh": {"Wh": 1, "kWh": 1000, "MWh": 1_000_000},
+    "export_energy_wh": {"Wh": 1, "kWh": 1000, "MWh": 1_000_000},
+    "power_w": {"W": 1, "kW": 1000},
+    "voltage_mv": {"mV": 1, "V": 1000},
+    "frequency_mhz": {"mHz": 1, "Hz": 1000},
+}
 
 # What one extra request costs, counted in registers (2 bytes each on the wire) so it can be
 # weighed against reading unused registers in a gap. An extra request adds its own 8-byte
@@ -37,12 +55,18 @@ REQUEST_OVERHEAD_REGISTERS = 25
 
 @dataclass(frozen=True)
 class Register:
+    """One quantity's register. The decoded value times ``scale`` / ``scale_divisor`` is the
+    quantity in the firmware's integer unit: two integers, so a register in 0.1 W
+    (``scale_divisor = 10``) is as exact as one in kWh (``scale = 1000``) — no float factor
+    whose rounding would differ between the driver, the emulator and a test."""
+
     quantity: str  # the firmware's name, with its unit: import_energy_wh, power_w, ...
     address: int  # wire address (0-based)
     data_type: str  # one of DATA_TYPES
-    scale: int  # multiply the decoded value by this to get the quantity's integer unit
+    scale: int  # multiply the decoded value by this ...
     function_code: int = 4
     word_order: str = "big"  # "big": high word first (Eastron)
+    scale_divisor: int = 1  # ... and divide by this to get the quantity's integer unit
 
     @property
     def words(self) -> int:
@@ -56,7 +80,9 @@ class MeterMap:
     max_registers_per_request: int = 80  # keep requests within what these meters answer reliably
 
 
-def _eastron(model: str, power_address: int) -> MeterMap:
+def _eastron(model: str, power_address: int, max_registers_per_request: int = 80) -> MeterMap:
+    """Eastron SDM meters: input registers (function 4), IEEE-754 float32, high word first;
+    voltage in V, power in W, frequency in Hz, energy in kWh."""
     return MeterMap(
         model=model,
         registers=(
@@ -66,12 +92,20 @@ def _eastron(model: str, power_address: int) -> MeterMap:
             Register("import_energy_wh", 0x0048, "float32", 1000),
             Register("export_energy_wh", 0x004A, "float32", 1000),
         ),
+        max_registers_per_request=max_registers_per_request,
     )
 
 
 METER_MAPS: dict[str, MeterMap] = {
     "sdm120": _eastron("sdm120", 0x000C),
     "sdm630": _eastron("sdm630", 0x0034),
+    # Eastron SDM72D-M (three-phase, 100 A direct): "SDM72D-M Modbus protocol" document, input
+    # registers 30001 phase 1 L-N voltage (0x0000), 30053 total system power (0x0034), 30071
+    # frequency (0x0046), 30073 import and 30075 export active energy (0x0048, 0x004A), all
+    # float32 high word first; cross-checked against the open-source sdm_modbus library
+    # (nmakel/sdm_modbus, src/sdm_modbus/sdm.py, class SDM72). Its protocol document limits a
+    # request to 30 parameters, i.e. 60 registers (the SDM630's allows 40 = 80 registers).
+    "sdm72dm": _eastron("sdm72dm", 0x0034, max_registers_per_request=60),
 }
 
 
@@ -118,6 +152,8 @@ def check_map(meter_map: MeterMap) -> None:
             raise RegisterMapError(f"{where}: word_order must be 'big' or 'little', found {reg.word_order!r}")
         if not (isinstance(reg.scale, int) and reg.scale > 0):
             raise RegisterMapError(f"{where}: scale must be a positive integer, found {reg.scale!r}")
+        if not (isinstance(reg.scale_divisor, int) and reg.scale_divisor > 0):
+            raise RegisterMapError(f"{where}: scale_divisor must be a positive integer, found {reg.scale_divisor!r}")
         if not 0 <= reg.address <= 0xFFFF - reg.words + 1:
             raise RegisterMapError(f"{where}: address must be 0..0xFFFF, found {reg.address!r}")
         if reg.words > limit:
@@ -213,12 +249,19 @@ def scale_value(register: Register, raw: int | float) -> int:
     if isinstance(raw, float):
         if not math.isfinite(raw):
             raise DecodeError(f"{where}: decoded {raw!r}, expected a finite number")
-        scaled = round_half_away(raw * register.scale)
+        scaled = round_half_away(raw * register.scale / register.scale_divisor)
     else:
-        scaled = raw * register.scale
+        scaled = _divide_half_away(raw * register.scale, register.scale_divisor)
     if scaled < 0 and register.quantity not in SIGNED_QUANTITIES:
         raise DecodeError(f"{where}: decoded {raw!r}, expected a value >= 0")
     return scaled
+
+
+def _divide_half_away(numerator: int, divisor: int) -> int:
+    """numerator / divisor rounded half away from zero, in exact integer arithmetic (an int32
+    register in 0.1 Wh must not pass through a float on its way to Wh)."""
+    magnitude = (2 * abs(numerator) + divisor) // (2 * divisor)
+    return magnitude if numerator >= 0 else -magnitude
 
 
 def decode_block(block: Block, words: Sequence[int]) -> dict[str, int]:
@@ -233,6 +276,14 @@ def decode_block(block: Block, words: Sequence[int]) -> dict[str, int]:
         offset = reg.address - block.address
         values[reg.quantity] = scale_value(reg, decode_raw(reg, words[offset:offset + reg.words]))
     return values
+
+
+def with_request_limit(meter_map: MeterMap, max_registers_per_request: int) -> MeterMap:
+    """The same map with another request limit (a gateway or an older firmware that answers
+    fewer registers than the datasheet promises); checked like any map."""
+    limited = dataclasses.replace(meter_map, max_registers_per_request=max_registers_per_request)
+    check_map(limited)
+    return limited
 
 
 def covered_span(registers: Iterable[Register]) -> tuple[int, int]:

@@ -131,26 +131,53 @@ class Controller:
         (each rejected reading), alarm.meter_reset (a reset or swap, re-baselined),
         meter.unavailable (max_failures reached: no order from this meter), meter.back."""
         from ..drivers.meter import MeterReadError
-        from ..plausibility import record_failure
 
         names = self.meters.read_order() if hasattr(self.meters, "read_order") else self.meters.names
         for name in names:
             try:
-                reading = self.meters.read(name)
+                stored = self._read_plausible(name)
             except MeterReadError as exc:
+                if exc.kind == "implausible":
+                    continue  # alarm.meter_implausible already emitted
                 if self.health.meters_ok.get(name, True):
                     self.events.emit("alarm.meter", meter=name, detail=str(exc))
                 self.health.meters_ok[name] = False
-                self._judged(name, record_failure(self._meter_state(name), self._meter_limits(name), str(exc)))
-                continue
-            stored = self._plausible(name, reading)
-            if stored is None:
                 continue
             if not self.health.meters_ok.get(name, True):
                 self.events.emit("meter.back", meter=name)
             self.health.meters_ok[name] = True
             self.health.last_reading_ms[name] = stored.taken_at_ms
             self.journal.add_reading(name, stored.taken_at_ms, stored.import_energy_wh, stored.export_energy_wh, stored.power_w)
+
+    def _read_plausible(self, name: str):
+        """Read one meter and judge the reading: the reading as it may be stored (re-baselined
+        counters), or MeterReadError — the driver's, or kind "implausible" for a rejected value.
+
+        For every reader of a meter (the measure job, delivery metering), so that all of them
+        share one plausibility state and one counter scale: a start counter taken from the
+        journal and an end counter read here are then in the same units. A per-meter lock keeps
+        a read and its judgement together, so two jobs never judge readings out of order.
+        """
+        from ..drivers.meter import MeterReadError
+        from ..plausibility import record_failure
+
+        with self._meter_lock(name):
+            try:
+                reading = self.meters.read(name)
+            except MeterReadError as exc:
+                self._judged(name, record_failure(self._meter_state(name), self._meter_limits(name), str(exc)))
+                raise
+            stored = self._plausible(name, reading)
+        if stored is None:
+            raise MeterReadError(f"meter {name}: implausible reading rejected (see alarm.meter_implausible)",
+                                 kind="implausible", meter=name)
+        return stored
+
+    def _meter_lock(self, name: str) -> threading.Lock:
+        locks = self.__dict__.get("_plausibility_locks")
+        if locks is None:
+            locks = self.__dict__.setdefault("_plausibility_locks", {})
+        return locks.setdefault(name, threading.Lock())
 
     def _plausible(self, name: str, reading):
         """The reading as it may be stored (counters re-baselined after a meter reset or swap),
@@ -172,7 +199,7 @@ class Controller:
             return None
         stored = verdict.stored
         return replace(reading, taken_at_ms=stored.taken_at_ms, import_energy_wh=stored.import_energy_wh,
-                                   export_energy_wh=stored.export_energy_wh)
+                       export_energy_wh=stored.export_energy_wh)
 
     def _judged(self, name: str, verdict) -> None:
         """Keep a meter's new plausibility state; announce availability transitions once."""
@@ -185,7 +212,8 @@ class Controller:
 
     def _meter_states(self) -> dict:
         """Per-meter plausibility state, created at first use (kept beside the measuring
-        methods, not in __init__). Written by the measure job only; read by the bid jobs."""
+        methods, not in __init__). Written under the meter's lock (_read_plausible); read by
+        the bid jobs, which only ever see a whole, immutable state."""
         states = self.__dict__.get("_plausibility_states")
         if states is None:
             states = self.__dict__.setdefault("_plausibility_states", {})
@@ -197,10 +225,12 @@ class Controller:
         from ..plausibility import Sample, seed
 
         states = self._meter_states()
-        if name not in states:
+        state = states.get(name)
+        if state is None:
             last = self.journal.last_reading(name)
-            states[name] = seed(Sample(*last) if last is not None else None)
-        return states[name]
+            # setdefault: a state another thread stored meanwhile is newer than the journal's
+            state = states.setdefault(name, seed(Sample(*last) if last is not None else None))
+        return state
 
     def _meter_limits(self, name: str):
         from ..plausibility import Limits

@@ -7,21 +7,35 @@ so a slow ledger call in another job can never delay a DGR start command.
 
 Shutdown leaves running transfers alone: each carries its own end time and energy target, so a
 restart (an update, a crash) in the middle of a slot does not cut a delivery short.
+
+Under systemd (`systemd/dgc.service`, Type=notify) the daemon says READY=1 once recovery is done
+and the scheduler runs, STATUS= with a one-line summary, STOPPING=1 on shutdown, and WATCHDOG=1
+from a scheduler job of its own ONLY while the health check passes (status.py says what healthy
+means), so a stuck or sick daemon is restarted by systemd. The control socket (`dgc status`) and
+the serial console answer from the same status service.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
+import sys
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import BoardConfig
+from ..console import ConsoleTee, SerialConsole
+from ..sdnotify import Notifier
+from .control import ControlServer, ControlSocketInUse
 from .events import EventLog
+from .status import JobMonitor, StatusService
 
 log = logging.getLogger(__name__)
+
+HEALTH_CHECK_SECONDS = 15.0  # without a systemd watchdog; with one, half of WatchdogSec=
 
 
 def build_controller(config: BoardConfig, key_path: Path, events: EventLog):
@@ -48,11 +62,39 @@ def build_controller(config: BoardConfig, key_path: Path, events: EventLog):
 
 
 def run_daemon(config: BoardConfig, *, key_path: Path, stop_event: threading.Event | None = None) -> int:
+    # systemd's watchdog kills with SIGABRT: dump every thread's stack to stderr (the journal) first,
+    # so a hang says where it hung.
+    faulthandler.enable()
+    tee = ConsoleTee(sys.stdout)
+    events = EventLog(config.board.name, stream=tee)
+    notifier = Notifier()
+    # The control socket first: a second daemon on the same board must stop before it opens the
+    # journal or the router's line.
+    control: ControlServer | None = ControlServer(config.control_socket_path)
+    try:
+        control.bind()
+    except ControlSocketInUse as exc:
+        events.emit("alarm.already_running", detail=str(exc))
+        print(f"dgc: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        events.emit("alarm.control_socket", socket=str(config.control_socket_path), detail=str(exc),
+                    action="running without dgc status")
+        control = None
+    try:
+        return _run(config, key_path, stop_event, events, tee, notifier, control)
+    finally:
+        if control is not None:
+            control.close()
+        notifier.close()
+
+
+def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None, events: EventLog, tee: ConsoleTee,
+         notifier: Notifier, control: ControlServer | None) -> int:
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.interval import IntervalTrigger
 
-    events = EventLog(config.board.name)
     controller = build_controller(config, key_path, events)
     stop = stop_event or threading.Event()
 
@@ -65,6 +107,7 @@ def run_daemon(config: BoardConfig, *, key_path: Path, stop_event: threading.Eve
 
     events.emit("starting", device=controller.key.device_id, ledger=config.ledger.url,
                 slot_s=config.market.slot_seconds, markets_ahead=config.market.markets_ahead)
+    notifier.status("recovering from the journal")
     controller.measure()
     controller.recover()
 
@@ -73,30 +116,81 @@ def run_daemon(config: BoardConfig, *, key_path: Path, stop_event: threading.Eve
     now = time.time()
     next_edge = datetime.fromtimestamp(config.market.next_slot_start(int(now)), tz=timezone.utc)
     scheduler = BackgroundScheduler(
-        executors={"default": ThreadPoolExecutor(4), "edge": ThreadPoolExecutor(1)},
+        executors={"default": ThreadPoolExecutor(4), "edge": ThreadPoolExecutor(1), "health": ThreadPoolExecutor(1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": max(1, slot_s // 2)},
         timezone=timezone.utc,
     )
+    monitor = JobMonitor()
+    console: SerialConsole | None = None
+    status = StatusService(controller, monitor, console_state=lambda: console.state() if console else None)
 
-    def every(seconds: int, **kw) -> IntervalTrigger:
+    def every(seconds: float, **kw) -> IntervalTrigger:
         return IntervalTrigger(seconds=seconds, timezone=timezone.utc, **kw)
 
-    scheduler.add_job(controller.slot_edge, every(slot_s, start_date=next_edge), id="slot_edge", executor="edge")
-    scheduler.add_job(controller.measure, every(cadence.measure_seconds), id="measure")
-    scheduler.add_job(controller.bid, every(cadence.bid_seconds), id="bid", next_run_time=datetime.now(timezone.utc))
-    scheduler.add_job(controller.review, every(cadence.review_seconds), id="review")
-    scheduler.add_job(controller.poll_trades, every(cadence.poll_trades_seconds), id="poll_trades")
-    scheduler.add_job(controller.flush_outbox, every(cadence.outbox_seconds), id="outbox")
-    scheduler.add_job(controller.deliveries_tick, every(max(1, cadence.poll_trades_seconds)), id="deliveries")
-    scheduler.add_job(controller.heartbeat, every(max(1, config.dgr.heartbeat_seconds)), id="dgr_heartbeat")
-    scheduler.add_job(controller.check_clock, every(cadence.clock_check_seconds), id="clock")
+    def add(fn, trigger, job_id: str, **kw) -> None:
+        scheduler.add_job(monitor.wrap(job_id, fn), trigger, id=job_id, **kw)
+
+    add(controller.slot_edge, every(slot_s, start_date=next_edge), "slot_edge", executor="edge")
+    add(controller.measure, every(cadence.measure_seconds), "measure")
+    add(controller.bid, every(cadence.bid_seconds), "bid", next_run_time=datetime.now(timezone.utc))
+    add(controller.review, every(cadence.review_seconds), "review")
+    add(controller.poll_trades, every(cadence.poll_trades_seconds), "poll_trades")
+    add(controller.flush_outbox, every(cadence.outbox_seconds), "outbox")
+    add(controller.deliveries_tick, every(max(1, cadence.poll_trades_seconds)), "deliveries")
+    add(controller.heartbeat, every(max(1, config.dgr.heartbeat_seconds)), "dgr_heartbeat")
+    add(controller.check_clock, every(cadence.clock_check_seconds), "clock")
+
+    health_state = {"healthy": True}
+
+    def health_job() -> None:
+        """The watchdog's heartbeat: it runs in the scheduler (its own executor, so slow ledger
+        calls cannot starve it) and pings systemd only when the health check passes."""
+        verdict = status.check_health()
+        line = _safe_status_line(status)
+        if line.startswith("status unavailable"):  # the journal cannot even be read: do not ping
+            verdict = status.mark_unhealthy(line)
+            line = f"UNHEALTHY ({line})"
+        if verdict.healthy:
+            notifier.watchdog(line)
+        else:
+            notifier.status(line)
+        if verdict.healthy != health_state["healthy"]:
+            health_state["healthy"] = verdict.healthy
+            if verdict.healthy:
+                events.emit("health.ok")
+            else:
+                events.emit("alarm.unhealthy", detail="; ".join(verdict.problems) or line,
+                            action="watchdog pings stopped" if notifier.watchdog_interval_s else "none (no watchdog)")
+
+    health_s = notifier.watchdog_interval_s or HEALTH_CHECK_SECONDS
+    # First run one interval after the start: READY=1 (below) comes before any WATCHDOG=1.
+    scheduler.add_job(health_job, every(health_s), id="health", executor="health")
     scheduler.start()
-    events.emit("running", jobs=len(scheduler.get_jobs()))
+    if control is not None:
+        control.serve(status.handle)
+    if config.console.tty:
+        console = SerialConsole(config.console.tty, config.console.baudrate, status.handle, tee,
+                                board_name=config.board.name).start()
+    events.emit("running", jobs=len(scheduler.get_jobs()), control_socket=control.path if control else "-",
+                console=config.console.tty or "-", watchdog_s=health_s if notifier.watchdog_interval_s else "-")
+    notifier.ready(_safe_status_line(status))
     try:
         while not stop.wait(1.0):
             pass
     finally:
+        notifier.stopping("stopping: finishing the running jobs")
+        if control is not None:
+            control.close()
         scheduler.shutdown(wait=True)
         controller.close()
         events.emit("stopped")
+        if console is not None:
+            console.stop()
     return 0
+
+
+def _safe_status_line(status: StatusService) -> str:
+    try:
+        return status.status_line()
+    except Exception as exc:
+        return f"status unavailable: {type(exc).__name__}: {exc}"

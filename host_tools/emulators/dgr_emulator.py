@@ -7,17 +7,26 @@ energy this router moves (``energy_sink``) — one loop, no cross-thread hand-of
 What it models: framing and checksum (shared codec ``firmware.drivers.dgr_frames``), the
 answer window that makes retries idempotent, sessions (HELLO), modes idle/transfer/safe/fault,
 transfers that stop by themselves at their energy target or their end time, the heartbeat
-watchdog, unsolicited events, and a small fault-injection surface for tests. What it does not
-model: power ramps, losses, the battery (``soc_percent`` is just a settable number).
+watchdog, unsolicited events, and fault injection (``inject``/``clear``, below). What it does
+not model: power ramps, losses, the battery (``soc_percent`` is just a settable number).
 
 Energy is integrated in exact units of 1/1024 Wh. Why: every increment handed to
 ``energy_sink`` is then a dyadic float, so any consumer that sums them in any order gets the
 router's own total exactly (no float drift), and a transfer capped at its target has moved
 exactly ``energy_wh`` — what settlement on the certified meter expects.
 
-Threading: all protocol work happens on the loop. Tests in another thread may read state with
-``snapshot()`` (taken under a lock) and use ``inject_raw``/``inject_fault``/``reboot`` (handed
-to the loop with ``call_soon_threadsafe``); the fault-injection counters are plain attributes.
+Fault injection is one API taking a plain dict, so a fault can travel as JSON from a test, the
+bench's control socket (``dgc-host bench fault``) or a script alike: ``inject({"kind": ...})``,
+``clear()``, ``active_faults()``; the kinds are in ``FAULT_KINDS`` and docs/dgr-protocol.md,
+section 11. Why a dict rather than one method per fault: the bench house runs in another
+process, and one validated vocabulary serves every caller with the same error messages.
+
+Threading: all protocol work happens on the loop. Any thread may read state with
+``snapshot()`` and call ``inject``/``clear``/``inject_raw``/``reboot``: fault counters live
+under the same lock as the router state, and actions that touch the line are handed to the
+loop with ``call_soon_threadsafe``. The older attributes (``drop_next_requests``,
+``drop_next_replies``, ``corrupt_next_checksums``, ``reply_delay_s``) remain as properties
+over the same state.
 """
 
 from __future__ import annotations
@@ -29,9 +38,9 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
-from typing import Callable
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import serial
 
@@ -48,6 +57,129 @@ MAX_DURATION_S = 86_400  # a START may not reach further than a day: a typo must
 ENDED_MEMORY = 32  # ended transfers remembered for STOP answers
 MAX_OUTPUT_BYTES = 64 * 1024  # like a UART TX FIFO: beyond this, output is dropped, the loop never blocks
 COMMAND_LOG_LENGTH = 1000
+
+# --- fault injection vocabulary ------------------------------------------------------------------
+
+FAULT_KINDS = ("dropped_frame", "delay", "bad_checksum", "error_reply", "fault", "stuck_in_fault", "reboot", "link_cut")
+MAX_FAULT_COUNT = 1_000_000
+MAX_DELAY_MS = 60_000
+MAX_LINK_CUT_MS = 86_400_000
+_FAULT_KEYS: dict[str, dict[str, bool]] = {  # kind -> {key: required}
+    "dropped_frame": {"count": False, "which": False},
+    "delay": {"delay_ms": True, "count": False},
+    "bad_checksum": {"count": False},
+    "error_reply": {"code": True, "count": False, "verb": False},
+    "fault": {"code": True},
+    "stuck_in_fault": {"code": True},
+    "reboot": {},
+    "link_cut": {"duration_ms": False},
+}
+
+
+class FaultSpecError(ValueError):
+    """A fault description that cannot be applied; the message names the key and what was expected."""
+
+
+def _spec_int(spec: Mapping[str, Any], key: str, low: int, high: int, default: int | None = None) -> int | None:
+    value = spec.get(key, default)
+    if value is None:
+        return None
+    if type(value) is not int or not low <= value <= high:
+        raise FaultSpecError(f"{spec.get('kind')} fault: {key}: expected an integer from {low} to {high}, found {value!r}")
+    return value
+
+
+def parse_fault(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a fault description (a dict, e.g. decoded JSON) and return it normalized, with
+    defaults filled in. Raises FaultSpecError naming what was wrong and what was expected.
+
+    Unknown keys are refused for the same reason the protocol refuses them: a misspelt
+    ``count`` silently ignored would run a different experiment than the one asked for."""
+    if not isinstance(spec, Mapping):
+        raise FaultSpecError(f"fault: expected an object like {{\"kind\": \"link_cut\"}}, found {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind not in _FAULT_KEYS:
+        raise FaultSpecError(f"fault kind: expected one of {', '.join(FAULT_KINDS)}, found {kind!r}")
+    allowed = _FAULT_KEYS[kind]
+    unknown = sorted(k for k in spec if k != "kind" and k not in allowed)
+    if unknown:
+        expected = ", ".join(allowed) or "no other key"
+        raise FaultSpecError(f"{kind} fault: unknown key {unknown[0]!r}; expected {expected}")
+    missing = [k for k, required in allowed.items() if required and k not in spec]
+    if missing:
+        raise FaultSpecError(f"{kind} fault: missing key {missing[0]!r}")
+    out: dict[str, Any] = {"kind": kind}
+    if kind == "dropped_frame":
+        out["count"] = _spec_int(spec, "count", 1, MAX_FAULT_COUNT, 1)
+        which = spec.get("which", "answer")
+        if which not in ("request", "answer"):
+            raise FaultSpecError(f"dropped_frame fault: which: expected 'request' (lost on its way to the router, "
+                                 f"not executed) or 'answer' (executed, answer lost), found {which!r}")
+        out["which"] = which
+    elif kind == "delay":
+        out["delay_ms"] = _spec_int(spec, "delay_ms", 0, MAX_DELAY_MS)
+        out["count"] = _spec_int(spec, "count", 1, MAX_FAULT_COUNT)  # None: every answer until cleared
+    elif kind == "bad_checksum":
+        out["count"] = _spec_int(spec, "count", 1, MAX_FAULT_COUNT, 1)
+    elif kind == "error_reply":
+        code = spec["code"]
+        if isinstance(code, str) and code in f.ERROR_NAMES:
+            code = f.ERROR_NAMES[code]
+        if type(code) is not int or code not in f.ERROR_CODES:
+            names = ", ".join(f"{c} {e.name}" for c, e in f.ERROR_CODES.items())
+            raise FaultSpecError(f"error_reply fault: code: expected a protocol error code ({names}), found {spec['code']!r}")
+        out["code"] = code
+        out["count"] = _spec_int(spec, "count", 1, MAX_FAULT_COUNT, 1)
+        verb = spec.get("verb")
+        if verb is not None and verb not in f.REQUEST_VERBS:
+            raise FaultSpecError(f"error_reply fault: verb: expected one of {', '.join(f.REQUEST_VERBS)}, found {verb!r}")
+        out["verb"] = verb
+    elif kind in ("fault", "stuck_in_fault"):
+        code = spec["code"]
+        if not isinstance(code, str) or not _FAULT_RE.match(code) or code == "heartbeat_lost":
+            raise FaultSpecError(f"{kind} fault: code: expected a lower-case hardware fault name like overtemp "
+                                 f"(a-z, 0-9, _; not heartbeat_lost, which the watchdog owns), found {code!r}")
+        out["code"] = code
+    elif kind == "link_cut":
+        out["duration_ms"] = _spec_int(spec, "duration_ms", 1, MAX_LINK_CUT_MS)  # None: until cleared
+    return out
+
+
+@dataclass
+class _FaultPlan:
+    """What is still to be injected; mutated only under the emulator's lock."""
+
+    drop_requests: int = 0
+    drop_answers: int = 0
+    corrupt_answers: int = 0
+    delay_s: float = 0.0
+    delay_count: int | None = None  # None with delay_s > 0: every answer until cleared
+    nak_code: int = 0
+    nak_count: int = 0
+    nak_verb: str | None = None
+    link_cut: bool = False
+    link_cut_until: float | None = None  # time.monotonic(); None: until cleared
+    stuck: set[str] = field(default_factory=set)  # causes that keep their fault latched through RESUME
+
+    def active(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self.drop_requests:
+            out.append({"kind": "dropped_frame", "which": "request", "remaining": self.drop_requests})
+        if self.drop_answers:
+            out.append({"kind": "dropped_frame", "which": "answer", "remaining": self.drop_answers})
+        if self.delay_s > 0:
+            out.append({"kind": "delay", "delay_ms": round(self.delay_s * 1000), "remaining": self.delay_count})
+        if self.corrupt_answers:
+            out.append({"kind": "bad_checksum", "remaining": self.corrupt_answers})
+        if self.nak_count:
+            out.append({"kind": "error_reply", "code": self.nak_code, "name": f.ERROR_CODES[self.nak_code].name,
+                        "verb": self.nak_verb, "remaining": self.nak_count})
+        for code in sorted(self.stuck):
+            out.append({"kind": "stuck_in_fault", "code": code})
+        if self.link_cut:
+            left = None if self.link_cut_until is None else max(0, round((self.link_cut_until - time.monotonic()) * 1000))
+            out.append({"kind": "link_cut", "remaining_ms": left})
+        return out
 
 
 @dataclass(frozen=True)
@@ -98,6 +230,9 @@ class DgrEmulatorState:
     replays: int  # answers sent again from the window for a retried seq
     bad_lines: int  # lines that were not valid frames
     events_sent: tuple[str, ...]  # event lines as sent (without CRC/LF), oldest first
+    injected: tuple[dict, ...] = ()  # fault injection still pending or in force (see active_faults())
+    fault_counters: dict = field(default_factory=dict)  # what fault injection did so far, by effect
+    link_cut: bool = False
 
     def executed(self, verb: str) -> list[CommandRecord]:
         return [c for c in self.commands if c.verb == verb]
@@ -159,13 +294,9 @@ class DgrEmulator:
         self.tick_s = tick_s
         self.soc_percent = soc_percent
         self.baudrate = baudrate
-        # fault injection (set from any thread; each counts down as it acts)
-        self.drop_next_requests = 0  # valid requests lost "on the wire": not executed, no answer
-        self.drop_next_replies = 0  # answers (fresh or replayed) lost after execution
-        self.corrupt_next_checksums = 0  # answers sent with a wrong checksum
-        self.reply_delay_s = 0.0  # delay before each answer is sent
-
         self._lock = threading.Lock()
+        self._plan = _FaultPlan()  # fault injection still to act (under _lock)
+        self._fault_counts: Counter[str] = Counter()  # what fault injection did (under _lock)
         self._transfers: dict[int, _Transfer] = {}
         self._ended: OrderedDict[int, EndedTransfer] = OrderedDict()
         self._export_q = 0
@@ -251,6 +382,9 @@ class DgrEmulator:
                 replays=self._replays,
                 bad_lines=self._bad_lines,
                 events_sent=tuple(self._events_sent),
+                injected=tuple(self._plan.active()),
+                fault_counters=dict(self._fault_counts),
+                link_cut=self._plan.link_cut,
             )
 
     @property
@@ -263,15 +397,168 @@ class DgrEmulator:
         self._call_on_loop(self._write, bytes(data))
 
     def inject_fault(self, code: str) -> None:
-        """Latch a hardware fault (e.g. "overtemp"): transfers stop, mode becomes fault."""
-        if not _FAULT_RE.match(code):
-            raise ValueError(f"fault code: expected a lower-case name like overtemp, found {code!r}")
-        self._call_on_loop(self._do_fault, code)
+        """Latch a hardware fault (e.g. "overtemp"): transfers stop, mode becomes fault; RESUME
+        acknowledges it. Same as ``inject({"kind": "fault", "code": code})``."""
+        self.inject({"kind": "fault", "code": code})
 
     def reboot(self) -> None:
         """Power-cycle the router: transfers, session and answer window are lost (counters are
         kept, like a meter's), and it announces itself with a BOOT event."""
-        self._call_on_loop(self._do_reboot)
+        self.inject({"kind": "reboot"})
+
+    # --- fault injection ----------------------------------------------------------------------
+
+    def inject(self, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Apply one fault described by a dict (``parse_fault`` documents the keys); from any
+        thread. Returns the faults in force afterwards (``active_faults()``). Counted faults add
+        up: two ``{"kind": "bad_checksum", "count": 2}`` corrupt the next four answers.
+
+        * ``dropped_frame`` ``count`` (1) ``which`` (``answer``): the next answers are lost after
+          the request ran, or (``request``) the next requests are lost before it (not executed).
+        * ``delay`` ``delay_ms`` [``count``]: answers go out that much later (all until cleared).
+        * ``bad_checksum`` ``count`` (1): answers go out with a wrong CRC.
+        * ``error_reply`` ``code`` [``count`` (1), ``verb``]: the next requests (of that verb) are
+          answered ``NAK code`` and not executed.
+        * ``fault`` ``code``: latch a hardware fault now; RESUME acknowledges it.
+        * ``stuck_in_fault`` ``code``: latch a fault whose cause stays until ``clear()``: RESUME
+          leaves it latched (and a reboot re-latches it).
+        * ``reboot``: power-cycle (see ``reboot()``).
+        * ``link_cut`` [``duration_ms``]: like a cut cable, nothing arrives and nothing leaves
+          until ``clear()`` (or the duration ends); bytes sent meanwhile are lost both ways, so the
+          watchdog runs out as it would on a real cut.
+        """
+        fault = parse_fault(spec)
+        kind = fault["kind"]
+        if kind in ("fault", "stuck_in_fault", "reboot") and (self._loop is None or not self._running):
+            raise RuntimeError("the DGR emulator is not running: await start() or serve() first")
+        with self._lock:
+            plan = self._plan
+            if kind == "dropped_frame":
+                if fault["which"] == "request":
+                    plan.drop_requests += fault["count"]
+                else:
+                    plan.drop_answers += fault["count"]
+            elif kind == "delay":
+                plan.delay_s = fault["delay_ms"] / 1000.0
+                plan.delay_count = fault["count"]
+            elif kind == "bad_checksum":
+                plan.corrupt_answers += fault["count"]
+            elif kind == "error_reply":
+                if plan.nak_count and (plan.nak_code, plan.nak_verb) != (fault["code"], fault["verb"]):
+                    plan.nak_count = 0  # a different refusal replaces the pending one
+                plan.nak_code, plan.nak_verb = fault["code"], fault["verb"]
+                plan.nak_count += fault["count"]
+            elif kind == "stuck_in_fault":
+                plan.stuck.add(fault["code"])
+            elif kind == "link_cut":
+                plan.link_cut = True
+                plan.link_cut_until = (None if fault["duration_ms"] is None
+                                       else time.monotonic() + fault["duration_ms"] / 1000.0)
+        log.warning("DGR emulator %s: fault injected: %s", self.router_id, fault)
+        if kind in ("fault", "stuck_in_fault"):
+            self._call_on_loop(self._do_fault, fault["code"])
+        elif kind == "reboot":
+            self._call_on_loop(self._do_reboot)
+        return self.active_faults()
+
+    def clear(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Remove injected causes (all, or one kind); returns the faults still in force.
+
+        What the router *latched* because of them stays, as on real hardware: safe mode until
+        RESUME or HELLO, a latched fault until RESUME acknowledges it (which now succeeds for a
+        ``stuck_in_fault`` whose cause was cleared). A cut link is restored."""
+        if kind is not None and kind not in FAULT_KINDS:
+            raise FaultSpecError(f"clear: kind: expected one of {', '.join(FAULT_KINDS)} or none for all, found {kind!r}")
+        with self._lock:
+            plan = self._plan
+            if kind in (None, "dropped_frame"):
+                plan.drop_requests = plan.drop_answers = 0
+            if kind in (None, "delay"):
+                plan.delay_s, plan.delay_count = 0.0, None
+            if kind in (None, "bad_checksum"):
+                plan.corrupt_answers = 0
+            if kind in (None, "error_reply"):
+                plan.nak_count, plan.nak_code, plan.nak_verb = 0, 0, None
+            if kind in (None, "stuck_in_fault"):
+                plan.stuck.clear()
+            restore = plan.link_cut and kind in (None, "link_cut")
+        if restore:
+            self._restore_link("cleared")
+        log.info("DGR emulator %s: injected faults cleared (%s)", self.router_id, kind or "all")
+        return self.active_faults()
+
+    def active_faults(self) -> list[dict[str, Any]]:
+        """Injected faults still to act or in force, as JSON-ready dicts with what remains."""
+        with self._lock:
+            return self._plan.active()
+
+    def fault_counters(self) -> dict[str, int]:
+        """What fault injection did so far: requests_dropped, answers_dropped, answers_corrupted,
+        answers_delayed, naks_injected, bytes_lost_in_cut, frames_lost_in_cut, faults_latched,
+        reboots, link_cuts."""
+        with self._lock:
+            return dict(self._fault_counts)
+
+    def _restore_link(self, why: str) -> None:
+        with self._lock:
+            if not self._plan.link_cut:
+                return
+            self._plan.link_cut, self._plan.link_cut_until = False, None
+            self._fault_counts["link_cuts"] += 1
+        if self._loop is not None and self._running:
+            self._loop.call_soon_threadsafe(self._splitter.clear)  # half a line from before the cut is noise
+        log.warning("DGR emulator %s: link restored (%s)", self.router_id, why)
+
+    def _take(self, attr: str, counter: str) -> bool:
+        """Count down one pending fault of a kind; True if it applies now. Caller holds no lock."""
+        with self._lock:
+            if getattr(self._plan, attr) > 0:
+                setattr(self._plan, attr, getattr(self._plan, attr) - 1)
+                self._fault_counts[counter] += 1
+                return True
+            return False
+
+    # The attributes of the first fault-injection surface, kept for existing tests and scripts.
+
+    @property
+    def drop_next_requests(self) -> int:
+        with self._lock:
+            return self._plan.drop_requests
+
+    @drop_next_requests.setter
+    def drop_next_requests(self, n: int) -> None:
+        with self._lock:
+            self._plan.drop_requests = max(0, int(n))
+
+    @property
+    def drop_next_replies(self) -> int:
+        with self._lock:
+            return self._plan.drop_answers
+
+    @drop_next_replies.setter
+    def drop_next_replies(self, n: int) -> None:
+        with self._lock:
+            self._plan.drop_answers = max(0, int(n))
+
+    @property
+    def corrupt_next_checksums(self) -> int:
+        with self._lock:
+            return self._plan.corrupt_answers
+
+    @corrupt_next_checksums.setter
+    def corrupt_next_checksums(self, n: int) -> None:
+        with self._lock:
+            self._plan.corrupt_answers = max(0, int(n))
+
+    @property
+    def reply_delay_s(self) -> float:
+        with self._lock:
+            return self._plan.delay_s
+
+    @reply_delay_s.setter
+    def reply_delay_s(self, seconds: float) -> None:
+        with self._lock:
+            self._plan.delay_s, self._plan.delay_count = max(0.0, float(seconds)), None
 
     # --- serial I/O -----------------------------------------------------------------------
 
@@ -336,10 +623,23 @@ class DgrEmulator:
         if not data:
             self._port_failed("end of file")
             return
+        with self._lock:
+            cut = self._plan.link_cut
+            if cut:
+                self._fault_counts["bytes_lost_in_cut"] += len(data)
+        if cut:  # the cable is cut: what the DGC sends never arrives
+            return
         for line in self._splitter.feed(data):
             self._handle_line(line)
 
     def _write(self, data: bytes) -> None:
+        with self._lock:
+            cut = self._plan.link_cut
+            if cut:
+                self._fault_counts["frames_lost_in_cut"] += 1
+        if cut:
+            log.debug("DGR emulator: link cut, %r lost", data[:60])
+            return
         if self._fd is None:
             log.debug("DGR emulator: port closed, dropping %r", data[:60])
             return
@@ -374,18 +674,24 @@ class DgrEmulator:
             self._write(frame)
 
     def _send_answer(self, answer: bytes) -> None:
-        if self.drop_next_replies > 0:
-            self.drop_next_replies -= 1
+        if self._take("drop_answers", "answers_dropped"):
             log.info("DGR emulator: fault injection drops answer %r", answer.rstrip())
             return
-        if self.corrupt_next_checksums > 0:
-            self.corrupt_next_checksums -= 1
+        if self._take("corrupt_answers", "answers_corrupted"):
             star = answer.rfind(b"*")
             crc = int(answer[star + 1: star + 5], 16) ^ 0x5A5A
             answer = answer[: star + 1] + b"%04X\r\n" % crc
             log.info("DGR emulator: fault injection corrupts checksum of %r", answer.rstrip())
-        if self.reply_delay_s > 0 and self._loop is not None:
-            self._loop.call_later(self.reply_delay_s, self._write, answer)
+        with self._lock:
+            delay_s = self._plan.delay_s
+            if delay_s > 0:
+                self._fault_counts["answers_delayed"] += 1
+                if self._plan.delay_count is not None:
+                    self._plan.delay_count -= 1
+                    if self._plan.delay_count <= 0:
+                        self._plan.delay_s, self._plan.delay_count = 0.0, None
+        if delay_s > 0 and self._loop is not None:
+            self._loop.call_later(delay_s, self._write, answer)
         else:
             self._write(answer)
 
@@ -411,8 +717,7 @@ class DgrEmulator:
             else:
                 if not isinstance(frame, f.Request):
                     log.debug("DGR emulator: ignoring non-request frame %r", candidate[:80])
-                elif self.drop_next_requests > 0:
-                    self.drop_next_requests -= 1
+                elif self._take("drop_requests", "requests_dropped"):
                     log.info("DGR emulator: fault injection drops request %r", candidate[:80])
                 else:
                     with self._lock:
@@ -447,6 +752,16 @@ class DgrEmulator:
                                                  "expected a retry to repeat the request byte for byte")
             if self._session is None and req.verb != "HELLO":
                 return f.encode_nak(req.seq, 30, "no session since router start; send HELLO first")
+        plan = self._plan
+        if plan.nak_count > 0 and plan.nak_verb in (None, req.verb):
+            plan.nak_count -= 1
+            self._fault_counts["naks_injected"] += 1
+            code = plan.nak_code
+            answer = f.encode_nak(req.seq, code, f"injected by the bench: {f.ERROR_CODES[code].meaning}")
+            log.info("DGR emulator: fault injection answers %s seq %d with NAK %d", req.verb, req.seq, code)
+            if code in (10, 11, 23, 30):
+                return answer  # these are never stored: "nothing could be read" / "not in this session"
+            return self._remember(req, answer, now)
         handler = getattr(self, f"_do_{req.verb.lower()}", None)
         if req.verb not in f.REQUEST_VERBS or handler is None:
             answer = f.encode_nak(req.seq, 20, f"unknown verb {req.verb}; expected one of {' '.join(f.REQUEST_VERBS)}")
@@ -457,6 +772,10 @@ class DgrEmulator:
                 answer = f.encode_nak(req.seq, exc.code, f"{req.verb} {exc}")
         if new_session and answer.split(b" ", 2)[1] == b"ACK":
             self._window.clear()
+        return self._remember(req, answer, now)
+
+    def _remember(self, req: f.Request, answer: bytes, now: float) -> bytes:
+        """Store an answer in the window (so a retry gets it again) and in the command log."""
         self._window[req.seq] = (req.body, answer)
         self._window.move_to_end(req.seq)
         while len(self._window) > self.answer_window:
@@ -544,6 +863,10 @@ class DgrEmulator:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
+            with self._lock:
+                until = self._plan.link_cut_until
+            if until is not None and time.monotonic() >= until:
+                self._restore_link("duration over")
             out: list[bytes] = []
             sinks: list[tuple[str, float]] = []
             try:
@@ -577,6 +900,7 @@ class DgrEmulator:
             self._stop_all("fault", now, out)
             if code not in self._hard_faults:
                 self._hard_faults.append(code)
+            self._fault_counts["faults_latched"] += 1
             out.append(self._event("FAULT", {"code": code, "mode": self._mode()}))
             self._set_mode_event(out, before, "fault")
         self._send_all(out)
@@ -589,10 +913,13 @@ class DgrEmulator:
             self._window.clear()
             self._session = None
             self._safe = self._heartbeat_lost = False
-            self._hard_faults.clear()
+            self._hard_faults = sorted(self._plan.stuck)  # a cause that is still there latches again
             self._event_seq = 0
             self._splitter.clear()
+            self._fault_counts["reboots"] += 1
             out.append(self._event("BOOT", {"router": self.router_id, "fw": self.firmware, "proto": f.PROTOCOL_VERSION}))
+            for code in self._hard_faults:
+                out.append(self._event("FAULT", {"code": code, "mode": self._mode()}))
         log.info("DGR emulator %s rebooted", self.router_id)
         self._send_all(out)
 
@@ -690,7 +1017,8 @@ class DgrEmulator:
         f.check_keys(req.args, ())
         before = self._mode()
         self._safe = self._heartbeat_lost = False
-        self._hard_faults.clear()
+        # faults whose cause has gone are acknowledged; a stuck cause keeps its fault latched
+        self._hard_faults = [code for code in self._hard_faults if code in self._plan.stuck]
         self._set_mode_event(out, before, "resume")
         return f.encode_ack(req.seq, "RESUME", {"mode": self._mode()})
 
