@@ -1,0 +1,234 @@
+"""The real `dgc run` daemon under injected faults: flaky meters, a DGR link cut mid-transfer.
+
+Nothing is mocked: each house is a `dgc-host bench house` process, each board a `dgc run`
+process, the ledger a real HTTP server on 127.0.0.1. Faults go in through the bench house's
+control socket (`host_tools.emulators.bench_control`), the same way `dgc-host bench fault` sends
+them by hand, and the verdicts come from what the daemon wrote (its journal, its status lines),
+what the ledger recorded, and what the emulated router reports about itself.
+
+Slots are 20 s (gate 6 s) so each test sees a trade delivered within about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+from firmware.scheduler.controller import STALE_READINGS_FACTOR
+from host_tools.neighbourhood import HouseSpec, ManagedProcess, Neighbourhood
+
+FAST_MARKET = {"slot_seconds": 20, "gate_closure_seconds": 6}
+# Physics of the bench, generously: the house model's power stays under 10 kW real, i.e. under
+# 250 counter-Wh per wall second at the 90x time compression of 20-s slots; the router moves
+# 40 kW bench-watts, 11 Wh per second. A counter that jumps faster than this bound was not read
+# from a meter: an injected spike adds 1,000,000 Wh at once.
+MAX_COUNTER_WH_PER_S = 1000
+COUNTER_SLACK_WH = 100
+
+
+def seller_and_buyer() -> list[HouseSpec]:
+    return [
+        HouseSpec("seller", pv_peak_w=4000, battery_capacity_wh=0, load_peak_w=900),
+        HouseSpec("buyer", pv_peak_w=0, battery_capacity_wh=0, load_peak_w=2400),
+    ]
+
+
+def wait_for_line(process: ManagedProcess, pattern: str, timeout_s: float, *, after: int = 0) -> re.Match:
+    """The first line matching ``pattern`` among the process's lines from index ``after`` on."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in process.lines[after:]:
+            match = regex.search(line)
+            if match:
+                return match
+        assert process.running, f"{process.name} exited:\n" + "\n".join(process.lines[-20:])
+        assert time.monotonic() < deadline, f"{process.name}: no line matching {pattern!r} within {timeout_s} s"
+        time.sleep(0.1)
+
+
+def journal(house) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{house.directory / 'state' / 'journal.sqlite3'}?mode=ro", uri=True)
+
+
+def assert_no_crash(house) -> None:
+    daemon = house.daemon
+    assert daemon.running, f"{house.spec.name} daemon died:\n" + "\n".join(daemon.lines[-20:])
+    tracebacks = [i for i, line in enumerate(daemon.lines) if "Traceback" in line]
+    assert not tracebacks, "\n".join(daemon.lines[tracebacks[0]:tracebacks[0] + 30])
+
+
+def test_flaky_meters_never_crash_the_daemon_nor_reach_the_journal_or_an_order(tmp_path: Path) -> None:
+    """Every meter of both houses fails 20 % of its requests in assorted ways (silence, bad CRC,
+    Modbus exception, a late answer past the driver's timeout, a counter spike of 1 MWh), from
+    the daemons' first reading on. After about 80 s of trading:
+
+    * both daemons still run and never printed a traceback;
+    * every meter's journalled counters are monotonic and never jump faster than the bench's
+      physics allows (a spike taken for a reading would);
+    * every order was signed with a house reading journalled within the freshness window
+      (STALE_READINGS_FACTOR measure periods) before it — none from unavailable data;
+    * the faults really happened (the benches count them) and orders really were placed."""
+    hood = Neighbourhood(tmp_path / "hood", seller_and_buyer(), market_overrides=FAST_MARKET)
+    with hood:
+        hood.start(start_daemons=False)
+        for index, name in enumerate(hood.houses):
+            for meter in ("house", "interchange"):
+                answer = hood.fault(name, {"target": "meter", "meter": meter, "fault": {
+                    "kind": "fail_ratio", "ratio": 0.2, "seed": 20261121 + index,
+                    "kinds": ["no_reply", "bad_crc", "exception", "slow_reply", "counter_spike"], "delay_ms": 450,
+                }})
+                assert answer["active"]["fail_ratio"]["ratio"] == 0.2
+        for name in hood.houses:
+            hood.start_daemon(name)
+        started = time.monotonic()
+        while time.monotonic() - started < 80:
+            time.sleep(2)
+            for house in hood.houses.values():
+                assert_no_crash(house)
+
+        applied = {name: sum(sum(m["faults_applied"].values()) for m in hood.bench_status(name)["meters"])
+                   for name in hood.houses}
+        for house in hood.houses.values():
+            assert house.daemon.stop() == 0, house.daemon.lines[-20:]
+            assert not any("Traceback" in line for line in house.daemon.lines)
+
+        measure_ms = int(hood.base_config["cadence"]["measure_seconds"]) * 1000
+        window_ms = STALE_READINGS_FACTOR * measure_ms
+        orders_total = 0
+        for name, house in hood.houses.items():
+            assert applied[name] >= 10, f"{name}: only {applied[name]} faults hit its meters"  # about 30 expected
+            alarms = [line for line in house.daemon.lines if " alarm.meter" in line]
+            assert alarms, f"{name}: faults were injected but the daemon raised no meter alarm"
+            db = journal(house)
+            try:
+                for meter in ("house", "interchange"):
+                    rows = db.execute("SELECT taken_at_ms, import_energy_wh, export_energy_wh FROM readings "
+                                      "WHERE meter = ? ORDER BY taken_at_ms, id", (meter,)).fetchall()
+                    assert len(rows) >= 10, f"{name}/{meter}: only {len(rows)} readings journalled in 80 s"  # about 25 expected
+                    for (t0, imp0, exp0), (t1, imp1, exp1) in zip(rows, rows[1:]):
+                        assert imp1 >= imp0 and exp1 >= exp0, f"{name}/{meter}: counter went backwards at {t1}"
+                        bound = MAX_COUNTER_WH_PER_S * (t1 - t0) / 1000 + COUNTER_SLACK_WH
+                        assert imp1 - imp0 <= bound and exp1 - exp0 <= bound, (
+                            f"{name}/{meter}: implausible jump at {t1}: import {imp0}->{imp1}, export {exp0}->{exp1} "
+                            f"in {t1 - t0} ms")
+                house_times = [t for (t,) in db.execute("SELECT taken_at_ms FROM readings WHERE meter = 'house'")]
+                orders = db.execute("SELECT nonce, created_at_ms, payload FROM outbox WHERE kind = 'order'").fetchall()
+            finally:
+                db.close()
+            orders_total += len(orders)
+            for nonce, signed_ms, payload in orders:
+                fresh = [t for t in house_times if signed_ms - window_ms - 1000 <= t <= signed_ms]
+                assert fresh, (f"{name}: order nonce {nonce} ({json.loads(payload)['market_id']}) signed at {signed_ms} "
+                               f"with no house reading in the {window_ms} ms before it")
+        assert orders_total > 0, "no order at all: the freshness cross-check above checked nothing"
+
+
+def test_a_dgr_link_cut_mid_transfer_goes_safe_and_the_delivery_is_reported_failed(tmp_path: Path) -> None:
+    """While the seller's router moves a contracted trade, its serial link is cut (nothing in,
+    nothing out, like a pulled cable). The router goes safe by its own heartbeat watchdog within
+    its timeout; the daemon, its heartbeats unanswered after the driver's retries, marks the
+    delivery failed, and the ledger receives the seller's signed report with status "failed".
+    When the link is restored the daemon lifts the safe state and delivers the next slot."""
+    hood = Neighbourhood(tmp_path / "hood", seller_and_buyer(), market_overrides=FAST_MARKET)
+    with hood:
+        hood.start()
+        seller = hood.houses["seller"].daemon
+        started = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=100)
+        trade_id, market_id = int(started.group(1)), int(started.group(2))
+        time.sleep(2)  # the transfer is under way (it is sized to take 95 % of the slot)
+        status = hood.bench_status("seller")["dgr"]
+        assert [t["trade_id"] for t in status["transfers"]] == [trade_id], status
+        assert 0 < status["transfers"][0]["moved_wh"] < status["transfers"][0]["energy_wh"]
+        hb_timeout_s = status["hb_timeout_ms"] / 1000
+
+        mark = len(seller.lines)
+        hood.fault("seller", {"target": "dgr", "fault": {"kind": "link_cut"}})
+        cut_at = time.monotonic()
+        while True:
+            status = hood.bench_status("seller")["dgr"]
+            if status["mode"] == "safe":
+                safe_after_s = time.monotonic() - cut_at
+                break
+            assert time.monotonic() - cut_at < hb_timeout_s + 2, f"router not safe {hb_timeout_s + 2} s after the cut: {status}"
+            time.sleep(0.1)
+        print(f"router safe {safe_after_s:.2f} s after the link cut (watchdog {hb_timeout_s} s)")
+        assert safe_after_s <= hb_timeout_s + 0.5
+        assert status["link_cut"] and status["transfers"] == [] and "heartbeat_lost" in status["faults"]
+        ended = {e["trade_id"]: e for e in status["ended"]}
+        assert ended[trade_id]["reason"] == "heartbeat" and ended[trade_id]["moved_wh"] < ended[trade_id]["energy_wh"]
+        failed = wait_for_line(seller, rf" delivery\.failed trade={trade_id} .*router link lost", timeout_s=10, after=mark)
+        assert failed
+
+        # Link restored mid-slot: the daemon checks the router, lifts the safe state, and the
+        # next slot's delivery starts as usual.
+        mark = len(seller.lines)
+        hood.fault("seller", {"cmd": "clear"})
+        wait_for_line(seller, r" dgr\.back mode=idle", timeout_s=10, after=mark)
+        nxt = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=hood.slot_seconds + 10,
+                            after=mark)
+        assert int(nxt.group(2)) > market_id
+        assert hood.bench_status("seller")["dgr"]["mode"] == "transfer"
+
+        def seller_reported_failed() -> bool:
+            reports = hood.get(f"/v1/trades/{trade_id}")["reports"]
+            return any(r["role"] == "seller" and r["status"] == "failed" for r in reports)
+
+        assert hood.wait_until(seller_reported_failed, timeout_s=hood.slot_seconds + 15, poll_s=0.5), \
+            hood.get(f"/v1/trades/{trade_id}")
+        report = next(r for r in hood.get(f"/v1/trades/{trade_id}")["reports"] if r["role"] == "seller")
+        assert report["device_id"] == hood.houses["seller"].device_id
+        assert abs(report["energy_wh"] - ended[trade_id]["moved_wh"]) <= 2  # what flowed before the watchdog stopped it
+        for house in hood.houses.values():
+            assert_no_crash(house)
+
+
+def test_a_latched_router_fault_fails_deliveries_until_its_cause_is_gone(tmp_path: Path) -> None:
+    """The seller's router latches a hardware fault whose cause persists (``stuck_in_fault``) in
+    the middle of a transfer. The daemon turns the router's FAULT/END events into an alarm and a
+    failed delivery; at the next slot its START is refused (NAK 32), its RESUME cannot clear the
+    fault, and that delivery fails too — both reported to the ledger as failed. Once the bench
+    clears the cause, the next START's RESUME acknowledges the fault and the delivery runs."""
+    hood = Neighbourhood(tmp_path / "hood", seller_and_buyer(), market_overrides=FAST_MARKET)
+    with hood:
+        hood.start()
+        seller = hood.houses["seller"].daemon
+        started = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=100)
+        first_trade, first_market = int(started.group(1)), int(started.group(2))
+        time.sleep(2)
+        mark = len(seller.lines)
+        hood.fault("seller", {"target": "dgr", "fault": {"kind": "stuck_in_fault", "code": "overtemp"}})
+        wait_for_line(seller, r" alarm\.dgr_fault code=overtemp mode=fault", timeout_s=5, after=mark)
+        wait_for_line(seller, rf" delivery\.failed trade={first_trade} detail=\"router ended the transfer: fault\"",
+                      timeout_s=5, after=mark)
+        status = hood.bench_status("seller")["dgr"]
+        assert status["mode"] == "fault" and status["transfers"] == [] and status["faults"] == ["overtemp"]
+
+        refused = wait_for_line(seller, r" delivery\.failed trade=(\d+) detail=.*NAK 32 FAULT", timeout_s=2 * hood.slot_seconds + 5,
+                                after=mark)
+        second_trade = int(refused.group(1))
+        assert second_trade != first_trade
+        wait_for_line(seller, r" dgr\.resumed .*was=FAULT mode=fault faults=overtemp", timeout_s=1, after=mark)
+
+        mark = len(seller.lines)
+        hood.fault("seller", {"cmd": "clear"})
+        assert hood.bench_status("seller")["dgr"]["mode"] == "fault"  # the cause is gone; the latch stays until RESUME
+        nxt = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=2 * hood.slot_seconds + 5,
+                            after=mark)
+        assert int(nxt.group(2)) > first_market
+        wait_for_line(seller, r" dgr\.resumed .*was=FAULT mode=idle faults=-", timeout_s=1, after=mark)
+        assert hood.bench_status("seller")["dgr"]["mode"] == "transfer"
+
+        def seller_report(trade_id: int) -> dict | None:
+            reports = hood.get(f"/v1/trades/{trade_id}")["reports"]
+            return next((r for r in reports if r["role"] == "seller"), None)
+
+        assert hood.wait_until(lambda: seller_report(second_trade) is not None, timeout_s=hood.slot_seconds + 10, poll_s=0.5)
+        contracted = hood.get(f"/v1/trades/{first_trade}")["energy_wh"]
+        assert seller_report(first_trade)["status"] == "failed" and 0 < seller_report(first_trade)["energy_wh"] < contracted
+        assert (seller_report(second_trade)["status"], seller_report(second_trade)["energy_wh"]) == ("failed", 0)
+        for house in hood.houses.values():
+            assert_no_crash(house)
