@@ -9,12 +9,14 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test unit hil bench clean venv system-deps
 
 # Debian packages the tests and the demo use: socat joins the emulators' pseudo-terminals into
-# virtual serial lines; OpenSSH (client and a loopback server) is the provisioning/flashing target.
+# virtual serial lines; OpenSSH (client and a loopback server) is the provisioning/flashing target;
+# systemd-analyze verifies the unit files (nothing is started).
 system-deps:
 	@missing=""; \
 	command -v socat >/dev/null 2>&1 || missing="$$missing socat"; \
 	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -31,7 +31,7 @@ from ..console import ConsoleTee, SerialConsole
 from ..sdnotify import Notifier
 from .control import ControlServer, ControlSocketInUse
 from .events import EventLog
-from .status import JobMonitor, StatusService
+from .status import JobMonitor, StatusService, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
-    events.emit("starting", device=controller.key.device_id, ledger=config.ledger.url,
+    events.emit("starting", device=controller.key.device_id, ledger=redact_url(config.ledger.url),
                 slot_s=config.market.slot_seconds, markets_ahead=config.market.markets_ahead)
     notifier.status("recovering from the journal")
     controller.measure()
