@@ -46,6 +46,7 @@ ACCEPTED = "accepted"
 REJECTED = "rejected"
 REBASELINED = "rebaselined"
 FAILED = "failed"
+PENDING = "pending"  # no history yet: collecting agreeing readings for the first baseline
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,17 @@ def check_reading(state: MeterState, raw: Sample, limits: Limits) -> Verdict:
         return _reject(state, limits, f"power {raw.power_w} W beyond max_power_w {limits.max_power_w}",
                        candidates=state.candidates)
     if state.last is None:
-        return _accept(state, raw, "first reading", limits)
+        # No history (a new board, or a journal without this meter): a single reading could be a
+        # spike, and everything after it would be judged against it. The first baseline needs
+        # ``confirm_readings`` agreeing readings, exactly like a re-baseline after a reset.
+        if state.candidates and _problem(state.candidates[-1], raw, limits) is None:
+            candidates = state.candidates + (raw,)
+        else:
+            candidates = (raw,)
+        if len(candidates) >= limits.confirm_readings:
+            return _accept(state, raw, f"first baseline confirmed by {len(candidates)} agreeing readings", limits)
+        return Verdict(dataclasses.replace(state, candidates=candidates), PENDING, None,
+                       f"first baseline: {len(candidates)} of {limits.confirm_readings} agreeing readings")
     stored = _shifted(raw, state.import_offset_wh, state.export_offset_wh)
     problem = _problem(state.last, stored, limits)
     if problem is None:

@@ -69,6 +69,9 @@ def test_flaky_meters_never_crash_the_daemon_nor_reach_the_journal_or_an_order(t
     * both daemons still run and never printed a traceback;
     * every meter's journalled counters are monotonic and never jump faster than the bench's
       physics allows (a spike taken for a reading would);
+    * no journalled interchange counter exceeds what the house's router really moved (the
+      bench's DGR counters, which the interchange meter counts exactly) by more than 2 Wh — a
+      spike taken for the first baseline would put the whole series 1 MWh high;
     * every order was signed with a house reading journalled within the freshness window
       (STALE_READINGS_FACTOR measure periods) before it — none from unavailable data;
     * the faults really happened (the benches count them) and orders really were placed."""
@@ -95,6 +98,9 @@ def test_flaky_meters_never_crash_the_daemon_nor_reach_the_journal_or_an_order(t
         for house in hood.houses.values():
             assert house.daemon.stop() == 0, house.daemon.lines[-20:]
             assert not any("Traceback" in line for line in house.daemon.lines)
+        # Read after the daemons stopped, so after every reading they journalled: the counters
+        # only grow, so they bound every interchange reading taken before.
+        dgr_counters = {name: hood.bench_status(name)["dgr"] for name in hood.houses}
 
         measure_ms = int(hood.base_config["cadence"]["measure_seconds"]) * 1000
         window_ms = STALE_READINGS_FACTOR * measure_ms
@@ -115,6 +121,12 @@ def test_flaky_meters_never_crash_the_daemon_nor_reach_the_journal_or_an_order(t
                         assert imp1 - imp0 <= bound and exp1 - exp0 <= bound, (
                             f"{name}/{meter}: implausible jump at {t1}: import {imp0}->{imp1}, export {exp0}->{exp1} "
                             f"in {t1 - t0} ms")
+                    if meter == "interchange":
+                        moved = dgr_counters[name]
+                        for t, imp, exp in rows:
+                            assert exp <= moved["export_wh"] + 2 and imp <= moved["import_wh"] + 2, (
+                                f"{name}/interchange at {t}: journalled export {exp} Wh / import {imp} Wh, but the "
+                                f"router moved only export {moved['export_wh']} Wh / import {moved['import_wh']} Wh")
                 house_times = [t for (t,) in db.execute("SELECT taken_at_ms FROM readings WHERE meter = 'house'")]
                 orders = db.execute("SELECT nonce, created_at_ms, payload FROM outbox WHERE kind = 'order'").fetchall()
             finally:

@@ -137,8 +137,8 @@ class Controller:
             try:
                 stored = self._read_plausible(name)
             except MeterReadError as exc:
-                if exc.kind == "implausible":
-                    continue  # alarm.meter_implausible already emitted
+                if exc.kind in ("implausible", "pending"):
+                    continue  # alarm.meter_implausible already emitted, or nothing wrong yet
                 if self.health.meters_ok.get(name, True):
                     self.events.emit("alarm.meter", meter=name, detail=str(exc))
                 self.health.meters_ok[name] = False
@@ -169,6 +169,9 @@ class Controller:
                 raise
             stored = self._plausible(name, reading)
         if stored is None:
+            if self._meter_state(name).last is None:
+                raise MeterReadError(f"meter {name}: first baseline not confirmed yet (agreeing readings needed)",
+                                     kind="pending", meter=name)
             raise MeterReadError(f"meter {name}: implausible reading rejected (see alarm.meter_implausible)",
                                  kind="implausible", meter=name)
         return stored
@@ -186,11 +189,13 @@ class Controller:
         never stored; see firmware/plausibility.py for the rules."""
         from dataclasses import replace
 
-        from ..plausibility import ACCEPTED, REBASELINED, Sample, check_reading
+        from ..plausibility import ACCEPTED, PENDING, REBASELINED, Sample, check_reading
 
         sample = Sample(reading.taken_at_ms, reading.import_energy_wh, reading.export_energy_wh, reading.power_w)
         verdict = check_reading(self._meter_state(name), sample, self._meter_limits(name))
         self._judged(name, verdict)
+        if verdict.outcome == PENDING:
+            return None  # nothing judged wrong yet: the first baseline is being confirmed
         if verdict.outcome == REBASELINED:
             self.events.emit("alarm.meter_reset", meter=name, detail=verdict.reason,
                              import_wh=verdict.stored.import_energy_wh, export_wh=verdict.stored.export_energy_wh)
@@ -269,8 +274,9 @@ class Controller:
         if not self.health.clock_ok:
             self.events.emit("bid.skipped", reason="clock skew beyond bound", skew_ms=self.health.clock_skew_ms)
             return
-        if not self._fresh_house_data():
-            self.events.emit("bid.skipped", reason="house meter data unavailable or stale")
+        problem = self._house_data_problem()
+        if problem is not None:
+            self.events.emit("bid.skipped", reason=problem)
             return
         if not markets:
             return
@@ -528,7 +534,7 @@ class Controller:
         from ..drivers.meter import MeterReadError
 
         try:
-            reading = self.meters.read(self._interchange)
+            reading = self._read_plausible(self._interchange)
         except MeterReadError as exc:
             self.events.emit("alarm.meter", meter=self._interchange, detail=f"delivery metering postponed: {exc}")
             return
