@@ -34,8 +34,11 @@ venv: $(STAMP)
 demo: system-deps $(STAMP)
 	$(VENV)/bin/dgc-host demo
 
+# The whole suite on the default rig (emulators on ptys), then the rig-portable device tests
+# again on the MicroPython emulators under the Unix port.
 test: system-deps $(STAMP)
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q hil_tests --rig hil_tests/rigs/micropython.toml -m rig_portable
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests

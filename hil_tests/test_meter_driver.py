@@ -176,9 +176,8 @@ class RigBench(Bench):
 
     def bus_config(self, **overrides) -> BusConfig:
         """The suite's timing (TIMEOUT_MS, a 5 ms gap) with the rig's port and serial format."""
-        spec = self.line.spec
-        return super().bus_config(**{"parity": spec.parity, "stopbits": spec.stopbits, "bytesize": spec.bytesize,
-                                     **overrides})
+        settings = {k: v for k, v in self.line.spec.serial_settings().items() if k not in ("timeout_ms", "request_gap_ms")}
+        return super().bus_config(**{**settings, **overrides})
 
     def meter_set(self, extra_meters: tuple[MeterConfig, ...] = (), **bus_overrides) -> MeterSet:
         meters = (
