@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from .config import BoardConfig, ConfigError, load_config
+from .logsetup import configure_logging
 
 DEFAULT_CONFIG = "board_configs/sim.toml"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -238,15 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
-        # pymodbus logs every bus timeout as an ERROR with frame dumps; our drivers turn those
-        # into MeterReadError and the caller reports them once, in words.
-        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run is noise
+    configure_logging(args.verbose)
     try:
         config = load_config(args.config) if getattr(args, "needs_config", True) else None
         return args.func(args, config)

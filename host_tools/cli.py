@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+
+from firmware.logsetup import configure_logging
 
 # (sub-command, module providing add_parser(subparsers), one-line help)
 GROUPS = (
@@ -35,14 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
-        # pymodbus logs every bus timeout as an ERROR with frame dumps; our drivers turn those
-        # into MeterReadError and the caller reports them once, in words.
-        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
