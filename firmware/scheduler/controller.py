@@ -76,6 +76,9 @@ class Controller:
         self._delivery_lock = threading.RLock()
         self._house = config.meter_by_role("house").name
         self._interchange = config.meter_by_role("interchange").name
+        # Per-meter plausibility state and the lock that keeps a read and its judgement together.
+        self._plausibility_states: dict = {}
+        self._plausibility_locks = {m.name: threading.Lock() for m in config.meters}
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -177,10 +180,7 @@ class Controller:
         return stored
 
     def _meter_lock(self, name: str) -> threading.Lock:
-        locks = self.__dict__.get("_plausibility_locks")
-        if locks is None:
-            locks = self.__dict__.setdefault("_plausibility_locks", {})
-        return locks.setdefault(name, threading.Lock())
+        return self._plausibility_locks[name]
 
     def _plausible(self, name: str, reading):
         """The reading as it may be stored (counters re-baselined after a meter reset or swap),
@@ -216,13 +216,9 @@ class Controller:
             self.events.emit("meter.available", meter=name)
 
     def _meter_states(self) -> dict:
-        """Per-meter plausibility state, created at first use (kept beside the measuring
-        methods, not in __init__). Written under the meter's lock (_read_plausible); read by
-        the bid jobs, which only ever see a whole, immutable state."""
-        states = self.__dict__.get("_plausibility_states")
-        if states is None:
-            states = self.__dict__.setdefault("_plausibility_states", {})
-        return states
+        """Per-meter plausibility state. Written under the meter's lock (_read_plausible); read
+        by the bid jobs, which only ever see a whole, immutable state."""
+        return self._plausibility_states
 
     def _meter_state(self, name: str):
         """A meter's state, seeded from the journal's last stored reading after a restart so
