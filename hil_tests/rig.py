@@ -367,7 +367,7 @@ class _LoggerTap:
 # --- meter bus backends -----------------------------------------------------------------------------
 
 
-class _Values:
+class LiveValues:
     """A meter's live values, set from the test's thread and pulled by the emulator's."""
 
     def __init__(self, values: Mapping[str, float]):
@@ -425,7 +425,7 @@ class _CpythonMeters(MeterControl):
 
     def __init__(self, spec: MeterBusSpec, emulator_end: str):
         self.spec, self.emulator_end = spec, emulator_end
-        self.values = {m.unit_id: _Values(m.values) for m in spec.meters}
+        self.values = {m.unit_id: LiveValues(m.values) for m in spec.meters}
         self.emulator = None
         self._thread = None
         self._start()

@@ -34,7 +34,7 @@ import serial
 from firmware.config import BusConfig, MeterConfig, load_config
 from firmware.drivers.meter import MeterBus, MeterReadError, MeterSet
 from firmware.drivers.meter_maps import METER_MAPS, plan_blocks, round_half_away
-from hil_tests.rig import Rig, RigError
+from hil_tests.rig import LiveValues, Rig, RigError
 from host_tools.emulators.meter_emulator import (
     EmulatedMeter,
     MeterEmulator,
@@ -50,26 +50,6 @@ SIM_TOML = REPO / "board_configs" / "sim.toml"
 TIMEOUT_MS = 300
 
 
-class SettableSource:
-    """A meter's live values, set by the test thread and pulled by the emulator's thread."""
-
-    def __init__(self, **quantities: float):
-        self._lock = threading.Lock()
-        self._values = dict(quantities)
-
-    def set(self, **quantities: float) -> None:
-        with self._lock:
-            self._values.update(quantities)
-
-    def remove(self, quantity: str) -> None:
-        with self._lock:
-            self._values.pop(quantity, None)
-
-    def __call__(self) -> dict[str, float]:
-        with self._lock:
-            return dict(self._values)
-
-
 HOUSE_VALUES = dict(import_energy_wh=12_345.678, export_energy_wh=4_321.4, power_w=-1_234.6,
                     voltage_mv=231_456.0, frequency_mhz=49_987.0)
 INTERCHANGE_VALUES = dict(import_energy_wh=200.0, export_energy_wh=1_500.4, power_w=-2_000.0,
@@ -80,8 +60,8 @@ class Bench:
     """One bus: a virtual line, the emulator serving unit 1 (SDM630) and unit 2 (SDM120)."""
 
     def __init__(self, tmp_path: Path, baudrate: int):
-        self.house = SettableSource(**HOUSE_VALUES)
-        self.interchange = SettableSource(**INTERCHANGE_VALUES)
+        self.house = LiveValues(HOUSE_VALUES)
+        self.interchange = LiveValues(INTERCHANGE_VALUES)
         self.line = VirtualSerialLine(tmp_path / "meter-bus")
         self.baudrate = baudrate
         self.emulator: MeterEmulator | None = None
@@ -134,7 +114,7 @@ class _NoEmulator:
 
 
 class UnitValues:
-    """``SettableSource``'s interface (``set``/``remove``) for one unit of the rig's emulated bus."""
+    """``LiveValues``' interface (``set``/``remove``) for one unit of the rig's emulated bus."""
 
     def __init__(self, control, unit_id: int):
         self._control, self._unit_id = control, unit_id
@@ -544,7 +524,7 @@ def test_port_that_disappears_comes_back(tmp_path):
 
     def plugged() -> tuple[VirtualSerialLine, MeterEmulatorThread]:
         line = VirtualSerialLine(device_end).start()
-        emulator = MeterEmulator(line.emulator_end, 115200, {1: EmulatedMeter("sdm630", SettableSource(**HOUSE_VALUES))})
+        emulator = MeterEmulator(line.emulator_end, 115200, {1: EmulatedMeter("sdm630", LiveValues(HOUSE_VALUES))})
         return line, MeterEmulatorThread(emulator).start()
 
     with meters:
@@ -568,7 +548,7 @@ def test_port_that_disappears_comes_back(tmp_path):
 
 
 def test_emulator_on_a_missing_port_says_which(tmp_path):
-    emulator = MeterEmulator(tmp_path / "absent", 9600, {1: EmulatedMeter("sdm120", SettableSource(**INTERCHANGE_VALUES))})
+    emulator = MeterEmulator(tmp_path / "absent", 9600, {1: EmulatedMeter("sdm120", LiveValues(INTERCHANGE_VALUES))})
     with pytest.raises(MeterEmulatorError, match=f"cannot serve on serial port {tmp_path / 'absent'}"):
         MeterEmulatorThread(emulator).start()
     assert not any(t.name.startswith("meter-emulator") for t in threading.enumerate())

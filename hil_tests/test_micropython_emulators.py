@@ -136,7 +136,7 @@ RIG = Rig.from_environment()
 
 
 class UnitControl:
-    """``SettableSource``'s interface (``set``/``remove``) for one unit, over the console."""
+    """``LiveValues``' interface (``set``/``remove``) for one unit, over the console."""
 
     def __init__(self, board: mb.BoardProcess, unit_id: int):
         self.board, self.unit_id = board, unit_id
