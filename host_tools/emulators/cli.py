@@ -245,6 +245,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def cmd_flash(args: argparse.Namespace) -> int:
+    from . import mpy_build
+
+    argv = ["deploy", "--out", args.out, "--device", args.port]
+    if args.board_json:
+        if not Path(args.board_json).is_file():
+            print(f"dgc-host bench flash: --board-json {args.board_json}: expected an existing board.json file", file=sys.stderr)
+            return 2
+        argv += ["--config", args.board_json]
+    if args.dry_run:
+        argv.append("--dry-run")
+    return mpy_build.main(argv)
+
+
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     parser = sub.add_parser(name, help=help_text, description=help_text)
     bench_sub = parser.add_subparsers(dest="bench_command", metavar="ACTION", required=True,
@@ -262,6 +276,21 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--control", metavar="PATH",
                    help="where to listen for control commands (default: the config's [dgr] port + '.control')")
     p.set_defaults(func=cmd_house)
+
+    p = bench_sub.add_parser(
+        "flash",
+        help="compile the MicroPython bench-board emulators with mpy-cross and deploy them to an RP2040 with mpremote",
+        description="Compile the bench-board emulators (Modbus RTU meter slave and DGR router, "
+        "host_tools/emulators/micropython/) with mpy-cross, write the board's board.json (meters on UART0 with the "
+        "RS-485 driver-enable on GP2, DGR on UART1), copy both to the RP2040 on --port with mpremote, set its clock "
+        "to UTC and reset it. Wiring: docs/bench-boards.md.",
+    )
+    p.add_argument("--port", required=True, metavar="PORT",
+                   help="the board's USB serial device, e.g. /dev/serial/by-id/usb-MicroPython_Board_in_FS_mode_...-if00")
+    p.add_argument("--board-json", metavar="FILE", help="board.json to deploy (default: written for the standard wiring)")
+    p.add_argument("--out", default="build/bench-board", metavar="DIR", help="build directory (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="build and print the mpremote command without running it")
+    p.set_defaults(func=cmd_flash)
 
     p = bench_sub.add_parser(
         "fault",
