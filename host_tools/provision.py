@@ -333,7 +333,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     """Add `dgc-host provision` (a command, not a group)."""
     p = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
     p.__class__ = _OneLineParser
-    p.add_argument("target", metavar="TARGET", help="user@host (SSH) or a directory standing for the board's root")
+    p.add_argument("target", metavar="TARGET", help="user@host (SSH), serial:/dev/DEVICE[@BAUD] (a logged-in shell on the serial console) or a directory standing for the board's root")
     p.add_argument("--ledger", type=_url, required=True, help="the ledger's base URL")
     p.add_argument("--operator-token", help=f"the ledger's operator token (or ${TOKEN_ENV}); never printed")
     p.add_argument("--config-path", help=f"the board config on the board (default {BoardLayout.config})")

@@ -19,18 +19,22 @@ to ``received``, and logged at DEBUG, so a test can assert that no secret ever r
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import io
 import json
 import logging
 import os
 import posixpath
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -167,10 +171,7 @@ class Target:
         """Run ``argv`` on the board. ``input`` is bytes or an iterable of chunks (streamed, with
         ``on_input(bytes_so_far)`` after each). With ``check``, a non-zero exit raises TargetError."""
         what = what or shlex.join(argv)
-        if as_board_user and self.board_user:
-            argv = ["sudo", "-n", "-u", self.board_user, "--", *argv]
-        elif self.sudo:
-            argv = ["sudo", "-n", "--", *argv]
+        argv = self._wrap(argv, as_board_user)
         command = self._command(argv)
         log.debug("%s> %s", self.describe(), what)
         try:
@@ -213,6 +214,14 @@ class Target:
         if check and result.returncode != 0:
             raise TargetError(f"{what} failed on {self.describe()} (exit {result.returncode}): {result.last_lines()}")
         return result
+
+    def _wrap(self, argv: Sequence[str], as_board_user: bool) -> list[str]:
+        """``argv`` behind ``sudo -n`` (or ``sudo -n -u BOARD_USER`` for the board's own commands) as configured."""
+        if as_board_user and self.board_user:
+            return ["sudo", "-n", "-u", self.board_user, "--", *argv]
+        if self.sudo:
+            return ["sudo", "-n", "--", *argv]
+        return list(argv)
 
     def _check_transport(self, result: CommandResult, what: str) -> None:
         """Raise TargetUnreachable when the transport itself failed (SSH's exit 255)."""
@@ -454,16 +463,253 @@ class SshTarget(Target):
         shutil.rmtree(self._control_dir, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- serial console
+
+SERIAL_SPEC = re.compile(r"^serial:(?P<port>/[^@\s]+)(?:@(?P<baud>\d+))?$")
+SERIAL_BAUDRATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
+SERIAL_SYNC_TIMEOUT_S = 10.0
+SERIAL_COMMAND_TIMEOUT_S = 120.0
+SERIAL_MAX_INPUT = 1 << 20  # file data sent through the console (base64 at 115200 baud: ~11 KB/s)
+SERIAL_MAX_LINE = 1000      # a command line; the tty's canonical line buffer holds 4096
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]|\x1b[=>]")
+_BASE64_LINE = re.compile(rb"^[A-Za-z0-9+/=]*$")
+
+
+class SerialTarget(Target):
+    """A board reached through its serial console, where a shell is logged in (pyserial).
+
+    Each command is one line written to that shell; its stdout and stderr go to temporary files
+    on the board and come back base64-encoded between markers the host made up for this session
+    (``__DGC_BEGIN_<nonce>`` ... ``__DGC_DONE_<nonce>_<exit status>``), so console echo, CR/LF
+    translation, prompts, ANSI sequences and kernel messages on the console cannot corrupt a
+    result. The markers are written split by quotes (``"__DGC_""DONE_..."``), so the echo of the
+    command line never contains them. Command input (file data) is sent as a base64 here-document.
+    File operations are the same ``board_ops.py`` as over SSH, copied once per session to a
+    temporary file on the board. Flashing is refused: a bundle is megabytes, a console carries
+    ~11 KB/s; use SSH or the SD card."""
+
+    def __init__(self, port: str, *, baud: int = 115200, root: str = "/", python: str = "python3", sudo: bool = False,
+                 board_user: str | None = None, sync_timeout_s: float = SERIAL_SYNC_TIMEOUT_S,
+                 command_timeout_s: float = SERIAL_COMMAND_TIMEOUT_S) -> None:
+        if baud not in SERIAL_BAUDRATES:
+            raise BadTarget(f"serial:{port}@{baud}: baud rate {baud}: expected one of {', '.join(map(str, SERIAL_BAUDRATES))}")
+        super().__init__(root, python=python, sudo=sudo, board_user=board_user)
+        self.port_name = port
+        self.baud = baud
+        self.sync_timeout_s = sync_timeout_s
+        self.command_timeout_s = command_timeout_s
+        self._nonce = secrets.token_hex(6)
+        self._serial = None
+        self._pending = b""
+        self._in_sync = False
+        self._ops_dir: str | None = None
+        if not os.path.exists(port):
+            raise BadTarget(f"{port}: no such serial device; expected the board's console adapter, e.g. "
+                            "serial:/dev/ttyUSB0@115200 (is it plugged in?)")
+        try:
+            import serial
+        except ImportError:
+            raise TargetError("the serial transport needs pyserial (pip install pyserial)") from None
+        try:
+            self._serial = serial.Serial(port, baud, timeout=0.1, write_timeout=5.0)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise TargetUnreachable(f"cannot open {port}: {_one_line(exc)}; expected a serial device you may use "
+                                    "(are you in group dialout?)") from None
+
+    def describe(self) -> str:
+        root = "" if self.root == "/" else f" (root {self.root})"
+        return f"serial:{self.port_name}@{self.baud}{root}"
+
+    # -- the console ------------------------------------------------------------------------
+
+    def _marker(self, kind: str) -> tuple[str, bytes]:
+        """(shell text that prints the marker, the marker as it appears in the output)."""
+        return f'"__DGC_""{kind}_{self._nonce}"', f"__DGC_{kind}_{self._nonce}".encode()
+
+    def _write(self, text: str) -> None:
+        try:
+            self._serial.write(text.encode("utf-8"))
+            self._serial.flush()
+        except Exception as exc:  # serial.SerialException, OSError: the adapter went away
+            raise TargetUnreachable(f"cannot write to {self.port_name}: {_one_line(exc)}") from None
+
+    def _read_until(self, pattern: re.Pattern, timeout: float, what: str, expected: str) -> re.Match:
+        """Read the console until ``pattern`` matches (ANSI sequences removed); keep what follows."""
+        deadline = time.monotonic() + timeout
+        buffer = self._pending
+        while True:
+            clean = _ANSI.sub(b"", buffer)
+            match = pattern.search(clean)
+            if match:
+                self._pending = clean[match.end():]
+                return match
+            if time.monotonic() > deadline:
+                self._pending = b""
+                self._in_sync = False
+                tail = clean.decode("utf-8", "replace").strip().splitlines()[-1:] or ["nothing"]
+                hint = ""
+                if re.search(r"(login|password):\s*$", clean.decode("utf-8", "replace"), re.I):
+                    hint = " - the console asks for a login: log in first with dgc-host console"
+                raise TargetUnreachable(f"{what}: {expected} on {self.port_name} within {timeout:.0f} s; "
+                                        f"last seen: {tail[0][:120]!r}{hint}")
+            try:
+                chunk = self._serial.read(4096)
+            except Exception as exc:
+                raise TargetUnreachable(f"{what}: cannot read {self.port_name}: {_one_line(exc)}") from None
+            if chunk:
+                self.received.append(chunk)  # the raw transcript, for audit
+                buffer += chunk
+
+    def _sync(self) -> None:
+        """Get the console's shell to a known state: quiet (no echo, no prompts), and answering."""
+        if self._in_sync:
+            return
+        self._nonce = secrets.token_hex(6)
+        self._pending = b""
+        try:
+            self._serial.reset_input_buffer()
+        except Exception:
+            pass
+        # Ctrl-U and Ctrl-C abandon a half-typed line or a stuck command; then silence the shell.
+        self._write("\x15\x03")  # Ctrl-U, Ctrl-C
+        time.sleep(0.2)
+        self._write("\n")
+        shown, seen = self._marker("SYNC")
+        self._write("stty -echo 2>/dev/null; __dgc_ps1=${__dgc_ps1-$PS1} __dgc_ps2=${__dgc_ps2-$PS2}; "
+                    f"PS1=; PS2=; unset PROMPT_COMMAND; set +o history 2>/dev/null; echo {shown}\n")
+        self._read_until(re.compile(re.escape(seen) + rb"\r?\n"), self.sync_timeout_s, "connecting",
+                         "no shell answered (expected a logged-in shell prompt on the console)")
+        self._in_sync = True
+        log.debug("%s: shell on the serial console answered", self.describe())
+
+    def _shell(self, command: str, *, input: bytes | None, timeout: float, what: str) -> CommandResult:
+        self._sync()
+        if "\n" in command or "\r" in command or len(command) > SERIAL_MAX_LINE:
+            raise TargetError(f"{what}: command too long or multi-line for the serial console ({len(command)} chars)")
+        begin_shown, begin = self._marker("BEGIN")
+        sep_shown, sep = self._marker("SEP")
+        done_shown, done = self._marker("DONE")
+        lines = ['__dgc_o=$(mktemp) && __dgc_e=$(mktemp) && __dgc_i=$(mktemp) || echo ' + done_shown + '_125']
+        stdin = "/dev/null"
+        if input is not None:
+            eof = f"__DGC_EOF_{self._nonce}"
+            lines.append(f"base64 -d > \"$__dgc_i\" <<'{eof}'")
+            lines.extend(base64.encodebytes(input).decode("ascii").splitlines())
+            lines.append(eof)
+            stdin = '"$__dgc_i"'
+        lines.append(f'{command} < {stdin} > "$__dgc_o" 2> "$__dgc_e"; __dgc_s=$?; echo {begin_shown}; base64 "$__dgc_o"; '
+                     f'echo {sep_shown}; base64 "$__dgc_e"; rm -f "$__dgc_o" "$__dgc_e" "$__dgc_i"; echo {done_shown}_$__dgc_s')
+        self._write("\n".join(lines) + "\n")
+        try:
+            self._read_until(re.compile(re.escape(begin) + rb"\r?\n|" + re.escape(done) + rb"_125\r?\n"), timeout, what,
+                             "no output marker from the shell (expected the command to finish)")
+            match = self._read_until(re.compile(re.escape(done) + rb"_(\d+)\r?\n"), timeout, what,
+                                     "no end marker from the shell (expected the command to finish)")
+        except TargetUnreachable:
+            self._write("\x03\n")  # stop what may still run; the next command syncs afresh
+            raise
+        body = _ANSI.sub(b"", match.string[:match.start()])
+        if sep not in body:
+            raise TargetError(f"{what}: the shell on {self.port_name} could not run it (mktemp or base64 missing on the board?)")
+        out_part, err_part = body.split(sep, 1)
+        stdout, stderr = _unbase64(out_part), _unbase64(err_part)
+        return CommandResult((), int(match.group(1)), stdout, stderr)
+
+    # -- Target -----------------------------------------------------------------------------
+
+    def run(self, argv: Sequence[str], *, input: bytes | Iterable[bytes] | None = None, check: bool = True,
+            timeout: float = DEFAULT_TIMEOUT_S, what: str = "", on_input: Callable[[int], None] | None = None,
+            as_board_user: bool = False) -> CommandResult:
+        what = what or shlex.join(argv)
+        argv = self._wrap(argv, as_board_user)
+        data = None
+        if input is not None:
+            data = bytes(input) if isinstance(input, (bytes, bytearray)) else b"".join(input)
+            if len(data) > SERIAL_MAX_INPUT:
+                raise TargetError(f"{what}: {len(data)} bytes are too much for the serial console {self.port_name}; "
+                                  "use SSH or the SD card")
+        log.debug("%s> %s", self.describe(), what)
+        result = self._shell(shlex.join(argv), input=data, timeout=min(timeout, self.command_timeout_s), what=what)
+        if on_input and data is not None:
+            on_input(len(data))
+        result = CommandResult(tuple(argv), result.returncode, result.stdout, result.stderr)
+        self.received.extend((result.stdout, result.stderr))
+        log.debug("%s< %s: exit %d%s%s", self.describe(), what, result.returncode,
+                  _shown("stdout", result.stdout), _shown("stderr", result.stderr))
+        if check and result.returncode != 0:
+            raise TargetError(f"{what} failed on {self.describe()} (exit {result.returncode}): {result.last_lines()}")
+        return result
+
+    def _op(self, op: str, *args: str, input: bytes | Iterable[bytes] | None = None, check: bool = True,
+            on_input: Callable[[int], None] | None = None) -> CommandResult:
+        if self._ops_dir is None:
+            # board_ops.py once per session into a private directory (mktemp -d: mode 0700).
+            made = self.run(["mktemp", "-d"], what="mktemp -d (for board_ops.py)")
+            ops_dir = made.text.strip()
+            if not ops_dir.startswith("/"):
+                raise TargetError(f"mktemp -d on {self.describe()} answered {ops_dir!r}; expected a directory")
+            self.run(["sh", "-c", 'cat > "$1/board_ops.py" && chmod 755 "$1"', "sh", ops_dir],
+                     input=BOARD_OPS_SOURCE.encode("utf-8"), what="copy board_ops.py")
+            self._ops_dir = ops_dir
+        return self.run([self.python, f"{self._ops_dir}/board_ops.py", op, *args], input=input, check=check,
+                        what=f"board_ops {op} {' '.join(args)}", on_input=on_input)
+
+    def upload_tree(self, local_dir: Path, dest: str, *, on_progress: Callable[[int, int], None] | None = None) -> int:
+        raise TargetError(f"flashing over the serial console ({self.describe()}) is not supported: a release bundle is "
+                          "too large for it; flash over SSH (user@host) or write the SD card (its mounted root directory)")
+
+    def close(self) -> None:
+        if self._serial is None:
+            return
+        try:
+            if self._in_sync:
+                if self._ops_dir:
+                    with contextlib.suppress(TargetError):
+                        self.run(["rm", "-rf", self._ops_dir], what="remove board_ops.py", timeout=15)
+                # Give the engineer's shell back as it was: prompts, echo, history.
+                self._write('PS1=$__dgc_ps1; PS2=$__dgc_ps2; unset __dgc_ps1 __dgc_ps2 __dgc_o __dgc_e __dgc_i __dgc_s; '
+                            'set -o history 2>/dev/null; stty echo 2>/dev/null\n')
+                self._serial.flush()
+        except TargetError:
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                self._serial.close()
+            self._serial = None
+
+
+def _unbase64(part: bytes) -> bytes:
+    """The base64 lines of one section; anything else on the console (kernel messages) is ignored."""
+    lines = [line.strip() for line in part.replace(b"\r", b"\n").split(b"\n")]
+    return base64.b64decode(b"".join(line for line in lines if line and _BASE64_LINE.match(line)))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def parse_serial_spec(spec: str) -> tuple[str, int]:
+    match = SERIAL_SPEC.match(spec)
+    if not match:
+        raise BadTarget(f"{spec!r}: expected serial:/dev/DEVICE or serial:/dev/DEVICE@BAUD, e.g. serial:/dev/ttyUSB0@115200")
+    return match.group("port"), int(match.group("baud") or 115200)
+
+
 def open_target(spec: str, *, root: str | None = None, python: str = "python3", ssh_options: SshOptions = SshOptions(),
                 sudo: bool = False, board_user: str | None = None) -> Target:
     """``user@host`` or ``ssh://user@host`` -> SshTarget (root default /); an existing directory ->
-    LocalTarget (the directory is the root). Anything else is an error naming both forms."""
+    LocalTarget (the directory is the root); ``serial:/dev/DEVICE[@BAUD]`` -> SerialTarget (a logged-in
+    shell on the board's serial console; root default /). Anything else is an error naming the forms."""
+    if spec.startswith("serial:"):
+        port, baud = parse_serial_spec(spec)
+        return SerialTarget(port, baud=baud, root=root or "/", python=python, sudo=sudo, board_user=board_user)
     if "@" in spec:
         return SshTarget(spec, root=root or "/", python=python, options=ssh_options, sudo=sudo, board_user=board_user)
     if root not in (None, "/"):
-        raise BadTarget("--root applies to SSH targets only; for a local board give its root directory as TARGET")
+        raise BadTarget("--root applies to SSH and serial targets only; for a local board give its root directory as TARGET")
     if not Path(spec).is_dir():
-        raise BadTarget(f"{spec!r}: expected an SSH destination user@host or an existing directory standing for the board's root")
+        raise BadTarget(f"{spec!r}: expected an SSH destination user@host or an existing directory standing for the board's root "
+                        "(or serial:/dev/DEVICE[@BAUD] for a shell on its serial console)")
     return LocalTarget(spec, python=python, sudo=sudo, board_user=board_user)
 
 
