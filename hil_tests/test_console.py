@@ -155,8 +155,10 @@ def test_dgc_host_console_exits_1_when_nothing_matches(rig):
 
 def test_console_commands_status_lines_and_hostile_bytes(rig):
     with serial.Serial(str(rig.tty_emu), 115200, timeout=0.2) as port:
-        # The daemon's event lines stream to the console (the review job skips or bids every 5 s).
-        streamed = console_lines(port, EVENT_LINE, timeout_s=12)
+        # The daemon's event lines stream to the console. A lone house that has placed its orders
+        # is quiet until the next market enters its horizon (one per 30-s slot) and it bids
+        # there, so wait a whole slot and a bit: earlier tests may have used up the noisy start.
+        streamed = console_lines(port, EVENT_LINE, timeout_s=40)
         assert any(EVENT_LINE.match(line) for line in streamed)
         # Noise, control characters and high bytes around a command: the command still works.
         send(port, b"\x00\xff\xfe\x1b\x07 he\x00lp \x9b\r\n")
