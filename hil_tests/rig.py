@@ -645,32 +645,9 @@ class BoardRouterControl:
     del _set
 
     def snapshot(self):
-        from host_tools.emulators.dgr_emulator import (
-            ENERGY_QUANTUM_PER_WH as Q,
-            CommandRecord,
-            DgrEmulatorState,
-            EmulatedTransfer,
-            EndedTransfer,
-        )
+        from host_tools.emulators.mpy_build import dgr_state_from_board
 
-        data = json.loads(self._boards.command("dgr snapshot"))
-        return DgrEmulatorState(  # the board counts ms and 1/1024 Wh; the CPython state has s and Wh
-            mode=data["mode"],
-            session=data["session"],
-            transfers=tuple(EmulatedTransfer(tid, d, p, end, e, started / 1000, moved / Q)
-                            for tid, d, p, end, e, started, moved in data["transfers"]),
-            ended=tuple(EndedTransfer(tid, d, e, moved / Q, reason, at / 1000)
-                        for tid, d, e, moved, reason, at in data["ended"]),
-            export_wh=data["export_q"] / Q,
-            import_wh=data["import_q"] / Q,
-            soc_percent=data["soc_percent"],
-            faults=tuple(data["faults"]),
-            commands=tuple(CommandRecord(seq, verb, dict(args), at / 1000, answer)
-                           for seq, verb, args, at, answer in data["commands"]),
-            replays=data["replays"],
-            bad_lines=data["bad_lines"],
-            events_sent=tuple(data["events_sent"]),
-        )
+        return dgr_state_from_board(json.loads(self._boards.command("dgr snapshot")))
 
     @property
     def mode(self) -> str:

@@ -53,10 +53,7 @@ from hil_tests import test_meter_driver as meter_suite
 from host_tools.emulators import mpy_build as mb
 from host_tools.emulators.dgr_emulator import (
     ENERGY_QUANTUM_PER_WH,
-    CommandRecord,
     DgrEmulatorState,
-    EmulatedTransfer,
-    EndedTransfer,
 )
 from host_tools.emulators.virtual_serial import VirtualSerialLine
 
@@ -238,28 +235,6 @@ class MicroPythonMeterBench(meter_suite.Bench):
 # --- a bench whose router is a MicroPython board -----------------------------------------------
 
 
-def _state(data: dict) -> DgrEmulatorState:
-    """The board's JSON snapshot as the CPython emulator's DgrEmulatorState (ms -> s, quanta -> Wh)."""
-    q = ENERGY_QUANTUM_PER_WH
-    return DgrEmulatorState(
-        mode=data["mode"],
-        session=data["session"],
-        transfers=tuple(EmulatedTransfer(tid, d, p, end, e, started / 1000, moved / q)
-                        for tid, d, p, end, e, started, moved in data["transfers"]),
-        ended=tuple(EndedTransfer(tid, d, e, moved / q, reason, at / 1000)
-                    for tid, d, e, moved, reason, at in data["ended"]),
-        export_wh=data["export_q"] / q,
-        import_wh=data["import_q"] / q,
-        soc_percent=data["soc_percent"],
-        faults=tuple(data["faults"]),
-        commands=tuple(CommandRecord(seq, verb, dict(args), at / 1000, answer)
-                       for seq, verb, args, at, answer in data["commands"]),
-        replays=data["replays"],
-        bad_lines=data["bad_lines"],
-        events_sent=tuple(data["events_sent"]),
-    )
-
-
 class BoardRouter:
     """The ``DgrEmulator`` surface the DGR suite uses, driving the board's console: state by
     ``snapshot()``, fault injection by assignment, as on the CPython emulator."""
@@ -279,7 +254,7 @@ class BoardRouter:
             raise AttributeError(f"the MicroPython router has no setting {name!r}")
 
     def snapshot(self) -> DgrEmulatorState:
-        return _state(json.loads(self.board.command("dgr snapshot")))
+        return mb.dgr_state_from_board(json.loads(self.board.command("dgr snapshot")))
 
     @property
     def mode(self) -> str:

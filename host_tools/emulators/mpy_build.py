@@ -557,6 +557,31 @@ class SerialBoard(BoardConsole):
         self.stop()
 
 
+def dgr_state_from_board(data: Mapping) -> "DgrEmulatorState":
+    """A MicroPython router's `dgr snapshot` JSON as the CPython emulator's DgrEmulatorState, so
+    the same tests can inspect either. The board counts ms and 1/1024 Wh; the state has s and Wh."""
+    from .dgr_emulator import ENERGY_QUANTUM_PER_WH as q
+    from .dgr_emulator import CommandRecord, DgrEmulatorState, EmulatedTransfer, EndedTransfer
+
+    return DgrEmulatorState(
+        mode=data["mode"],
+        session=data["session"],
+        transfers=tuple(EmulatedTransfer(tid, d, p, end, e, started / 1000, moved / q)
+                        for tid, d, p, end, e, started, moved in data["transfers"]),
+        ended=tuple(EndedTransfer(tid, d, e, moved / q, reason, at / 1000)
+                    for tid, d, e, moved, reason, at in data["ended"]),
+        export_wh=data["export_q"] / q,
+        import_wh=data["import_q"] / q,
+        soc_percent=data["soc_percent"],
+        faults=tuple(data["faults"]),
+        commands=tuple(CommandRecord(seq, verb, dict(args), at / 1000, answer)
+                       for seq, verb, args, at, answer in data["commands"]),
+        replays=data["replays"],
+        bad_lines=data["bad_lines"],
+        events_sent=tuple(data["events_sent"]),
+    )
+
+
 # --- command line -------------------------------------------------------------------------------
 
 
