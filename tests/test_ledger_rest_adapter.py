@@ -341,3 +341,101 @@ def test_from_board_config():
     ledger = RestLedger.from_config(config.ledger)
     assert ledger.url == config.ledger.url and ledger.retries == config.ledger.retries
     assert ledger.timeout_s == config.ledger.timeout_ms / 1000 and ledger.verify_tls is True
+
+
+# ------------------------------------------------------------------ whole-call deadline (issue 7 r)
+
+class TricklingServer:
+    """A raw loopback TCP server that answers one byte every ``interval_s`` (headers or body).
+
+    Per-read socket timeouts never fire against it - each byte arrives well inside them - so only
+    a deadline on the whole call bounds how long a caller is held."""
+
+    def __init__(self, answer: bytes, *, interval_s: float, trickle_headers: bool) -> None:
+        self.answer, self.interval_s, self.trickle_headers = answer, interval_s, trickle_headers
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(1)
+            try:
+                conn.recv(65536)
+                head, _, body = self.answer.partition(b"\r\n\r\n")
+                if not self.trickle_headers:
+                    conn.sendall(head + b"\r\n\r\n")
+                    data = body
+                else:
+                    data = self.answer
+                for i in range(len(data)):
+                    if self.stop.wait(self.interval_s):
+                        return
+                    conn.sendall(data[i:i + 1])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)
+        self.sock.close()
+
+
+def _http_answer(body: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % len(body)) + body
+
+
+@pytest.mark.parametrize("trickle_headers", [False, True], ids=["body", "headers"])
+def test_trickled_answer_is_bounded_by_a_deadline_on_the_whole_call(trickle_headers):
+    """Issue 7 r: one byte every half second must not hold a 2-s call for 30 s."""
+    body = json.dumps({"time_ms": 123, "pad": "x" * 40}).encode()
+    server = TricklingServer(_http_answer(body), interval_s=0.5, trickle_headers=trickle_headers)
+    try:
+        ledger = RestLedger(f"http://127.0.0.1:{server.port}", timeout_ms=2000, retries=0, backoff_ms=10)
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable, match="2.0 s"):
+            ledger.server_time_ms()
+        elapsed = time.monotonic() - started
+        assert elapsed < 3.0, f"the call took {elapsed:.1f} s against a 2-s timeout"
+        # with retries, every attempt has its own deadline: total ~ (retries + 1) x timeout + back-off
+        ledger = RestLedger(f"http://127.0.0.1:{server.port}", timeout_ms=1000, retries=1, backoff_ms=10)
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable):
+            ledger.server_time_ms()
+        assert time.monotonic() - started < 3.0
+    finally:
+        server.close()
+
+
+def test_server_time_sample_is_one_attempt_with_its_own_round_trip(real_ledger):
+    """The clock guard measures skew on one round trip: no retry, no back-off inside the sample."""
+    running, clock_ms = real_ledger
+    ledger = RestLedger(running.url, timeout_ms=2000, retries=3, backoff_ms=10)
+    sample = ledger.server_time_sample()
+    assert sample.server_ms == clock_ms[0]
+    assert sample.sent_ms <= sample.received_ms and sample.round_trip_ms == sample.received_ms - sample.sent_ms
+    assert sample.skew_ms == sample.server_ms - (sample.sent_ms + sample.received_ms) // 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sleeps = Sleeps()
+    dead = RestLedger(f"http://127.0.0.1:{port}", timeout_ms=500, retries=3, backoff_ms=100, sleep=sleeps)
+    with pytest.raises(LedgerUnavailable, match="1 attempt"):
+        dead.server_time_sample()
+    assert sleeps.delays == []

@@ -13,21 +13,29 @@ Why it is this careful:
   URL) says nothing about the message, so it is treated as transient: the outbox keeps the
   signed bytes instead of dropping a bid because of a misconfigured relay. 408/425/429 are
   transient too.
-- Only ``requests`` (already on the board); no float is accepted anywhere in an answer.
+- A deadline bounds the *whole* call (connect, send, status line, headers, body), not each
+  read: a ledger or a relay that trickles one byte every half second would otherwise hold the
+  outbox job for as long as it likes, since every single read arrives inside its timeout. Each
+  read gets the time that is left of the call as its socket timeout.
+- The standard library's ``http.client`` only (no ``requests``/``urllib3`` on the board: the
+  deadline needs the socket, and the idle daemon saves several MiB of imports). One connection
+  per call, closed after it: a board makes a few calls a minute. No float is accepted anywhere
+  in an answer.
 - Redirects are not followed: a signed message goes to the configured ledger or nowhere.
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import logging
+import socket
+import ssl
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
-from urllib.parse import quote
-
-import requests
-import urllib3
+from urllib.parse import quote, urlencode, urlsplit
 
 from firmware.messages import SignedMessage
 
@@ -46,7 +54,57 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_RESPONSE_BYTES = 1024 * 1024
 MAX_TEXT_CHARS = 1000
 TRANSIENT_4XX = (408, 425, 429)
-_TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+_TRANSPORT_ERRORS = (http.client.HTTPException, OSError, ValueError)
+
+
+@dataclass(frozen=True)
+class TimeSample:
+    """One round trip to the ledger's clock: local wall-clock ms just before the request was sent
+    and just after the answer arrived, and the ledger's time in between. The clock guard measures
+    skew on this one attempt, so retries and back-off never widen the window."""
+
+    server_ms: int
+    sent_ms: int
+    received_ms: int
+
+    @property
+    def round_trip_ms(self) -> int:
+        return self.received_ms - self.sent_ms
+
+    @property
+    def skew_ms(self) -> int:
+        """Ledger minus local clock at the midpoint of the round trip (error at most round_trip_ms/2)."""
+        return self.server_ms - (self.sent_ms + self.received_ms) // 2
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's reads, each with the time left of the call as its timeout."""
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout_s: float) -> None:
+        self._sock, self._deadline, self._timeout_s = sock, deadline, timeout_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete answer within {self._timeout_s:.1f} s (the deadline of the whole call)")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        except (socket.timeout, TimeoutError):
+            raise TimeoutError(f"no complete answer within {self._timeout_s:.1f} s (the deadline of the whole call)") from None
+
+
+class _DeadlineSocket:
+    """What ``http.client.HTTPResponse`` needs of a socket (``makefile``), with the call's deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout_s: float) -> None:
+        self._raw = _DeadlineReader(sock, deadline, timeout_s)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(self._raw)
 
 
 class _Transient(Exception):
@@ -151,7 +209,6 @@ class RestLedger:
         retries: int,
         backoff_ms: int,
         verify_tls: bool = True,
-        session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
@@ -160,55 +217,81 @@ class RestLedger:
         if timeout_ms <= 0 or backoff_ms < 0 or retries < 0:
             raise ValueError("timeout_ms must be positive, backoff_ms and retries zero or more")
         self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"url: the port of {url!r} is not a number from 0 to 65535") from None
+        if not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"url: expected http(s)://HOST[:PORT][/PATH] without query, got {url!r}")
+        self._https = parts.scheme == "https"
+        self._host, self._port, self._base_path = parts.hostname, port, parts.path.rstrip("/")
         self.timeout_s = timeout_ms / 1000
         self.retries = retries
         self.backoff_s = backoff_ms / 1000
         self.verify_tls = verify_tls
         self.max_response_bytes = max_response_bytes
-        self._session = session or requests.Session()
         self._sleep = sleep
+        self._tls: ssl.SSLContext | None = None
+        if self._https:
+            self._tls = ssl.create_default_context()
+            if not verify_tls:
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
 
     @classmethod
-    def from_config(cls, config: Any, *, session: requests.Session | None = None) -> "RestLedger":
+    def from_config(cls, config: Any) -> "RestLedger":
         """Build from the board config's [ledger] table (firmware.config.LedgerConfig)."""
         return cls(config.url, timeout_ms=config.timeout_ms, retries=config.retries, backoff_ms=config.backoff_ms,
-                   verify_tls=config.verify_tls, session=session)
+                   verify_tls=config.verify_tls)
 
     def __repr__(self) -> str:
         return f"RestLedger({self.url!r})"
 
     # ------------------------------------------------------------------ transport
 
-    def _once(self, method: str, path: str, body: Any, params: Mapping[str, Any] | None) -> tuple[int, Mapping[str, Any]]:
-        """One HTTP exchange. Returns (status, JSON object) for 2xx and for a proper 4xx rejection."""
-        started = time.monotonic()
+    def _once(self, method: str, path: str, body: Any, params: Mapping[str, Any] | None,
+              headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, Any]]:
+        """One HTTP exchange within one deadline. Returns (status, JSON object) for 2xx and for a proper 4xx rejection."""
+        deadline = time.monotonic() + self.timeout_s
+        target = self._base_path + path + (("?" + urlencode(params)) if params else "")
+        data_out = None if body is None else json.dumps(body, allow_nan=False).encode("utf-8")
+        send_headers = {"Accept": "application/json", "Connection": "close", **(headers or {})}
+        if data_out is not None:
+            send_headers["Content-Type"] = "application/json"
+        if self._https:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.timeout_s, context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
         try:
-            response = self._session.request(
-                method, self.url + path, json=body, params=params, timeout=(self.timeout_s, self.timeout_s),
-                verify=self.verify_tls, allow_redirects=False, stream=True,
-                headers={"Accept": "application/json"},
-            )
-        except _TRANSPORT_ERRORS as exc:
-            raise _Transient(f"no answer ({type(exc).__name__}: {str(exc)[:200]})") from None
-        try:
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > self.max_response_bytes:
-                raise _Transient(f"answer of {declared} bytes is larger than {self.max_response_bytes}")
-            chunks, size = [], 0
             try:
-                for chunk in response.iter_content(65536):
-                    size += len(chunk)
-                    if size > self.max_response_bytes:
-                        raise _Transient(f"answer is larger than {self.max_response_bytes} bytes")
-                    if time.monotonic() - started > 2 * self.timeout_s:
-                        raise _Transient(f"answer took longer than {2 * self.timeout_s:.1f} s to arrive")
-                    chunks.append(chunk)
+                conn.connect()
+                conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                conn.request(method, target, body=data_out, headers=send_headers)
+                response = http.client.HTTPResponse(_DeadlineSocket(conn.sock, deadline, self.timeout_s), method=method)
+                response.begin()
+            except (TimeoutError, socket.timeout):
+                raise _Transient(f"no complete answer within {self.timeout_s:.1f} s (the deadline of the whole call)") from None
             except _TRANSPORT_ERRORS as exc:
-                raise _Transient(f"answer cut short ({type(exc).__name__}: {str(exc)[:200]})") from None
-            status = response.status_code
+                raise _Transient(f"no answer ({type(exc).__name__}: {str(exc)[:200]})") from None
+            try:
+                declared = response.getheader("Content-Length", "") or ""
+                if declared.isdigit() and int(declared) > self.max_response_bytes:
+                    raise _Transient(f"answer of {declared} bytes is larger than {self.max_response_bytes}")
+                status = response.status
+                try:
+                    data = response.read(self.max_response_bytes + 1)
+                except (TimeoutError, socket.timeout):
+                    raise _Transient(f"no complete answer within {self.timeout_s:.1f} s (the deadline of the whole call)") from None
+                except _TRANSPORT_ERRORS as exc:
+                    raise _Transient(f"answer cut short ({type(exc).__name__}: {str(exc)[:200]})") from None
+                if len(data) > self.max_response_bytes:
+                    raise _Transient(f"answer is larger than {self.max_response_bytes} bytes")
+            finally:
+                response.close()
         finally:
-            response.close()
-        data = b"".join(chunks)
+            conn.close()
         if status >= 500 or status in TRANSIENT_4XX:
             raise _Transient(f"HTTP {status} from the ledger")
         if not 200 <= status < 500 or 300 <= status < 400:
@@ -222,8 +305,9 @@ class RestLedger:
                 raise _Transient(f"HTTP {status} without a ledger rejection body (a proxy or a wrong URL?)")
         return status, obj
 
-    def _call(self, method: str, path: str, *, body: Any = None, params: Mapping[str, Any] | None = None) -> tuple[int, Mapping[str, Any]]:
-        attempts = self.retries + 1
+    def _call(self, method: str, path: str, *, body: Any = None, params: Mapping[str, Any] | None = None,
+              attempts: int | None = None) -> tuple[int, Mapping[str, Any]]:
+        attempts = self.retries + 1 if attempts is None else attempts
         for attempt in range(attempts):
             try:
                 return self._once(method, path, body, params)
@@ -235,8 +319,8 @@ class RestLedger:
                     self._sleep(delay)
         raise LedgerUnavailable(f"ledger {method} {path} failed after {attempts} attempt(s): {last}")
 
-    def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
-        status, obj = self._call("GET", path, params=params)
+    def _get(self, path: str, params: Mapping[str, Any] | None = None, *, attempts: int | None = None) -> Mapping[str, Any]:
+        status, obj = self._call("GET", path, params=params, attempts=attempts)
         if status >= 400:
             raise LedgerRejected(obj["code"][:100], obj["detail"][:MAX_TEXT_CHARS], status)
         if status != 200:
@@ -254,6 +338,15 @@ class RestLedger:
     def server_time_ms(self) -> int:
         obj = self._get("/v1/time")
         return self._checked("/v1/time", lambda: _int(obj, "time_ms", "time", minimum=1))
+
+    def server_time_sample(self) -> TimeSample:
+        """The ledger's clock on ONE attempt (no retry, no back-off), with the local send and
+        receive times around it, so the clock guard's skew has an error of at most half a round trip."""
+        sent_ms = time.time_ns() // 1_000_000
+        obj = self._get("/v1/time", attempts=1)
+        received_ms = time.time_ns() // 1_000_000
+        server_ms = self._checked("/v1/time", lambda: _int(obj, "time_ms", "time", minimum=1))
+        return TimeSample(server_ms=server_ms, sent_ms=sent_ms, received_ms=received_ms)
 
     def info(self) -> dict:
         obj = self._get("/v1/info")
