@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit hil bench clean venv system-deps
+.PHONY: demo test unit hil bench clean venv system-deps evm-tools
 
 # Debian packages the tests and the demo use: socat joins the emulators' pseudo-terminals into
 # virtual serial lines; OpenSSH (client and a loopback server) is the provisioning/flashing target;
@@ -17,6 +17,7 @@ system-deps:
 	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -31,16 +32,25 @@ $(STAMP): pyproject.toml | system-deps
 
 venv: $(STAMP)
 
+# The EVM toolchain, pinned in contracts/package-lock.json: the anvil node (started by its binary
+# path, stopped by pid) and solc-js. Installed into contracts/node_modules (not committed).
+EVM_STAMP := contracts/node_modules/.installed
+$(EVM_STAMP): contracts/package.json contracts/package-lock.json | system-deps
+	cd contracts && npm ci --no-audit --no-fund --loglevel=error
+	touch $(EVM_STAMP)
+
+evm-tools: $(EVM_STAMP)
+
 demo: system-deps $(STAMP)
 	$(VENV)/bin/dgc-host demo
 
 # The whole suite on the default rig (emulators on ptys), then the rig-portable device tests
 # again on the MicroPython emulators under the Unix port.
-test: system-deps $(STAMP)
+test: system-deps $(STAMP) $(EVM_STAMP)
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q hil_tests --rig hil_tests/rigs/micropython.toml -m rig_portable
 
-unit: $(STAMP)
+unit: $(STAMP) $(EVM_STAMP)
 	$(PY) -m pytest -q tests
 
 hil: $(STAMP)
