@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would be switched, change nothing")
     p.set_defaults(func=cmd_rollback, needs_config=False)
 
+    from .release_cli import add_parser as add_release_parser  # helper E: `dgc release verify|rotate-key|revoke-key`
+    add_release_parser(sub)
+
     p = sub.add_parser("identity", help="prove possession of the device key: sign a provisioning challenge")
     _config_arg(p)
     p.add_argument("--challenge", required=True, metavar="HEX", help="the host's fresh challenge, 64 hex characters")
