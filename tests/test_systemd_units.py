@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "systemd"
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")
+ALL_UNITS = ["dgc.service", "dgc-rollback.service", "dgc-boot-check.service"]
 
 
 def unit(name: str) -> configparser.ConfigParser:
@@ -91,16 +92,40 @@ def test_dgc_service_sandbox_keeps_the_serial_devices_and_the_state_dir():
 def test_rollback_service_switches_then_restarts_dgc():
     u = unit("dgc-rollback.service")
     assert one(u, "Service", "Type") == "oneshot"
-    assert one(u, "Service", "ExecStart") == "/opt/dgc/current/venv/bin/dgc rollback --root /"
+    # The copy outside every release: a failing release's venv may not even start Python.
+    assert one(u, "Service", "ExecStart") == "/usr/bin/python3 -I /opt/dgc/boot/rollback.py --root /"
     post = values(u, "Service", "ExecStartPost")
     assert post == ["/bin/systemctl reset-failed dgc.service", "/bin/systemctl --no-block start dgc.service"]
-    assert one(u, "Service", "ReadWritePaths") == "/opt/dgc"
+    assert one(u, "Service", "ReadWritePaths").split() == ["/opt/dgc", "/var/lib/dgc"]  # the journal's -shm for its schema
     assert not u.has_section("Install"), "the rollback unit must only run as dgc.service's OnFailure= handler"
+
+
+def test_boot_check_runs_before_the_daemon_which_requires_it():
+    """A pending install is decided at boot before dgc.service may start; if it cannot be
+    decided (exit 1) the daemon does not start on a release that may not read the journal."""
+    u = unit("dgc-boot-check.service")
+    assert one(u, "Service", "Type") == "oneshot" and one(u, "Service", "RemainAfterExit") == "yes"
+    start = one(u, "Service", "ExecStart").split()
+    assert start[:4] == ["/usr/bin/python3", "-I", "/opt/dgc/boot/boot_check.py", "--root"]
+    assert start[start.index("--run-as") + 1] == one(unit("dgc.service"), "Service", "User")  # the daemon's own view
+    tries, delay = int(start[start.index("--tries") + 1]), int(start[start.index("--retry-delay") + 1])
+    from firmware.boot_check import SELFTEST_TIMEOUT_S  # one health check's bound (no --selftest-timeout in the unit)
+
+    assert "--selftest-timeout" not in start
+    assert tries * SELFTEST_TIMEOUT_S + (tries - 1) * delay < seconds(one(u, "Service", "TimeoutStartSec"))
+    assert one(u, "Unit", "Before") == "dgc.service"
+    assert "network-online.target" in one(u, "Unit", "After")
+    assert one(u, "Unit", "ConditionPathExists") == "/opt/dgc/boot/boot_check.py"
+    assert set(one(u, "Service", "ReadWritePaths").split()) == {"/opt/dgc", "/etc/dgc", "/var/lib/dgc"}
+    assert one(u, "Install", "WantedBy") == "multi-user.target"
+    d = unit("dgc.service")
+    assert one(d, "Unit", "Requires") == "dgc-boot-check.service"
+    assert "dgc-boot-check.service" in values(d, "Unit", "After")
 
 
 def _exec_paths() -> set[str]:
     paths = set()
-    for name in ("dgc.service", "dgc-rollback.service"):
+    for name in ALL_UNITS:
         u = unit(name)
         for key in ("ExecStart", "ExecStartPost", "ExecStartPre", "ExecStop"):
             for value in values(u, "Service", key):
@@ -136,9 +161,10 @@ needs_systemd_analyze = pytest.mark.skipif(
 
 
 @needs_systemd_analyze
-def test_systemd_analyze_verify_accepts_both_units(tmp_path):
+def test_systemd_analyze_verify_accepts_every_unit(tmp_path):
     root = _scratch_root(tmp_path)
-    names = ["dgc.service", "dgc-rollback.service"]
+    names = ALL_UNITS
+    assert sorted(p.name for p in UNITS.glob("*.service")) == sorted(names)
     for name in names:
         shutil.copy(UNITS / name, root / "etc" / "systemd" / "system" / name)
     result = _verify(root, names)
