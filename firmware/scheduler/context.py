@@ -1,0 +1,64 @@
+"""What every scheduler module shares: the board's config, its devices, the journal, the event
+log, the injected clock, the health flags and the locks that order jobs against each other.
+
+Why one small object: the job modules (metering, trading, outbox, trades, clock_guard,
+deliveries, router_link) each own one decision, but they act on the same journal and devices.
+Passing one context keeps their constructors short and makes the one rule that the simulation
+depends on easy to audit: time comes only from ``clock`` (never ``time.time()`` directly).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..config import BoardConfig
+from ..journal import Journal
+from ..messages import new_fields
+from .events import EventLog
+
+
+@dataclass
+class Health:
+    clock_ok: bool = True
+    clock_skew_ms: int | None = None
+    ledger_reachable: bool | None = None
+    meters_ok: dict[str, bool] = field(default_factory=dict)
+    dgr_ok: bool | None = None
+    last_reading_ms: dict[str, int] = field(default_factory=dict)
+
+
+class Context:
+    def __init__(self, config: BoardConfig, *, journal: Journal, key, meters, dgr, ledger, events: EventLog,
+                 clock: Callable[[], float]):
+        self.config = config
+        self.rules = config.market
+        self.journal = journal
+        self.key = key
+        self.meters = meters
+        self.dgr = dgr
+        self.ledger = ledger
+        self.events = events
+        self.clock = clock
+        self.health = Health()
+        # The delivery lock orders the slot edge, the heartbeat and the router's events: a row
+        # is selected and changed under it, so one job never undoes another's decision.
+        self.delivery_lock = threading.RLock()
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def fields(self, kind: str, nonce: int, ttl_s: int, **body) -> dict:
+        return new_fields(
+            kind,
+            ledger_id=self.config.ledger.ledger_id,
+            device_id=self.key.device_id,
+            nonce=nonce,
+            issued_at=self.now(),
+            ttl_s=ttl_s,
+            **body,
+        )

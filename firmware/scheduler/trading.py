@@ -1,0 +1,117 @@
+"""Forecast -> policy -> signed orders -> outbox: the bid and review jobs.
+
+The decision itself is pure (firmware.forecast, firmware.policy); this module gathers its
+inputs from the journal and the router, refuses to decide on stale data or a bad clock, and
+turns the policy's actions into signed, journalled messages.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from ..forecast import SLOTS_PER_DAY, forecast_net_wh, slot_net_energy
+from ..policy import CancelOrder, PlaceOrder, desired_orders, reconcile_market
+from .context import Context
+from .metering import Metering
+
+
+class Trading:
+    def __init__(self, ctx: Context, metering: Metering, *, flush_outbox: Callable[[], None]):
+        self.ctx = ctx
+        self.metering = metering
+        self._flush_outbox = flush_outbox
+        self._decide_lock = threading.Lock()
+
+    def bid(self) -> None:
+        """Forecast every open market and bring the house's orders in line (every slot)."""
+        ctx = self.ctx
+        self._decide(ctx.rules.open_markets(ctx.now()), "bid")
+
+    def review(self) -> None:
+        """Review the near markets more often than the full bid, cancelling what no longer fits."""
+        ctx = self.ctx
+        now = ctx.now()
+        near = [m for m in ctx.rules.open_markets(now) if m - now <= ctx.config.cadence.review_horizon_seconds]
+        if near:
+            self._decide(near, "review")
+
+    def _decide(self, markets: list[int], why: str) -> None:
+        ctx = self.ctx
+        if not ctx.health.clock_ok:
+            ctx.events.emit("bid.skipped", reason="clock skew beyond bound", skew_ms=ctx.health.clock_skew_ms)
+            return
+        problem = self.metering.house_data_problem()
+        if problem is not None:
+            ctx.events.emit("bid.skipped", reason=problem)
+            return
+        if not markets:
+            return
+        journal, rules = ctx.journal, ctx.rules
+        with self._decide_lock:
+            slot_s = rules.slot_seconds
+            since_ms = (ctx.now() - (ctx.config.forecast.history_days * SLOTS_PER_DAY + 2) * slot_s) * 1000
+            history = slot_net_energy(journal.readings(self.metering.house, since_ms), slot_s)
+            forecast = forecast_net_wh(
+                history, markets, slot_seconds=slot_s,
+                history_days=ctx.config.forecast.history_days, smoothing_percent=ctx.config.forecast.smoothing_percent,
+            )
+            if not forecast:
+                ctx.events.emit("bid.skipped", reason="no complete slot of meter history yet")
+                return
+            desired = desired_orders(forecast, rules, ctx.config.policy, self._battery_soc())
+            placed = cancelled = 0
+            now = ctx.now()
+            for market_id in markets:
+                if not rules.gate_open(market_id, now):
+                    continue
+                traded = {side: journal.traded_wh(market_id, side) for side in ("buy", "sell")}
+                actions = reconcile_market(
+                    market_id, desired.get(market_id), journal.orders_in_market(market_id), traded, rules.lot_wh
+                )
+                for action in actions:
+                    if isinstance(action, PlaceOrder):
+                        self._place(action)
+                        placed += 1
+                    elif isinstance(action, CancelOrder):
+                        self._cancel(action)
+                        cancelled += 1
+            if placed or cancelled:
+                ctx.events.emit(f"{why}.done", markets=len(markets), placed=placed, cancelled=cancelled)
+        self._flush_outbox()
+
+    def _battery_soc(self) -> int | None:
+        ctx = self.ctx
+        if ctx.config.policy.battery_capacity_wh <= 0:
+            return None
+        from ..drivers.dgr import DgrError
+
+        try:
+            return ctx.dgr.status().soc_percent
+        except DgrError as exc:
+            ctx.events.emit("alarm.dgr", detail=f"no state of charge: {exc}")
+            return None
+
+    def _place(self, action: PlaceOrder) -> None:
+        ctx = self.ctx
+        ttl = ctx.config.ledger.message_ttl_seconds
+
+        def build(nonce: int) -> dict:
+            return ctx.fields("order", nonce, ttl, market_id=action.market_id, side=action.side,
+                              energy_wh=action.energy_wh, price_per_kwh_minor=action.price_per_kwh_minor)
+
+        message = ctx.journal.enqueue_order(build, ctx.key)
+        f = message.fields
+        ctx.events.emit("order.signed", nonce=f["nonce"], market=f["market_id"], side=f["side"],
+                        energy_wh=f["energy_wh"], price=f["price_per_kwh_minor"])
+
+    def _cancel(self, action: CancelOrder) -> None:
+        ctx = self.ctx
+        ttl = ctx.config.ledger.message_ttl_seconds
+
+        def build(nonce: int) -> dict:
+            return ctx.fields("cancel", nonce, ttl, market_id=action.market_id, order_nonce=action.order_nonce)
+
+        message = ctx.journal.enqueue_cancel(action.order_nonce, build, ctx.key)
+        ctx.events.emit("cancel.signed", nonce=message.fields["nonce"], order=action.order_nonce,
+                        market=action.market_id, reason=action.reason)
