@@ -140,6 +140,11 @@ class MeterConfig:
     max_failures: int = _spec("an integer from 1 to 100", lambda v: 1 <= v <= 100, default=3)
     max_registers_per_request: int = _spec("zero (the model's own limit) or an integer from 1 to 125",
                                            lambda v: 0 <= v <= 125, default=0)
+    # Interchange meter only (A1, issue 7 l/m): a meter that sees only the net flow (a real
+    # bidirectional meter), and how many Wh short of its contract a delivery may be metered and
+    # still count as delivered (the router stops at its own count; settlement reads this meter).
+    net_only: bool = _spec("true or false", default=False)
+    tolerance_wh: int = _spec("an integer from 0 to 1000", lambda v: 0 <= v <= 1000, default=2)
 
     @property
     def power_limit_w(self) -> int:
