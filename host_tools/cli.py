@@ -19,6 +19,7 @@ GROUPS = (
     ("demo", "host_tools.demo", "run a simulated neighbourhood end to end and print a summary"),
     ("provision", "host_tools.provision", "give a board its identity: key made on the board, proof of possession, registered, config written"),
     ("flash", "host_tools.flash", "build signed release bundles; install one on a board with atomic switch, health check, rollback"),
+    ("sim", "host_tools.sim.cli", "deterministic simulation: the real firmware against simulated houses, faults and kills, invariants checked"),
     ("console", "host_tools.console", "the board's serial console: show its lines with host timestamps, send commands, or script one exchange"),
 )
 
