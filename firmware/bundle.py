@@ -293,7 +293,7 @@ def board_file(root: Path, board_path: str) -> Path:
     return Path(root) / board_path.lstrip("/")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -340,7 +340,7 @@ def verify_bundle(bundle: Path, release_pubkey: bytes, *, revoked: frozenset[str
         if path.is_symlink() or not path.is_file():
             raise BundleRefused(f"{bundle}: {entry['path']} is missing (or not a regular file); the manifest lists it")
         size = path.stat().st_size
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
         if size != entry["size"] or digest != entry["sha256"]:
             raise BundleRefused(f"{bundle}: {entry['path']} has sha256 {digest[:16]}... ({size} bytes); the signed manifest "
                                 f"says {entry['sha256'][:16]}... ({entry['size']} bytes): the file was altered or damaged")

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ import pytest
 import tomli_w
 
 from host_tools.bench_ledger.app import LedgerSettings
+from host_tools.flash import BundleRefused, install
+from host_tools.target import SshOptions, SshTarget
 from host_tools.bench_ledger.server import running_ledger
 from host_tools.neighbourhood import ManagedProcess
 
@@ -108,6 +112,29 @@ class Rig:
     def current(self) -> str:
         return os.readlink(self.root / "opt/dgc/current")
 
+    def target(self) -> SshTarget:
+        """The board as the host tools reach it, for calling host_tools.flash in this process."""
+        return SshTarget(self.sshd.destination, root=str(self.root), python=BOARD_PYTHON,
+                         options=SshOptions(port=self.sshd.port, identity_file=str(self.sshd.client_key),
+                                            known_hosts=str(self.sshd.known_hosts)))
+
+    def boot(self) -> dict:
+        """What the board does at boot before the daemon: dgc-boot-check.service's command, on the board."""
+        r = subprocess.run([BOARD_PYTHON, "-I", str(self.root / "opt/dgc/boot/boot_check.py"), "--root", str(self.root),
+                            "--json"], capture_output=True, text=True, timeout=300)
+        assert r.returncode in (0, 1), r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def running(self) -> str | None:
+        link = self.root / "opt/dgc/current"
+        return os.readlink(link).split("/")[-1] if link.is_symlink() else None
+
+    def healthy(self) -> bool:
+        """The running release's own health check passes (what the daemon would start on)."""
+        r = subprocess.run([str(self.root / "opt/dgc/current/venv/bin/dgc"), "selftest", str(self.root / "etc/dgc/board.toml"),
+                            "--allow-missing-key"], capture_output=True, text=True, timeout=120)
+        return r.returncode == 0
+
     def releases(self) -> set[str]:
         return {p.name for p in (self.root / "opt/dgc/releases").iterdir()}
 
@@ -167,6 +194,7 @@ def test_good_then_failing_release_leaves_the_board_on_the_good_one(rig: Rig):
     assert built.returncode == 0, built.stderr
     r = rig.install(v2, "--keep", "1")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "board verified bundle 2.0.0: signature by the pinned key" in r.stdout  # the board's own check, by 1.0.0
     lines = selftest_lines(r)
     assert [line.split(":")[0] for line in lines] == ["PASS config", "PASS key", "PASS meters", "PASS dgr", "PASS ledger",
                                                       "PASS clock", "PASS device"], lines
@@ -223,6 +251,23 @@ def test_good_then_failing_release_leaves_the_board_on_the_good_one(rig: Rig):
     assert r.returncode == 2 and "signature does not verify" in r.stderr
     assert rig.snapshot() == before
 
+    # A downgrade is refused unless forced (here and by the board).
+    built, old = rig.build("1.5.0", "--config", str(rig.config("good.toml")))
+    assert built.returncode == 0, built.stderr
+    r = rig.install(old)
+    assert r.returncode == 2 and "older than the running 2.0.0: a downgrade" in r.stderr and "--force-downgrade" in r.stderr
+    assert rig.snapshot() == before
+
+    # The board refuses by itself: this machine's check skipped, the foreign bundle uploaded, and
+    # the board's running release (2.0.0, coincurve, its pinned key) says no; nothing is switched.
+    with rig.target() as target, pytest.raises(BundleRefused, match="the board refused the bundle: .*another key signed it"):
+        install(target, foreign, host_check=False)
+    with rig.target() as target, pytest.raises(BundleRefused, match="the board refused the bundle: .*a downgrade"):
+        install(target, old, host_check=False)
+    after = rig.snapshot()
+    before.pop("opt/dgc/releases"), after.pop("opt/dgc/releases")  # the directory's mtime: a release came and went
+    assert after == before
+
     # Keep N: with --keep 1, installing 5.0.0 keeps 2.0.0 (the newest earlier one) and drops 1.0.0.
     built, v5 = rig.build("5.0.0", "--board-kind", KIND)  # no config in the bundle: the board keeps its own
     assert built.returncode == 0, built.stderr
@@ -271,3 +316,170 @@ def test_bundles_are_checked_before_a_local_board_is_touched(tmp_path, release):
     r = host_cli("flash", "build", "--version", "../x", "--board-kind", KIND, "--release-key", str(release.key),
                  "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "--version" in r.stderr
+
+
+# A power cut at each step of an install: the installer is killed (its whole process group, so
+# the SSH connection dies with it) right after the step, exactly where a power cut would leave
+# the board (every board write is fsynced and atomic); then the board "boots": its boot check
+# runs as dgc-boot-check.service runs it. The table records what the board runs afterwards.
+KILLED_INSTALL = """
+import os, signal, sys
+from pathlib import Path
+from host_tools.flash import install
+from host_tools.target import SshOptions, SshTarget
+dest, root, python, port, key, known, bundle, stop, control = sys.argv[1:10]
+target = SshTarget(dest, root=root, python=python, options=SshOptions(port=int(port), identity_file=key, known_hosts=known))
+Path(control).write_text(target._control_path)  # so the test can close the SSH master the killed run leaves
+def on_step(name):
+    if name == stop:
+        os.killpg(0, signal.SIGKILL)
+install(target, Path(bundle), on_step=on_step)
+"""
+
+
+def killed_install(rig: Rig, bundle: Path, step: str) -> None:
+    control = rig.work / "control-path"
+    proc = subprocess.run([sys.executable, "-c", KILLED_INSTALL, rig.sshd.destination, str(rig.root), BOARD_PYTHON,
+                           str(rig.sshd.port), str(rig.sshd.client_key), str(rig.sshd.known_hosts), str(bundle), step,
+                           str(control)], cwd=REPO, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL, f"the install did not reach step {step}: {proc.stderr}"
+    subprocess.run(["ssh", "-o", f"ControlPath={control.read_text()}", "-O", "exit", rig.sshd.destination],
+                   capture_output=True, timeout=30)
+
+
+def test_a_power_cut_at_each_step_of_an_install(rig: Rig, capsys):
+    from host_tools.flash import INSTALL_STEPS
+
+    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
+    assert r.returncode == 0, r.stderr
+    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
+    assert built.returncode == 0, built.stderr
+    r = rig.install(v1, "--board-kind", KIND)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (rig.root / "opt/dgc/boot/boot_check.py").is_file() and (rig.root / "opt/dgc/boot/rollback.py").is_file()
+
+    bad_config = rig.config("bad.toml", port=f"{rig.root}/dev/no-such-rs485")
+    rows = []
+    # (step after which the power goes, release config, what the board must run after booting)
+    cases = [(step, "good", "old" if INSTALL_STEPS.index(step) < INSTALL_STEPS.index("switched") else "new")
+             for step in INSTALL_STEPS]
+    cases.insert(INSTALL_STEPS.index("switched") + 1, ("switched", "bad", "old"))
+    minor = 0
+    for step, config, expected in cases:
+        minor += 1
+        version = f"1.{minor}.0"
+        built, bundle = rig.build(version, "--config", str(rig.config("good.toml") if config == "good" else bad_config))
+        assert built.returncode == 0, built.stderr
+        before = rig.running()
+        killed_install(rig, bundle, step)
+        pending = (rig.root / "opt/dgc/pending.json").exists()
+        outcome = rig.boot()
+        after = rig.running()
+        assert after == (before if expected == "old" else version), (step, config, outcome)
+        assert not (rig.root / "opt/dgc/pending.json").exists()
+        assert rig.healthy(), f"after a cut at {step} the board runs {after}, whose health check fails"
+        state = json.loads((rig.root / "opt/dgc/state.json").read_text())
+        assert state["current"] == after
+        if config == "bad":
+            assert version in state["failed"] and not (rig.root / f"opt/dgc/releases/{version}").exists()
+        rows.append((step, "fails its check" if config == "bad" else "passes", "yes" if pending else "no",
+                     outcome["outcome"], f"{after} ({'new' if after == version else 'old'})"))
+    # The board is not wedged: a normal install still goes through.
+    built, last = rig.build("2.0.0", "--config", str(rig.config("good.toml")))
+    r = rig.install(last)
+    assert r.returncode == 0 and rig.running() == "2.0.0", r.stdout + r.stderr
+
+    table = ["| power cut after step | new release's health check | pending.json at boot | boot check | board runs after boot |",
+             "|---|---|---|---|---|"] + [f"| {' | '.join(row)} |" for row in rows]
+    with capsys.disabled():
+        print("\n" + "\n".join(table))
+    (rig.work.parent / "power-cut-table.md").write_text("\n".join(table) + "\n")
+
+
+def test_boot_counter_rolls_back_a_release_whose_check_never_finishes(rig: Rig):
+    """Power cut DURING the health check, at every boot: the check is killed (process group) once
+    it has started; after --max-boot-attempts boots the release is rolled back without running."""
+    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
+    assert r.returncode == 0, r.stderr
+    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
+    assert rig.install(v1, "--board-kind", KIND).returncode == 0
+    built, v2 = rig.build("1.1.0", "--config", str(rig.config("good.toml")))
+    killed_install(rig, v2, "switched")
+    pending_path = rig.root / "opt/dgc/pending.json"
+    limit = json.loads(pending_path.read_text())["max_boot_attempts"]
+    assert limit == 3
+    for n in range(1, limit + 1):
+        proc = subprocess.Popen([BOARD_PYTHON, "-I", str(rig.root / "opt/dgc/boot/boot_check.py"), "--root", str(rig.root)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while json.loads(pending_path.read_text()).get("boot_attempts") != n:  # counted, the check is starting
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert rig.running() == "1.1.0"
+    outcome = rig.boot()
+    assert outcome["outcome"] == "rolled_back" and "did not finish its health check in 3 boot(s)" in outcome["reason"]
+    assert rig.running() == "1.0.0" and rig.healthy()
+
+
+def test_release_key_rotation_and_revocation_over_ssh(rig: Rig, tmp_path):
+    """Rotate: a statement signed by the old key pins the new one on the board (checked by the
+    board); bundles of the old key are refused from then on. Revoke: the board refuses the key."""
+    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
+    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
+    assert rig.install(v1, "--board-kind", KIND).returncode == 0
+    new_key = tmp_path / "new.key"
+    assert host_cli("flash", "keygen", "--out", str(new_key)).returncode == 0
+    statement = tmp_path / "rotate.json"
+    forged = tmp_path / "forged.json"
+    r = host_cli("flash", "sign-key-statement", "rotate", "--release-key", str(rig.release.other_key), "--new-pubkey",
+                 f"{new_key}.pub", "--generation", "1", "--out", str(forged))
+    assert r.returncode == 0, r.stderr
+    r = host_cli("flash", "apply-key-statement", str(forged), *rig.ssh())
+    assert r.returncode == 2 and "the board refused the statement" in r.stderr and "rotates from" in r.stderr, r.stderr
+    r = host_cli("flash", "sign-key-statement", "rotate", "--release-key", str(rig.release.key), "--new-pubkey",
+                 f"{new_key}.pub", "--generation", "1", "--out", str(statement))
+    assert r.returncode == 0, r.stderr
+    r = host_cli("flash", "apply-key-statement", str(statement), *rig.ssh())
+    assert r.returncode == 0 and "rotated the release key" in r.stdout, r.stderr
+    assert (rig.root / "etc/dgc/release-pubkey.hex").read_text().strip() == Path(f"{new_key}.pub").read_text().strip()
+    r = host_cli("flash", "apply-key-statement", str(statement), *rig.ssh())  # a replay
+    assert r.returncode == 2 and "cannot be replayed" in r.stderr
+
+    built, by_old = rig.build("1.1.0", "--config", str(rig.config("good.toml")))
+    r = rig.install(by_old)
+    assert r.returncode == 2 and "signature does not verify" in r.stderr
+    built, by_new = rig.build("1.2.0", "--config", str(rig.config("good.toml")), key=new_key)
+    r = rig.install(by_new)
+    assert r.returncode == 0 and rig.running() == "1.2.0", r.stdout + r.stderr
+
+    revocation = tmp_path / "revoke.json"
+    assert host_cli("flash", "sign-key-statement", "revoke", "--release-key", str(new_key), "--out", str(revocation)).returncode == 0
+    r = host_cli("flash", "apply-key-statement", str(revocation), *rig.ssh())
+    assert r.returncode == 0 and "nothing is accepted until a new key is pinned" in r.stdout, r.stderr
+    built, after = rig.build("1.3.0", "--config", str(rig.config("good.toml")), key=new_key)
+    with rig.target() as target, pytest.raises(BundleRefused, match="the board refused the bundle: .*is revoked"):
+        install(target, after, host_check=False)
+    assert rig.running() == "1.2.0"
+    for key in (rig.release.key, new_key):  # no secret crossed to the board or back
+        secret = key.read_text().split()[-1]
+        for path in (statement, revocation, rig.root / "etc/dgc/release-keys.json"):
+            assert secret not in path.read_text()
+
+
+def test_a_release_that_cannot_read_the_journal_is_refused(rig: Rig):
+    """The board's journal is at the firmware's schema; a release declaring it reads only a newer
+    one is refused by the board before any switch; the rollback path applies the same rule."""
+    from firmware.journal import SCHEMA_VERSION, Journal
+
+    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
+    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
+    assert rig.install(v1, "--board-kind", KIND).returncode == 0
+    Journal(rig.root / "var/lib/dgc/journal.sqlite3").close()  # the daemon's journal, as it makes it
+    built, newer = rig.build("1.1.0", "--config", str(rig.config("good.toml")), "--journal-schema", str(SCHEMA_VERSION + 1))
+    with rig.target() as target, pytest.raises(BundleRefused, match=rf"is schema {SCHEMA_VERSION}: switching would run it"):
+        install(target, newer, host_check=False)
+    assert rig.running() == "1.0.0" and not (rig.root / "opt/dgc/releases/1.1.0").exists()
+    state = json.loads((rig.root / "opt/dgc/state.json").read_text())
+    assert state["journal"] == f"{rig.root}/var/lib/dgc/journal.sqlite3"  # the rollback unit reads it from here

@@ -60,26 +60,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from firmware.bundle import (BUNDLE_FORMAT, FIRMWARE_WHEEL, MANIFEST, NAME_RE, PIP_WHEEL, REVOCATION_DOMAIN,
+                             REVOCATION_FORMAT, ROTATION_DOMAIN, ROTATION_FORMAT, SIGNATURE, BundleRefused, Manifest,
+                             canonical, check_downgrade, manifest_digest, parse_manifest, parse_pubkey, sign_statement,
+                             sha256_file, verify_bundle)
+
 from .target import BadTarget, BoardLayout, Target, TargetError, add_target_arguments, target_from_args
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLE_FORMAT = "dgc-bundle-v1"
-SIGN_DOMAIN = b"DGC-BUNDLE-v1\0"
-MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
-MAX_MANIFEST_BYTES = 1 << 20
-NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")  # versions and board kinds: safe as a directory name
-FIRMWARE_WHEEL = re.compile(r"^dgc_firmware-([^-]+)-.*\.whl$")
-PIP_WHEEL = re.compile(r"^pip-[^-]+-py3-none-any\.whl$")
 # The board's identity: taken from the running config into every new release's config.
 IDENTITY_KEYS = (("board", "name"), ("ledger", "url"), ("ledger", "ledger_id"))
 SELFTEST_TIMEOUT_S = 180
-
-
-class BundleRefused(Exception):
-    """The bundle or the input is not acceptable (exit 2); nothing on the board was changed."""
 
 
 class FlashError(Exception):
@@ -133,153 +127,8 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- manifest
-
-@dataclass(frozen=True)
-class Manifest:
-    raw: bytes
-    fields: dict
-
-    @property
-    def version(self) -> str:
-        return self.fields["version"]
-
-    @property
-    def compatible(self) -> list[str]:
-        return self.fields["compatible"]
-
-    @property
-    def files(self) -> list[dict]:
-        return self.fields["files"]
-
-    @property
-    def config(self) -> str:
-        return self.fields["config"]
-
-    @property
-    def requirement(self) -> str:
-        return self.fields["requirement"]
-
-
-def canonical(fields: dict) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-
-
-def manifest_digest(raw: bytes) -> bytes:
-    return hashlib.sha256(SIGN_DOMAIN + raw).digest()
-
-
-def _safe_relpath(path: object) -> bool:
-    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
-        return False
-    parts = path.split("/")
-    return all(part not in ("", ".", "..") for part in parts) and path not in (MANIFEST, SIGNATURE)
-
-
-def parse_manifest(raw: bytes) -> Manifest:
-    """Strict shape check of manifest bytes (after the signature was verified)."""
-    try:
-        fields = json.loads(raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleRefused(f"{MANIFEST}: not ASCII JSON ({exc})") from None
-    if not isinstance(fields, dict):
-        raise BundleRefused(f"{MANIFEST}: expected a JSON object")
-    if canonical(fields) != raw:
-        raise BundleRefused(f"{MANIFEST}: not in canonical form (sorted keys, compact); expected the bytes dgc-host flash build writes")
-    if fields.get("format") != BUNDLE_FORMAT:
-        raise BundleRefused(f"{MANIFEST}: format {fields.get('format')!r}; expected {BUNDLE_FORMAT!r}")
-    version = fields.get("version")
-    if not isinstance(version, str) or not NAME_RE.match(version) or ".." in version:
-        raise BundleRefused(f"{MANIFEST}: version {version!r}; expected letters, digits and . _ + - (at most 64)")
-    compatible = fields.get("compatible")
-    if not isinstance(compatible, list) or not compatible or not all(isinstance(k, str) and NAME_RE.match(k) for k in compatible):
-        raise BundleRefused(f"{MANIFEST}: compatible: expected a non-empty list of board kinds")
-    files = fields.get("files")
-    if not isinstance(files, list) or not files:
-        raise BundleRefused(f"{MANIFEST}: files: expected a non-empty list")
-    seen = set()
-    for entry in files:
-        if not isinstance(entry, dict) or set(entry) != {"path", "sha256", "size"}:
-            raise BundleRefused(f"{MANIFEST}: files: expected entries {{path, sha256, size}}, got {entry!r:.100}")
-        if not _safe_relpath(entry["path"]) or entry["path"] in seen:
-            raise BundleRefused(f"{MANIFEST}: files: path {entry['path']!r:.100} is not a safe, unique relative path")
-        if not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
-            raise BundleRefused(f"{MANIFEST}: files: {entry['path']}: sha256: expected 64 lowercase hex characters")
-        if type(entry["size"]) is not int or entry["size"] < 0:
-            raise BundleRefused(f"{MANIFEST}: files: {entry['path']}: size: expected a non-negative integer")
-        seen.add(entry["path"])
-    requirement = fields.get("requirement")
-    if not isinstance(requirement, str) or not re.fullmatch(r"dgc-firmware==[0-9A-Za-z.+!_-]+", requirement):
-        raise BundleRefused(f"{MANIFEST}: requirement {requirement!r}; expected dgc-firmware==VERSION")
-    if not any(FIRMWARE_WHEEL.match(path.split("/")[-1]) for path in seen if path.startswith("wheels/")):
-        raise BundleRefused(f"{MANIFEST}: no dgc_firmware wheel under wheels/")
-    config = fields.get("config")
-    if config not in ("", *seen):
-        raise BundleRefused(f"{MANIFEST}: config {config!r}; expected '' or one of the listed files")
-    installer = fields.get("installer")
-    if installer not in seen or not PIP_WHEEL.match(str(installer).split("/")[-1]) or not str(installer).startswith("wheels/"):
-        raise BundleRefused(f"{MANIFEST}: installer {installer!r}; expected the listed pip wheel under wheels/")
-    return Manifest(raw=raw, fields=fields)
-
-
-def verify_bundle(bundle: Path, release_pubkey: bytes) -> Manifest:
-    """Signature (against the board's pinned key), shape, and every file's size and sha256.
-
-    Raises BundleRefused naming the first problem. Reads only the bundle directory."""
-    from firmware.messages import verify_signature
-
-    bundle = Path(bundle)
-    manifest_path, signature_path = bundle / MANIFEST, bundle / SIGNATURE
-    if not manifest_path.is_file() or not signature_path.is_file():
-        raise BundleRefused(f"{bundle}: not a DGC bundle; expected a directory with {MANIFEST} and {SIGNATURE} (dgc-host flash build)")
-    raw = manifest_path.read_bytes()
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise BundleRefused(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
-    text = signature_path.read_text(encoding="ascii", errors="replace").strip()
-    if not re.fullmatch(r"[0-9a-f]{128}", text):
-        raise BundleRefused(f"{signature_path}: expected 128 lowercase hex characters (a compact secp256k1 signature)")
-    # verify_signature hashes its payload once: sha256(domain + manifest) is exactly manifest_digest.
-    if not verify_signature(SIGN_DOMAIN + raw, bytes.fromhex(text), release_pubkey, backend="ecdsa"):
-        raise BundleRefused(f"{bundle}: the signature does not verify against the release key pinned on the board "
-                            f"({release_pubkey.hex()[:16]}...): the manifest was altered after signing, or another key signed it")
-    manifest = parse_manifest(raw)
-    listed = {entry["path"] for entry in manifest.files}
-    present = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() or p.is_symlink()}
-    unlisted = sorted(present - listed - {MANIFEST, SIGNATURE})
-    if unlisted:
-        raise BundleRefused(f"{bundle}: file {unlisted[0]} is not in the manifest; expected only the signed files")
-    for entry in manifest.files:
-        path = bundle / entry["path"]
-        if path.is_symlink() or not path.is_file():
-            raise BundleRefused(f"{bundle}: {entry['path']} is missing (or not a regular file); the manifest lists it")
-        size = path.stat().st_size
-        digest = _sha256_file(path)
-        if size != entry["size"] or digest != entry["sha256"]:
-            raise BundleRefused(f"{bundle}: {entry['path']} has sha256 {digest[:16]}... ({size} bytes); the signed manifest "
-                                f"says {entry['sha256'][:16]}... ({entry['size']} bytes): the file was altered or damaged")
-    return manifest
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def parse_pubkey(text: str, where: str) -> bytes:
-    """A pinned release key: 66 hex characters (compressed secp256k1 point)."""
-    import coincurve
-
-    text = text.strip()
-    try:
-        raw = bytes.fromhex(text)
-        if len(raw) != 33:
-            raise ValueError
-        coincurve.PublicKey(raw)
-    except ValueError:
-        raise BundleRefused(f"{where}: expected a compressed secp256k1 public key (66 hex characters)") from None
-    return raw
+# The manifest, its signature and the key rules are the board's (firmware/bundle.py): this
+# machine applies the same code before uploading, as a convenience that refuses early.
 
 
 # --------------------------------------------------------------------------- building
@@ -363,9 +212,19 @@ def build_wheels(dest: Path, *, repo: Path = REPO_ROOT, platforms: tuple[str, ..
          "downloading pip's wheel")
 
 
+def readable_journal_schemas() -> list[int]:
+    """The journal schema versions this tree's firmware can read: the journal package's own list
+    if it declares one, else every version up to its own (its migrations bring older ones up)."""
+    import firmware.journal as journal
+
+    declared = getattr(journal, "READABLE_SCHEMA_VERSIONS", None)
+    return sorted(set(declared)) if declared else list(range(1, journal.SCHEMA_VERSION + 1))
+
+
 def build_bundle(out_dir: Path, *, release_key: Path, version: str | None = None, board_kinds: tuple[str, ...] = (),
                  config: Path | None = None, wheels_from: Path | None = None, platforms: tuple[str, ...] = (),
-                 python_version: str | None = None, repo: Path = REPO_ROOT, progress: Progress | None = None) -> Path:
+                 python_version: str | None = None, repo: Path = REPO_ROOT, progress: Progress | None = None,
+                 journal_schemas: tuple[int, ...] = ()) -> Path:
     """Write ``out_dir/dgc-<version>/`` and return it. See the module doc for the layout."""
     from firmware.keystore import KeyFileError, load_key_file
 
@@ -433,7 +292,8 @@ def build_bundle(out_dir: Path, *, release_key: Path, version: str | None = None
             "config": "config/board.toml" if config_bytes is not None else "",
             "installer": f"wheels/{installers[0]}",
             "release_key": key.public_key.hex(),
-            "files": [{"path": p.relative_to(staging).as_posix(), "sha256": _sha256_file(p), "size": p.stat().st_size}
+            "journal_schemas": sorted(set(journal_schemas)) if journal_schemas else readable_journal_schemas(),
+            "files": [{"path": p.relative_to(staging).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size}
                       for p in files],
         }
         raw = canonical(fields)
@@ -507,12 +367,87 @@ def _systemctl(target: Target, systemctl: str, action: str, unit: str) -> None:
     target.run([*shlex.split(systemctl), action, unit], what=f"{systemctl} {action} {unit}")
 
 
+INSTALL_STEPS = ("verified", "uploaded", "board-verified", "installed", "pending", "switched", "checked")
+BOOT_DIR = "/opt/dgc/boot"
+BOOT_SCRIPTS = ("boot_check.py", "rollback.py")  # standard library only: they run outside every release
+DEFAULT_MAX_BOOT_ATTEMPTS = 3
+
+
+def _journal_of(config: bytes | None) -> str | None:
+    """The journal path a config gives the daemon ([board] state_dir/journal.sqlite3, as firmware.config has it)."""
+    if not config:
+        return None
+    try:
+        state_dir = tomllib.loads(config.decode("utf-8")).get("board", {}).get("state_dir")
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        return None
+    return f"{state_dir.rstrip('/')}/journal.sqlite3" if isinstance(state_dir, str) and state_dir.startswith("/") else None
+
+
+def boot_scripts(bundle: Path, manifest: Manifest) -> dict[str, bytes]:
+    """The boot check and rollback scripts of a release, read from its dgc_firmware wheel."""
+    import zipfile
+
+    wheel = next(bundle / e["path"] for e in manifest.files
+                 if e["path"].startswith("wheels/") and FIRMWARE_WHEEL.match(e["path"].split("/")[-1]))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        missing = [n for n in BOOT_SCRIPTS if f"firmware/{n}" not in names]
+        if missing:
+            raise BundleRefused(f"{wheel.name}: no firmware/{missing[0]}; expected a firmware with the board's boot check")
+        return {name: archive.read(f"firmware/{name}") for name in BOOT_SCRIPTS}
+
+
+def _write_boot_scripts(target: Target, scripts: dict[str, bytes]) -> None:
+    for name, data in scripts.items():
+        target.write_file(target.board_path(f"{BOOT_DIR}/{name}"), data, mode=0o644)
+
+
+def _board_verify(target: Target, layout: BoardLayout, release: str, *, board_kind: str | None, force_downgrade: bool) -> str | None:
+    """`dgc release verify` of the board's RUNNING release on the uploaded copy: the board's own
+    decision. None when the running release predates the command (it cannot verify)."""
+    argv = [target.board_path(layout.dgc), "release", "verify", release, "--root", target.root]
+    argv += (["--board-kind", board_kind] if board_kind else []) + (["--force-downgrade"] if force_downgrade else [])
+    result = target.run(argv, check=False, what="dgc release verify (running release)")
+    if result.returncode == 0:
+        return result.text.strip()
+    if result.returncode == 2 and b"invalid choice: 'release'" in result.stderr:
+        return None
+    message = result.stderr.decode("utf-8", "replace").strip().splitlines()
+    detail = message[-1] if message else f"exit {result.returncode}"
+    if result.returncode == 2:
+        raise BundleRefused(f"the board refused the bundle: {detail.removeprefix('dgc release verify: refused: ')}")
+    raise FlashError(f"dgc release verify failed on {target.describe()}: {detail}")
+
+
+def run_boot_check(target: Target, *, abandon: bool = False) -> dict:
+    """The board's boot check (what dgc-boot-check.service runs at boot), from its copy in
+    /opt/dgc/boot: health check of the switched-to release, then commit or roll back."""
+    argv = [target.python, "-I", target.board_path(f"{BOOT_DIR}/boot_check.py"), "--root", target.root, "--json",
+            "--selftest-timeout", str(SELFTEST_TIMEOUT_S)]
+    argv += (["--run-as", target.board_user] if target.board_user else []) + (["--abandon"] if abandon else [])
+    result = target.run(argv, check=False, timeout=SELFTEST_TIMEOUT_S + 120, what="boot check (health check, commit or roll back)")
+    lines = result.text.strip().splitlines()
+    try:
+        outcome = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise FlashError(f"the boot check on {target.describe()} gave no outcome (exit {result.returncode}): "
+                         f"{result.last_lines(3)}") from None
+    return outcome
+
+
 def install(target: Target, bundle: Path, *, board_kind: str | None = None, keep: int = 2, service: str | None = None,
-            systemctl: str = "systemctl", progress: Progress | None = None, out=None) -> InstallResult:
-    """Verify ``bundle`` for this board, install it as a new release, switch, health-check, then
-    commit or roll back. Raises BundleRefused before changing anything on the board."""
+            systemctl: str = "systemctl", progress: Progress | None = None, out=None, force_downgrade: bool = False,
+            host_check: bool = True, max_boot_attempts: int = DEFAULT_MAX_BOOT_ATTEMPTS, on_step=None) -> InstallResult:
+    """Verify ``bundle`` for this board, install it as a new release, let the board verify it,
+    switch, health-check, then commit or roll back (the board's boot check decides).
+
+    Raises BundleRefused before switching anything. ``host_check=False`` skips this machine's
+    own check (to show that the board refuses by itself). ``on_step(name)`` is called after each
+    of INSTALL_STEPS (progress reporting; the power-cut tests kill the installer there)."""
     progress = progress or Progress(enabled=False)
     say = (lambda text: print(text, file=out, flush=True)) if out is not None else (lambda text: log.info("%s", text))
+    step = on_step or (lambda name: None)
     layout = BoardLayout()
     if keep < 0:
         raise BundleRefused(f"--keep {keep}: expected zero or more earlier releases to keep")
@@ -522,43 +457,56 @@ def install(target: Target, bundle: Path, *, board_kind: str | None = None, keep
     pending_path = target.board_path(layout.pending)
     pubkey_path = target.board_path(layout.release_pubkey)
     current_path = target.board_path(layout.current)
-    identity_path = target.board_path(layout.identity)
-    facts = target.probe(pubkey_path, config_path, current_path, pending_path, identity_path)
+    boot_path = target.board_path(f"{BOOT_DIR}/boot_check.py")
+    facts = target.probe(pubkey_path, config_path, current_path, pending_path, boot_path)
     if facts[pubkey_path]["content"] is None:
         raise BundleRefused(f"no release key is pinned on {target.describe()} ({pubkey_path}); expected one: pin yours with "
                             "dgc-host flash trust TARGET --release-pubkey KEY.pub")
     pubkey = parse_pubkey(facts[pubkey_path]["content"].decode("ascii", "replace"), f"{pubkey_path} on {target.describe()}")
-    manifest = verify_bundle(Path(bundle), pubkey)
-    running_config = facts[config_path]["content"]
-    config_kind = _board_kind(running_config, f"{config_path} on {target.describe()}")
-    if config_kind and board_kind and config_kind != board_kind:
-        raise BundleRefused(f"--board-kind {board_kind}: the board's config says [board] kind = {config_kind!r}; expected them to agree")
-    kind = config_kind or board_kind
-    if kind is None:
-        raise BundleRefused(f"{target.describe()} has no board config at {config_path} to tell its kind; for a first install "
-                            "pass --board-kind")
-    if kind not in manifest.compatible:
-        raise BundleRefused(f"bundle {manifest.version} is for board kind(s) {', '.join(manifest.compatible)}; this board "
-                            f"is {kind!r}")
-    if not manifest.config and running_config is None:
-        raise BundleRefused(f"neither the bundle nor {target.describe()} has a board config; expected a bundle built with --config")
     link = facts[current_path].get("link")
     previous = link.rstrip("/").split("/")[-1] if link else None
-    if previous == manifest.version:
-        raise BundleRefused(f"version {manifest.version} is already the running release on {target.describe()}; "
-                            "expected a bundle built with a new --version")
+    running_config = facts[config_path]["content"]
+    config_kind = _board_kind(running_config, f"{config_path} on {target.describe()}")
+    if host_check:
+        manifest = verify_bundle(Path(bundle), pubkey)
+        if config_kind and board_kind and config_kind != board_kind:
+            raise BundleRefused(f"--board-kind {board_kind}: the board's config says [board] kind = {config_kind!r}; expected them to agree")
+        kind = config_kind or board_kind
+        if kind is None:
+            raise BundleRefused(f"{target.describe()} has no board config at {config_path} to tell its kind; for a first install "
+                                "pass --board-kind")
+        if kind not in manifest.compatible:
+            raise BundleRefused(f"bundle {manifest.version} is for board kind(s) {', '.join(manifest.compatible)}; this board "
+                                f"is {kind!r}")
+        check_downgrade(manifest.version, previous, allow_downgrade=force_downgrade)
+    else:
+        manifest = parse_manifest((Path(bundle) / MANIFEST).read_bytes())
+        kind = config_kind or board_kind
+    if not manifest.config and running_config is None:
+        raise BundleRefused(f"neither the bundle nor {target.describe()} has a board config; expected a bundle built with --config")
     if facts[pending_path]["type"] is not None:
         raise FlashError(f"an earlier install on {target.describe()} was interrupted ({pending_path} exists); run "
-                         "dgc-host flash rollback TARGET first")
-    say(f"verified bundle {manifest.version} (signature by the pinned release key {pubkey.hex()[:16]}..., "
-        f"{len(manifest.files)} files, board kind {kind})")
+                         "dgc-host flash rollback TARGET first (or let the board boot: its boot check decides it)")
+    if host_check:
+        say(f"verified bundle {manifest.version} here (signature by the pinned release key {pubkey.hex()[:16]}..., "
+            f"{len(manifest.files)} files, board kind {kind})")
+    step("verified")
 
-    # ---- install the new release beside the running one
+    # ---- install the new release beside the running one; the board verifies what arrived
     release = target.board_path(layout.release(manifest.version))
     target.remove_tree(release)  # if there: left by an interrupted install, or an old copy of this version
     try:
         target.upload_tree(Path(bundle), release,
                            on_progress=lambda done, total: progress.bytes("uploading the bundle", done, total))
+        step("uploaded")
+        if previous:
+            verdict = _board_verify(target, layout, release, board_kind=None if config_kind else board_kind,
+                                    force_downgrade=force_downgrade)
+            say(verdict or f"note: the running release {previous} predates board-side verification; verified here only")
+        else:
+            say("first install: no release on the board can verify it yet (trust on first use, as when writing the SD "
+                "card); verified here only")
+        step("board-verified")
         received = target.sha256_files(release, [entry["path"] for entry in manifest.files])
         for entry in manifest.files:
             got = received.get(entry["path"])
@@ -579,102 +527,68 @@ def install(target: Target, bundle: Path, *, board_kind: str | None = None, keep
                              f"(bundle built for Python {manifest.fields.get('python')}, platforms "
                              f"{', '.join(manifest.fields.get('platforms', []))}): {result.last_lines(3)}")
         bundle_config = (Path(bundle) / manifest.config).read_bytes() if manifest.config else None
-        target.write_file(f"{release}/board.toml", compose_config(bundle_config, running_config))
+        new_config = compose_config(bundle_config, running_config)
+        target.write_file(f"{release}/board.toml", new_config)
         target.run([f"{release}/venv/bin/dgc", "check-config", f"{release}/board.toml"], what="dgc check-config (new release)",
                    as_board_user=True)
         target.write_file(f"{release}/installed.json", canonical({
             "version": manifest.version, "previous": previous, "installed_at": int(time.time()),
             "manifest_sha256": hashlib.sha256(manifest.raw).hexdigest()}) + b"\n")
+        scripts = boot_scripts(Path(bundle), manifest)
+        if facts[boot_path]["type"] is None:  # a first install: nothing committed yet to take them from
+            _write_boot_scripts(target, scripts)
         target.sync()
+    except BundleRefused:
+        with contextlib.suppress(TargetError):
+            target.remove_tree(release)
+        raise
     except (FlashError, TargetError):
         with contextlib.suppress(TargetError):
             target.remove_tree(release)
         raise
     say(f"installed {manifest.version} in {layout.release(manifest.version)}")
+    step("installed")
 
-    # ---- switch
+    # ---- switch: the marker first, so that a cut at any later point is decided at the next boot
     if service:
         _systemctl(target, systemctl, "stop", service)
     config_state = facts[config_path]
     backup = None
     if config_state["type"] == "file":  # a config from before the first install: kept for a rollback
-        backup = config_path + ".before-flash"
-        target.write_file(backup, running_config or b"")
-    target.write_file(pending_path, canonical({"candidate": manifest.version, "previous": previous,
-                                              "config_backup": backup, "started_at": int(time.time())}) + b"\n")
+        backup = layout.config + ".before-flash"
+        target.write_file(target.board_path(backup), running_config or b"")
+    target.write_file(pending_path, canonical({
+        "candidate": manifest.version, "previous": previous, "config_backup": backup, "journal": _journal_of(new_config),
+        "boot_attempts": 0, "max_boot_attempts": max_boot_attempts, "started_at": int(time.time())}) + b"\n")
+    step("pending")
     try:
-        target.symlink(target.board_path(layout.current), f"releases/{manifest.version}")
+        target.symlink(current_path, f"releases/{manifest.version}")
         config_link = os.path.relpath(target.board_path(f"{layout.current}/board.toml"), os.path.dirname(config_path))
         if config_state["type"] != "link" or config_state.get("link") != config_link:
             target.symlink(config_path, config_link)
         say(f"switched {layout.current}: {previous or '(none)'} -> {manifest.version}")
+        step("switched")
 
-        # ---- health check from the new release, then commit or roll back
-        provisioned = facts[identity_path]["type"] is not None
-        argv = [target.board_path(layout.dgc), "selftest", config_path] + ([] if provisioned else ["--allow-missing-key"])
+        # ---- health check from the new release, then commit or roll back: the board's boot check
         with progress.step("health check (dgc selftest)"):
-            check = target.run(argv, check=False, timeout=SELFTEST_TIMEOUT_S, what="dgc selftest (new release)", as_board_user=True)
-        lines = [line for line in check.text.splitlines() if line.strip()]
-        if check.returncode != 0 and not lines:
-            lines = [f"dgc selftest exited {check.returncode}: {check.last_lines(3)}"]
-        outcome = InstallResult(version=manifest.version, previous=previous, committed=check.returncode == 0, selftest=lines)
-        if outcome.committed:
-            _record_state(target, layout, current=manifest.version, previous=previous)
-            target.remove_tree(pending_path)
-            if backup:
-                target.remove_tree(backup)
-        else:
-            _switch_back(target, layout, manifest.version, previous, backup)
+            decided = run_boot_check(target)
     except TargetError as exc:  # e.g. the connection dropped: say where the board was left
-        raise FlashError(f"{exc}; the switch to {manifest.version} was not finished ({layout.pending} is on the board): run "
-                         f"dgc-host flash rollback TARGET to return to {previous or 'no release'}") from None
+        raise FlashError(f"{exc}; the switch to {manifest.version} was not finished ({layout.pending} is on the board): the "
+                         f"board decides it at its next boot, or run dgc-host flash rollback TARGET to return to "
+                         f"{previous or 'no release'}") from None
+    step("checked")
+    lines = decided.get("selftest") or ([decided["reason"]] if decided.get("reason") else [])
+    outcome = InstallResult(version=manifest.version, previous=previous, committed=decided["outcome"] == "committed",
+                            selftest=lines)
+    if decided["outcome"] == "stuck":
+        raise FlashError(f"the board could not roll back from {manifest.version}: {decided['reason']}")
     if outcome.committed:
+        _write_boot_scripts(target, scripts)  # from now on the board's boot check is this committed release's
         outcome.removed = _prune(target, layout, manifest.version, keep)
         outcome.notes += _unit_notes(target, manifest)
     if service and (outcome.committed or previous):
         _systemctl(target, systemctl, "start", service)
     return outcome
-
-
-def _switch_back(target: Target, layout: BoardLayout, candidate: str, previous: str | None, backup: str | None) -> None:
-    """Undo a switch: ``current`` back to ``previous`` (or away, with the old config file restored,
-    when there was none), the candidate release removed, the pending marker last."""
-    current = target.board_path(layout.current)
-    config_path = target.board_path(layout.config)
-    if previous:
-        target.symlink(current, f"releases/{previous}")
-    else:
-        target.remove_tree(current)
-    if backup:
-        old = target.read_file(backup)
-        if old is not None:
-            target.write_file(config_path, old)
-            target.remove_tree(backup)
-    elif not previous:
-        target.remove_tree(config_path)  # the link into a release that is gone
-    target.remove_tree(target.board_path(layout.release(candidate)))
-    _record_state(target, layout, current=previous, failed=candidate)
-    target.remove_tree(target.board_path(layout.pending))
-
-
-def _record_state(target: Target, layout: BoardLayout, *, current: str | None, previous: str | None = None,
-                  failed: str | None = None) -> None:
-    """/opt/dgc/state.json, shared with the board's own rollback (firmware/rollback.py): the running
-    release, the one before it, and versions whose health check failed. Unknown keys are kept."""
-    path = target.board_path(layout.state)
-    raw = target.read_file(path)
-    try:
-        state = json.loads(raw) if raw else {}
-    except ValueError:
-        state = {}
-    state = state if isinstance(state, dict) else {}
-    failed_list = [v for v in state.get("failed", []) if isinstance(v, str) and v != current]
-    if failed and failed not in failed_list:
-        failed_list.append(failed)
-    state.update(current=current, failed=failed_list)
-    if failed is None:
-        state["previous"] = previous
-    target.write_file(path, json.dumps(state, indent=2, sort_keys=True).encode() + b"\n")
 
 
 def _prune(target: Target, layout: BoardLayout, current: str, keep: int) -> list[str]:
@@ -716,11 +630,12 @@ def rollback(target: Target, *, service: str | None = None, systemctl: str = "sy
     pending_path = target.board_path(layout.pending)
     if service:
         _systemctl(target, systemctl, "stop", service)
-    raw = target.read_file(pending_path)
-    if raw is not None:
-        pending = json.loads(raw)
-        _switch_back(target, layout, pending["candidate"], pending.get("previous"), pending.get("config_backup"))
-        message = (f"interrupted install of {pending['candidate']} undone; running {pending.get('previous') or 'no release'}")
+    if target.exists(pending_path):
+        decided = run_boot_check(target, abandon=True)
+        if decided["outcome"] == "stuck":
+            raise FlashError(f"the board could not undo the interrupted install: {decided['reason']}")
+        message = (f"interrupted install of {decided.get('candidate')} undone ({decided.get('reason')}); "
+                   f"running {decided.get('running') or 'no release'}")
     else:
         current = _current_version(target, layout)
         if current is None:
@@ -804,7 +719,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     bundle = build_bundle(Path(args.out), release_key=Path(args.release_key), version=args.version,
                           board_kinds=tuple(args.board_kind), config=Path(args.config) if args.config else None,
                           wheels_from=Path(args.wheels_from) if args.wheels_from else None, platforms=tuple(args.platform),
-                          python_version=args.python_version, progress=Progress())
+                          python_version=args.python_version, progress=Progress(),
+                          journal_schemas=tuple(args.journal_schema))
     manifest = json.loads((bundle / MANIFEST).read_bytes())
     print(f"bundle {bundle}")
     print(f"version {manifest['version']} for {', '.join(manifest['compatible'])}; {len(manifest['files'])} files; "
@@ -828,7 +744,8 @@ def cmd_trust(args: argparse.Namespace) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     with target_from_args(args.target, args) as target:
         result = install(target, Path(args.bundle), board_kind=args.board_kind, keep=args.keep, service=args.service,
-                         systemctl=args.systemctl, progress=Progress(), out=sys.stdout)
+                         systemctl=args.systemctl, progress=Progress(), out=sys.stdout, force_downgrade=args.force_downgrade,
+                         max_boot_attempts=args.max_boot_attempts)
     print("health check (dgc selftest):")
     for line in result.selftest:
         print(f"  {line}")
@@ -844,6 +761,64 @@ def cmd_install(args: argparse.Namespace) -> int:
     else:
         print(f"health check of {result.version} failed: first install undone, no release installed")
     return EXIT_FAILED
+
+
+def cmd_sign_key_statement(args: argparse.Namespace) -> int:
+    """Sign a rotation (old key -> new key) or a revocation, offline, once for the whole fleet."""
+    from firmware.keystore import KeyFileError, load_key_file
+
+    try:
+        key = load_key_file(Path(args.release_key))
+    except KeyFileError as exc:
+        raise BundleRefused(f"--release-key: {exc}") from None
+    out = Path(args.out)
+    if out.exists():
+        raise BundleRefused(f"--out {out}: already exists; expected a new file")
+    if args.kind == "rotate":
+        if not args.new_pubkey or args.generation is None:
+            raise BundleRefused("rotate: expected --new-pubkey NEW.pub and --generation N (higher than the boards' current one)")
+        new = _read_pubkey_arg(args.new_pubkey)
+        fields = {"format": ROTATION_FORMAT, "old": key.public_key.hex(), "new": new.hex(), "generation": args.generation}
+        statement, what = sign_statement(ROTATION_DOMAIN, fields, key), f"rotation {key.public_key.hex()[:16]}... -> {new.hex()}"
+    else:
+        revoked = _read_pubkey_arg(args.revoke) if args.revoke else key.public_key
+        fields = {"format": REVOCATION_FORMAT, "revoked": revoked.hex()}
+        statement, what = sign_statement(REVOCATION_DOMAIN, fields, key), f"revocation of {revoked.hex()}"
+    out.write_text(json.dumps(statement, indent=2) + "\n", encoding="ascii")
+    print(f"wrote {what} to {out} (signed by {key.public_key.hex()[:16]}...); apply it with dgc-host flash apply-key-statement")
+    return EXIT_OK
+
+
+def apply_key_statement(target: Target, statement: bytes, kind: str) -> str:
+    """Hand a key statement to the board's running release, which checks it against its pinned key."""
+    layout = BoardLayout()
+    if not target.exists(target.board_path(layout.dgc)):
+        raise FlashError(f"{target.describe()} has no release installed to check the statement; on a bare board pin the key "
+                         "with dgc-host flash trust --replace")
+    path = target.board_path(f"{layout.opt}/.key-statement.json")
+    target.write_file(path, statement, mode=0o644)
+    try:
+        result = target.run([target.board_path(layout.dgc), "release", f"{kind}-key", path, "--root", target.root],
+                            check=False, what=f"dgc release {kind}-key")
+    finally:
+        target.remove_tree(path)
+    detail = (result.stderr or result.stdout).decode("utf-8", "replace").strip().splitlines()
+    if result.returncode == 2:
+        raise BundleRefused(f"the board refused the statement: {detail[-1].split('refused: ', 1)[-1] if detail else ''}")
+    if result.returncode != 0:
+        raise FlashError(f"dgc release {kind}-key failed on {target.describe()}: {detail[-1] if detail else result.returncode}")
+    return result.text.strip()
+
+
+def cmd_apply_key_statement(args: argparse.Namespace) -> int:
+    data = Path(args.statement).read_bytes()
+    try:
+        kind = "rotate" if json.loads(json.loads(data)["payload"])["format"] == ROTATION_FORMAT else "revoke"
+    except (ValueError, KeyError, TypeError):
+        raise BundleRefused(f"{args.statement}: expected a key statement written by dgc-host flash sign-key-statement") from None
+    with target_from_args(args.target, args) as target:
+        print(apply_key_statement(target, data, kind))
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -892,6 +867,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     p.add_argument("--platform", action="append", default=[], metavar="TAG",
                    help="wheel platform of the board, e.g. manylinux2014_aarch64 (repeatable; default: this machine's)")
     p.add_argument("--python-version", help="the board's Python, e.g. 3.11 (default: this machine's)")
+    p.add_argument("--journal-schema", action="append", type=int, default=[], metavar="N",
+                   help="a journal schema version the release can read (repeatable; default: what this tree's firmware reads)")
     p.set_defaults(func=_run(cmd_build))
 
     p = sub.add_parser("trust", help="pin the release public key on a board (or an SD card's root)")
@@ -906,9 +883,28 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     p.add_argument("target", metavar="TARGET", help="user@host or a directory standing for the board's root")
     p.add_argument("--board-kind", help="the board's kind, for a first install on a board without a config")
     p.add_argument("--keep", type=_nonnegative, default=2, metavar="N", help="earlier releases to keep (default 2)")
+    p.add_argument("--force-downgrade", action="store_true", help="install a release older than the running one")
+    p.add_argument("--max-boot-attempts", type=_nonnegative, default=DEFAULT_MAX_BOOT_ATTEMPTS, metavar="N",
+                   help=f"boots the board gives the new release to pass its health check (default {DEFAULT_MAX_BOOT_ATTEMPTS})")
     service_args(p)
     add_target_arguments(p)
     p.set_defaults(func=_run(cmd_install))
+
+    p = sub.add_parser("sign-key-statement", help="sign a release key rotation (old -> new) or revocation, offline")
+    p.add_argument("kind", choices=("rotate", "revoke"))
+    p.add_argument("--release-key", required=True, help="the signing key: the OLD key for a rotation; for a revocation the "
+                                                         "key itself or the boards' pinned key")
+    p.add_argument("--new-pubkey", metavar="HEX_OR_FILE", help="rotate: the new key's public half")
+    p.add_argument("--generation", type=int, help="rotate: higher than the boards' current generation (1 for the first rotation)")
+    p.add_argument("--revoke", metavar="HEX_OR_FILE", help="revoke: the key to revoke (default: the --release-key itself)")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.set_defaults(func=_run(cmd_sign_key_statement))
+
+    p = sub.add_parser("apply-key-statement", help="give a board a key statement; the board checks it against its pinned key")
+    p.add_argument("statement", metavar="FILE")
+    p.add_argument("target", metavar="TARGET")
+    add_target_arguments(p)
+    p.set_defaults(func=_run(cmd_apply_key_statement))
 
     p = sub.add_parser("status", help="show the board's releases, the running one, the pinned key (JSON)")
     p.add_argument("target", metavar="TARGET")
