@@ -140,7 +140,8 @@ def undo(root: Path, base: Path, pending: dict, reason: str, *, failed: bool, no
 def commit(root: Path, base: Path, pending: dict) -> None:
     candidate, previous = pending["candidate"], pending.get("previous")
     state, _ = ab.read_state(base / "state.json")
-    state.update(current=candidate, previous=previous,
+    committed = [v for v in state.get("committed", []) if isinstance(v, str) and v != candidate]
+    state.update(current=candidate, previous=previous, committed=committed + [candidate],
                  failed=[v for v in state.get("failed", []) if isinstance(v, str) and v != candidate])
     if pending.get("journal"):
         state["journal"] = pending["journal"]

@@ -181,9 +181,16 @@ def choose_target(dgc_dir: Path, current: str, state: dict, journal_schema: int 
     if (isinstance(previous, str) and previous not in failed and previous in installed and runnable(releases_dir / previous)
             and reads_journal(previous)):
         return previous, f"the previous release recorded in {dgc_dir / 'state.json'}"
+    # Only releases that once passed their health check here (state.json's "committed", kept by
+    # the boot check); a release left installed but never switched to by a cut install is not one.
+    committed = state.get("committed")
+    vetted = {v for v in committed if isinstance(v, str)} if isinstance(committed, list) else None
     skipped = []
     for name in reversed(installed):
         if name in failed:
+            continue
+        if vetted is not None and name not in vetted:
+            skipped.append(f"{name} (never committed)")
             continue
         if not runnable(releases_dir / name):
             skipped.append(f"{name} (no executable venv/bin/dgc)")

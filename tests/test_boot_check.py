@@ -89,7 +89,7 @@ def test_a_passing_health_check_commits(tmp_path):
     assert "PASS meters: ok" in r.stdout
     assert ran(root, "2.0.0") == [f"selftest {root}/etc/dgc/board.toml --allow-missing-key"]  # not provisioned
     state = json.loads((root / "opt/dgc/state.json").read_text())
-    assert state["current"] == "2.0.0" and state["previous"] == "1.0.0"
+    assert state["current"] == "2.0.0" and state["previous"] == "1.0.0" and state["committed"] == ["2.0.0"]
     assert not (root / "opt/dgc/pending.json").exists()
     assert boot(root).stdout.startswith("boot check: nothing pending")  # the next boot: committed, nothing to do
 
@@ -182,3 +182,16 @@ def test_the_rollback_unit_script_runs_outside_any_venv_and_skips_unreadable_jou
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert current(root) == "1.0.0"  # 1.5.0, the recorded previous, reads schema 1 only
+
+
+def test_the_rollback_unit_never_picks_a_release_that_was_never_committed(tmp_path):
+    """A cut after "installed" leaves a complete, runnable release that never ran its check."""
+    root = board(tmp_path)
+    (root / "opt/dgc/pending.json").unlink()
+    release(root, "3.0.0")  # installed by a cut install, newer than everything
+    (root / "opt/dgc/state.json").write_text(json.dumps({"current": "2.0.0", "previous": None, "failed": [],
+                                                         "committed": ["1.0.0", "2.0.0"]}))
+    r = subprocess.run([sys.executable, "-I", str(root / "opt/dgc/boot/rollback.py"), "--root", str(root)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert current(root) == "1.0.0"
