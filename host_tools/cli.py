@@ -21,6 +21,7 @@ GROUPS = (
     ("flash", "host_tools.flash", "build signed release bundles; install one on a board with atomic switch, health check, rollback"),
     ("sim", "host_tools.sim.cli", "deterministic simulation: the real firmware against simulated houses, faults and kills, invariants checked"),
     ("console", "host_tools.console", "the board's serial console: show its lines with host timestamps, send commands, or script one exchange"),
+    ("relay", "host_tools.relay.cli", "EVM relay: take boards' signed messages over HTTP and submit them to the market contract"),
 )
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware.eip712 import checksum_address
+from firmware.keystore import DeviceKey
 from host_tools.evm.tx import Eip1559Tx, contract_address, key_address, rlp_encode
 
 
@@ -30,16 +31,17 @@ def test_rlp_known_vectors():
 @given(st.integers(1, 2**32), st.integers(0, 2**40), st.integers(0, 10**11), st.integers(0, 10**12), st.integers(21000, 30_000_000),
        st.one_of(st.none(), st.binary(min_size=20, max_size=20)), st.integers(0, 10**20), st.binary(max_size=300))
 def test_signed_tx_is_byte_identical_to_eth_account(chain_id, nonce, tip, extra, gas, to, value, data):
-    key = coincurve.PrivateKey(os.urandom(32))
+    raw_key = coincurve.PrivateKey(os.urandom(32))
+    key = DeviceKey(raw_key)
     tx = Eip1559Tx(chain_id=chain_id, nonce=nonce, max_priority_fee_per_gas=tip, max_fee_per_gas=tip + extra, gas=gas,
                    to=to, value=value, data=data)
     fields = {"type": 2, "chainId": chain_id, "nonce": nonce, "maxPriorityFeePerGas": tip, "maxFeePerGas": tip + extra,
               "gas": gas, "value": value, "data": data, "accessList": []}
     if to is not None:
         fields["to"] = checksum_address(to)  # eth_account wants EIP-55 checksummed addresses
-    theirs = Account.sign_transaction(fields, key.secret)
+    theirs = Account.sign_transaction(fields, raw_key.secret)
     assert tx.sign(key) == bytes(theirs.raw_transaction)
-    assert "0x" + key_address(key).hex() == Account.from_key(key.secret).address.lower()
+    assert "0x" + key_address(key).hex() == Account.from_key(raw_key.secret).address.lower()
 
 
 def test_contract_address_of_a_known_deployer():

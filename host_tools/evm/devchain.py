@@ -77,8 +77,8 @@ def start_chain(rules: MarketRules = MarketRules(), **anvil_kwargs) -> Chain:
     node = start_anvil(**anvil_kwargs)
     try:
         rpc = node.rpc()
-        operator = funded_account(rpc, coincurve.PrivateKey(os.urandom(32)))
-        relay = funded_account(rpc, coincurve.PrivateKey(os.urandom(32)))
+        operator = funded_account(rpc, DeviceKey(coincurve.PrivateKey(os.urandom(32))))
+        relay = funded_account(rpc, DeviceKey(coincurve.PrivateKey(os.urandom(32))))
         market, receipt = Market.deploy(rpc, operator, rules)
         return Chain(node=node, market=market, operator=operator, relay=relay, deploy_gas=receipt.gas_used)
     except BaseException:

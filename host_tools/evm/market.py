@@ -11,9 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import coincurve
-
 from firmware.eip712 import Domain, TypedMessage, checksum_address
+from firmware.messages import Signer
 from firmware.ledger.evm_abi import (
     AbiError,
     decode_args,
@@ -138,7 +137,7 @@ class Account:
     """A funded externally owned account that signs its own EIP-1559 transactions."""
 
     rpc: RpcClient
-    key: coincurve.PrivateKey = field(repr=False)
+    key: Signer = field(repr=False)  # e.g. keystore.DeviceKey: signs digests, never shows the secret
     chain_id: int
     nonce: int | None = None
 
@@ -268,7 +267,7 @@ def topic_uint(value: int) -> str:
     return "0x" + value.to_bytes(32, "big").hex()
 
 
-def funded_account(rpc: RpcClient, key: coincurve.PrivateKey, *, wei: int = 10**21) -> Account:
+def funded_account(rpc: RpcClient, key: Signer, *, wei: int = 10**21) -> Account:
     """An account funded with anvil_setBalance (test nodes only)."""
     chain_id = rpc.call_int("eth_chainId")
     account = Account(rpc=rpc, key=key, chain_id=chain_id)

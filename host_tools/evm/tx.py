@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import coincurve
-
-from firmware.eip712 import address_from_public_key, keccak256
+from firmware.eip712 import address_from_public_key, keccak256, to_eip2098
+from firmware.messages import Signer
 
 
 def rlp_encode(item: object) -> bytes:
@@ -56,10 +55,16 @@ class Eip1559Tx:
     def signing_hash(self) -> bytes:
         return keccak256(b"\x02" + rlp_encode(self._fields()))
 
-    def sign(self, key: coincurve.PrivateKey) -> bytes:
-        """The raw signed transaction for eth_sendRawTransaction."""
-        sig = key.sign_recoverable(self.signing_hash(), hasher=None)  # r(32) s(32) v(1), low-S
-        r, s, parity = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"), sig[64]
+    def sign(self, signer: Signer) -> bytes:
+        """The raw signed transaction for eth_sendRawTransaction.
+
+        Any ``messages.Signer`` will do (a ``keystore.DeviceKey`` holding the relay's key): the
+        y parity is found by recovery, so the secret never leaves the key object.
+        """
+        digest = self.signing_hash()
+        compact = to_eip2098(digest, signer.sign_digest(digest), signer.public_key)
+        vs = int.from_bytes(compact[32:], "big")
+        r, s, parity = int.from_bytes(compact[:32], "big"), vs & ((1 << 255) - 1), vs >> 255
         return b"\x02" + rlp_encode(self._fields() + [parity, r, s])
 
 
@@ -67,8 +72,8 @@ def tx_hash(raw: bytes) -> str:
     return "0x" + keccak256(raw).hex()
 
 
-def key_address(key: coincurve.PrivateKey) -> bytes:
-    return address_from_public_key(key.public_key.format(compressed=True))
+def key_address(signer: Signer) -> bytes:
+    return address_from_public_key(signer.public_key)
 
 
 def contract_address(sender: bytes, nonce: int) -> bytes:
