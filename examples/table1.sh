@@ -12,6 +12,8 @@ WORK=$(mktemp -d)
 LEDGER_PID=
 cleanup() { [ -n "$LEDGER_PID" ] && kill "$LEDGER_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
+# The operator's token: registering devices needs it (the ledger has no anonymous registration).
+export DGC_LEDGER_OPERATOR_TOKEN=${DGC_LEDGER_OPERATOR_TOKEN:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}
 
 "$BIN/dgc-host" ledger serve --db "$WORK/ledger.sqlite3" --port 0 --ledger-id table1 \
     --slot-seconds 1800 --markets-ahead 48 --gate-closure-seconds 900 \
@@ -28,7 +30,9 @@ echo "ledger: $URL"
 
 for who in sellers buyers newcomer; do
     "$BIN/dgc" keygen board_configs/sim.toml --key-file "$WORK/$who.key" >/dev/null
-    "$BIN/dgc-host" ledger register --url "$URL" --config board_configs/sim.toml --key-file "$WORK/$who.key" --name "$who" >/dev/null
+    # "sellers" stands for all of Table 1's sellers: qualified for their 120 kWh in one market
+    "$BIN/dgc-host" ledger register --url "$URL" --config board_configs/sim.toml --key-file "$WORK/$who.key" --name "$who" \
+        --sell-capacity-wh 200000 >/dev/null
 done
 
 MARKET=$(( ($(date +%s) / 1800 + 2) * 1800 ))   # a market whose gate is open for the next 45+ min

@@ -66,7 +66,13 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "energy_wh": int,
         "status": str,
     },
+    # A signed, time-stamped read request: proves to the ledger that a read of the device's own
+    # orders, trades or balance comes from the device. ``path`` binds it to one request (path and
+    # query exactly as sent), so a captured header cannot read anything else; it is never stored
+    # and does not consume a message nonce (any positive nonce, e.g. the time in ms, will do).
+    "read": {**_COMMON_FIELDS, "path": str},
 }
+READ_MAX_TTL_SECONDS = 300
 
 
 class MessageError(ValueError):
@@ -133,6 +139,11 @@ def validate_fields(fields: Mapping[str, object]) -> None:
     elif kind == "cancel":
         if fields["order_nonce"] < 1:
             raise MessageError(f"cancel.order_nonce: expected a positive integer, got {fields['order_nonce']}")
+    elif kind == "read":
+        if not fields["path"].startswith("/"):
+            raise MessageError(f"read.path: expected the request path starting with '/', got {fields['path'][:40]!r}")
+        if fields["expires_at"] - fields["issued_at"] > READ_MAX_TTL_SECONDS:
+            raise MessageError(f"read.expires_at: a read request is valid for at most {READ_MAX_TTL_SECONDS} s after issued_at")
     elif kind == "delivery_report":
         if fields["role"] not in REPORT_ROLES:
             raise MessageError(f"delivery_report.role: expected one of {REPORT_ROLES}, got {fields['role']!r}")

@@ -138,7 +138,9 @@ def _check_device(ledger, key, key_check: Check, config: BoardConfig) -> Check:
     if ledger is None:
         return Check("device", False, f"device {key.device_id} not looked up: the ledger is unreachable")
     try:
-        account = ledger.device_account(key.device_id)
+        from .ledger.rest import RestLedger
+
+        account = RestLedger.from_config(config.ledger, signer=key).device_account(key.device_id)  # a signed read
     except LedgerRejected as exc:
         if exc.code == "not_found":
             return Check("device", False, f"device {key.device_id} is not registered at {config.ledger.url} "

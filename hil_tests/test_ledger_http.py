@@ -35,6 +35,8 @@ RULES = MarketRules(slot_seconds=1800, markets_ahead=48, lot_wh=100, gate_closur
 MARKET = T0 + 3 * 1800  # gate open at T0 + 100 s
 DEADLINE_S = 600
 CREDIT = 10**12
+TOKEN = "ledger-test-operator-token"
+OPERATOR = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class Clock:
@@ -60,14 +62,17 @@ class Bench:
     def __init__(self, url: str, clock: Clock, app) -> None:
         self.url, self.clock, self.app = url, clock, app
         self.http = requests.Session()
+        self.http.headers.update(OPERATOR)  # the bench's helpers read as the operator; access tests use bare requests
         self._nonces: dict[str, int] = {}
 
     def get(self, path: str, **kw) -> requests.Response:
         return self.http.get(self.url + path, timeout=10, **kw)
 
-    def register(self, key: DeviceKey, credit: int = CREDIT, name: str = "house") -> dict:
-        r = self.http.post(self.url + "/v1/devices", json={"public_key": key.public_key.hex(), "name": name,
-                                                           "credit_milli_minor": credit}, timeout=10)
+    def register(self, key: DeviceKey, credit: int = CREDIT, name: str = "house", capacity_wh: int | None = None) -> dict:
+        body = {"public_key": key.public_key.hex(), "name": name, "credit_milli_minor": credit}
+        if capacity_wh is not None:
+            body["sell_capacity_wh"] = capacity_wh
+        r = self.http.post(self.url + "/v1/devices", json=body, timeout=10)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -112,6 +117,7 @@ class Bench:
 
 
 def settings_for(db: Path, clock: Clock, **kw) -> LedgerSettings:
+    kw.setdefault("operator_token", TOKEN)
     return LedgerSettings(db_path=db, ledger_id=LEDGER_ID, rules=RULES, report_deadline_seconds=DEADLINE_S,
                           initial_credit_milli_minor=CREDIT, clock=clock, **kw)
 
@@ -159,7 +165,7 @@ def test_table1_and_the_two_worked_orders(bench):
     bids = [(40, 1990), (5, 1980), (10, 1970), (50, 1960), (20, 1950), (9, 1940), (4, 1930), (12, 1910), (18, 1000)]
     seller, buyer, taker_sell, taker_buy = make_key(1), make_key(2), make_key(3), make_key(4)
     for key in (seller, buyer, taker_sell, taker_buy):
-        bench.register(key)
+        bench.register(key, capacity_wh=200_000)  # the whole table's sellers, qualified as one
     for kwh, price in asks:
         assert accepted(bench.order(seller, "sell", kwh * 1000, price))["result"]["filled_wh"] == 0
     for kwh, price in bids:
@@ -202,9 +208,11 @@ def test_self_trade_skips_own_resting_order_over_http(bench):
     accepted(bench.order(other, "sell", 200, 2000))
     result = accepted(bench.order(me, "buy", 300, 2100))["result"]
     assert [(t["counterparty"], t["energy_wh"], t["price_per_kwh_minor"]) for t in result["trades"]] == [(other.device_id, 200, 2000)]
-    book = bench.book()
-    assert [(e["device_id"], e["remaining_wh"]) for e in book["asks"]] == [(me.device_id, 200)]
-    assert [(e["device_id"], e["remaining_wh"]) for e in book["bids"]] == [(me.device_id, 100)]
+    book = bench.book()  # aggregates only: the own ask and the crossed own bid both rest
+    assert [(e["price_per_kwh_minor"], e["remaining_wh"], e["orders"]) for e in book["asks"]] == [(1900, 200, 1)]
+    assert [(e["price_per_kwh_minor"], e["remaining_wh"], e["orders"]) for e in book["bids"]] == [(2100, 100, 1)]
+    mine = bench.get(f"/v1/devices/{me.device_id}/orders").json()["orders"]
+    assert [(o["side"], o["remaining_wh"], o["state"]) for o in mine] == [("sell", 200, "open"), ("buy", 100, "open")]
 
 
 # ------------------------------------------------------------------------ integrity of messages
@@ -328,7 +336,7 @@ def test_market_rule_rejections_name_field_and_are_stored(bench):
     sell = accepted(bench.order(other, "sell", 300, 2500))
     rejected(bench.send(key, "cancel", market_id=MARKET, order_nonce=sell["nonce"]), "not_owner", 422)
     rejected(bench.send(key, "cancel", market_id=MARKET, order_nonce=999), "unknown_order", 422)
-    assert [e["remaining_wh"] for e in bench.book()["asks"] if e["device_id"] == other.device_id] == [300]
+    assert [o["remaining_wh"] for o in bench.get(f"/v1/devices/{other.device_id}/orders").json()["orders"]] == [300]
 
     # a stored rejection is answered again, as a duplicate, for a resend of the same bytes
     message = bench.message(key, "order", market_id=MARKET, side="sell", energy_wh=150, price_per_kwh_minor=2000)
@@ -429,10 +437,11 @@ def test_report_rules(bench):
     seller, buyer, trade_id = make_trade(bench)
     outsider = make_key(12)
     bench.register(outsider)
+    bench.clock.set_s(MARKET + 1800)  # the slot has ended: reports are accepted from now on
     rejected(bench.report(outsider, trade_id, "seller", 1000), "not_a_party", 422)
     rejected(bench.report(buyer, trade_id, "seller", 1000), "wrong_role", 422)
     rejected(bench.report(seller, 999, "seller", 1000), "unknown_trade", 422)
-    rejected(bench.report(seller, trade_id, "seller", 1000, market=MARKET + 1800), "unknown_trade", 422)
+    rejected(bench.report(seller, trade_id, "seller", 1000, market=MARKET - 1800), "unknown_trade", 422)
 
 
 def test_deadline_sweep_settles_with_silent_party_charged(bench):
@@ -477,7 +486,8 @@ def test_device_trades_cursor(bench):
     assert bench.get(f"/v1/devices/{buyer.device_id}/trades", params={"after": first}).json()["trades"][0]["side"] == "buy"
     empty = bench.get(f"/v1/devices/{seller.device_id}/trades", params={"after": second}).json()
     assert empty == {"trades": [], "cursor": second}
-    rejected(bench.get("/v1/devices/nobody/trades"), "not_found", 404)
+    rejected(bench.get("/v1/devices/nobody/trades"), "malformed", 400)
+    rejected(bench.get(f"/v1/devices/{'0' * 40}/trades"), "not_found", 404)
 
 
 # ----------------------------------------------------------------------- persistence, hostility

@@ -97,7 +97,7 @@ def test_provision_over_ssh_registers_a_device_whose_signed_orders_the_ledger_ac
     assert f"device_id {device_id}" in result.stdout
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
 
-    account = requests.get(f"{ledger.url}/v1/devices/{device_id}", timeout=5).json()
+    account = requests.get(f"{ledger.url}/v1/devices/{device_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()
     assert account["name"] == "house-9" and account["revoked_ms"] is None
     config = tomllib.loads((board / "etc/dgc/board.toml").read_text())
     assert config["ledger"]["url"] == ledger.url and config["ledger"]["ledger_id"] == LEDGER_ID
@@ -161,7 +161,7 @@ def test_rotation_revokes_the_old_device_only_after_the_new_one_is_registered(ss
     waiting = board / "var/lib/dgc/device.key.new"
     assert waiting.exists()  # the new key waits for the next attempt
     waiting_id = load_key_file(waiting).device_id
-    assert requests.get(f"{ledger.url}/v1/devices/{old.device_id}", timeout=5).json()["revoked_ms"] is None
+    assert requests.get(f"{ledger.url}/v1/devices/{old.device_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()["revoked_ms"] is None
 
     rotated = provision_cli(sshd, board, ledger.url, "--operator-token", TOKEN, "--rotate", "--force", verbose=False)
     assert rotated.returncode == 0, rotated.stderr
@@ -169,7 +169,7 @@ def test_rotation_revokes_the_old_device_only_after_the_new_one_is_registered(ss
     assert new.device_id == waiting_id != old.device_id  # the interrupted rotation was resumed, not restarted
     assert not waiting.exists() and secret_of(key_file)[0] != old_secret
     assert f"revoked {old.device_id} (1 open order(s) cancelled)" in rotated.stdout
-    old_account = requests.get(f"{ledger.url}/v1/devices/{old.device_id}", timeout=5).json()
+    old_account = requests.get(f"{ledger.url}/v1/devices/{old.device_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()
     assert old_account["revoked_ms"] is not None and old_account["locked_milli_minor"] == 0
     identity = tomllib.loads((board / "etc/dgc/identity.toml").read_text())["identity"]
     assert identity["device_id"] == new.device_id and identity["revoked_device_ids"] == [old.device_id]
@@ -188,7 +188,7 @@ def test_a_local_directory_target_stands_for_an_sd_card_or_a_bench_board(board, 
                       env={"DGC_LEDGER_OPERATOR_TOKEN": TOKEN})
     assert result.returncode == 0, result.stderr
     device_id = load_key_file(board / "var/lib/dgc/device.key").device_id
-    assert requests.get(f"{ledger.url}/v1/devices/{device_id}", timeout=5).status_code == 200
+    assert requests.get(f"{ledger.url}/v1/devices/{device_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).status_code == 200
 
 
 def test_bad_input_and_unreachable_boards_fail_with_one_clear_line(sshd, board, ledger, tmp_path):
@@ -222,7 +222,7 @@ def test_ledger_revoke_endpoint(ledger, tmp_path):
     assert r.status_code == 200
     accepted = place_order(ledger.url, key_file, nonce=1)
     assert accepted.json()["status"] == "accepted"
-    locked = requests.get(f"{ledger.url}/v1/devices/{key.device_id}", timeout=5).json()["locked_milli_minor"]
+    locked = requests.get(f"{ledger.url}/v1/devices/{key.device_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()["locked_milli_minor"]
     assert locked > 0
 
     r = requests.post(f"{ledger.url}/v1/devices/{key.device_id}/revoke", timeout=5)

@@ -64,7 +64,7 @@ def test_provision_over_the_serial_console_registers_a_device_whose_signed_order
     assert f"device_id {device_id}" in result.stdout
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
 
-    account = requests.get(f"{ledger.url}/v1/devices/{device_id}", timeout=5).json()
+    account = requests.get(f"{ledger.url}/v1/devices/{device_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()
     assert account["name"] == "house-9" and account["revoked_ms"] is None
     config = tomllib.loads((board / "etc/dgc/board.toml").read_text())
     assert config["ledger"]["url"] == ledger.url and config["ledger"]["ledger_id"] == LEDGER_ID
@@ -108,7 +108,7 @@ def test_everything_received_over_the_console_is_free_of_the_secret(console, boa
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "board_ops" in logged and result.device_id in logged
     assert secret_hex not in logged and TOKEN not in logged
-    assert requests.get(f"{ledger.url}/v1/devices/{result.device_id}", timeout=5).status_code == 200
+    assert requests.get(f"{ledger.url}/v1/devices/{result.device_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).status_code == 200
 
 
 def test_a_missing_or_dead_serial_port_fails_with_one_clear_line(board, ledger, tmp_path):

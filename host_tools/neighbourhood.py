@@ -283,7 +283,8 @@ class Neighbourhood:
     # -- observing ------------------------------------------------------------------------
 
     def get(self, path: str) -> dict:
-        response = requests.get(self.ledger_url + path, timeout=5)
+        # the bench's observer reads every device's data: as the operator (the ledger keeps them private)
+        response = requests.get(self.ledger_url + path, headers={"Authorization": f"Bearer {self.operator_token}"}, timeout=5)
         response.raise_for_status()
         return response.json()
 

@@ -157,11 +157,12 @@ def _key_file_of(data: dict, real_config: str) -> str:
 def _check_quiet(ledger: _Ledger, device_id: str) -> None:
     """Refuse to revoke a device that still has open orders or unsettled trades: after revocation
     its delivery reports would be refused and those trades would settle as shortfalls."""
-    status, _ = ledger.call("GET", f"/v1/devices/{device_id}")
+    status, _ = ledger.call("GET", f"/v1/devices/{device_id}", operator=True)
     if status == 404:
         return
-    orders = ledger.ok("GET", f"/v1/devices/{device_id}/orders", what=f"list the orders of device {device_id}")["orders"]
-    trades = ledger.ok("GET", f"/v1/devices/{device_id}/trades?after=0&limit=1000",
+    orders = ledger.ok("GET", f"/v1/devices/{device_id}/orders", operator=True,
+                       what=f"list the orders of device {device_id}")["orders"]
+    trades = ledger.ok("GET", f"/v1/devices/{device_id}/trades?after=0&limit=1000", operator=True,
                        what=f"list the trades of device {device_id}")["trades"]
     open_orders = [o for o in orders if o.get("state") == "open"]
     unsettled = [t for t in trades if t.get("state") != "settled"]

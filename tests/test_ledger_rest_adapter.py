@@ -29,6 +29,7 @@ T0 = 1_800_000_000
 RULES = MarketRules(slot_seconds=1800, markets_ahead=48, lot_wh=100, gate_closure_seconds=900,
                     price_min_per_kwh_minor=1000, price_max_per_kwh_minor=4000)
 MARKET = T0 + 3 * 1800
+TOKEN = "adapter-operator-token"
 
 
 def make_key(n: int) -> DeviceKey:
@@ -56,7 +57,7 @@ class Sleeps:
 @pytest.fixture
 def real_ledger(tmp_path):
     clock_ms = [(T0 + 100) * 1000]
-    settings = LedgerSettings(db_path=tmp_path / "l.sqlite3", ledger_id=LEDGER_ID, rules=RULES,
+    settings = LedgerSettings(db_path=tmp_path / "l.sqlite3", ledger_id=LEDGER_ID, rules=RULES, operator_token=TOKEN,
                               initial_credit_milli_minor=10**10, report_deadline_seconds=600, clock=lambda: clock_ms[0])
     with running_ledger(settings) as running:
         yield running, clock_ms
@@ -65,12 +66,13 @@ def real_ledger(tmp_path):
 def register(running, key: DeviceKey) -> None:
     import requests
 
-    r = requests.post(running.url + "/v1/devices", json={"public_key": key.public_key.hex(), "name": "h"}, timeout=5)
+    r = requests.post(running.url + "/v1/devices", json={"public_key": key.public_key.hex(), "name": "h"},
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
     assert r.status_code == 200
 
 
 def test_adapter_against_the_real_ledger(real_ledger):
-    running, _ = real_ledger
+    running, clock_ms = real_ledger
     ledger = RestLedger(running.url, timeout_ms=2000, retries=2, backoff_ms=10)
     assert isinstance(ledger, Ledger)
     assert ledger.server_time_ms() == (T0 + 100) * 1000
@@ -78,7 +80,18 @@ def test_adapter_against_the_real_ledger(real_ledger):
     assert info["ledger_id"] == LEDGER_ID and info["slot_seconds"] == 1800 and info["lot_wh"] == 100
     seller, buyer = make_key(1), make_key(2)
     register(running, seller), register(running, buyer)
-    account = ledger.device_account(seller.device_id)
+    board_clock = lambda: clock_ms[0]  # noqa: E731 - the boards' clocks agree with the ledger's
+    as_seller = RestLedger(running.url, timeout_ms=2000, retries=2, backoff_ms=10, signer=seller, ledger_id=LEDGER_ID,
+                           clock_ms=board_clock)
+    as_buyer = RestLedger(running.url, timeout_ms=2000, retries=2, backoff_ms=10, signer=buyer, ledger_id=LEDGER_ID,
+                          clock_ms=board_clock)
+    with pytest.raises(LedgerRejected) as err:  # a device's account is private: unsigned reads are refused
+        ledger.device_account(seller.device_id)
+    assert err.value.code == "unauthorized" and err.value.http_status == 401
+    with pytest.raises(LedgerRejected) as err:  # and one device cannot read another's
+        as_buyer.device_account(seller.device_id)
+    assert err.value.code == "unauthorized"
+    account = as_seller.device_account(seller.device_id)
     assert (account["balance_milli_minor"], account["locked_milli_minor"], account["max_nonce"]) == (10**10, 0, 0)
 
     sell = order(seller, 1, "sell", 500, 2000)
@@ -92,25 +105,27 @@ def test_adapter_against_the_real_ledger(real_ledger):
     conflict = ledger.submit(order(seller, 1, "sell", 600, 2000))
     assert (conflict.status, conflict.code) == ("rejected", "nonce_conflict")
 
-    trades, cursor = ledger.trades_since(buyer.device_id, 0)
+    trades, cursor = as_buyer.trades_since(buyer.device_id, 0)
     assert (trades, cursor) == ([], 0)
     bought = ledger.submit(order(buyer, 1, "buy", 300, 2500))
     assert bought.result["filled_wh"] == 300
-    trades, cursor = ledger.trades_since(buyer.device_id, 0)
+    with pytest.raises(LedgerRejected):
+        as_seller.trades_since(buyer.device_id, 0)
+    trades, cursor = as_buyer.trades_since(buyer.device_id, 0)
     assert trades == [TradeRecord(trade_id=1, market_id=MARKET, side="buy", energy_wh=300, price_per_kwh_minor=2000,
                                   order_nonce=1, counterparty=seller.device_id, state="contracted")]
     assert cursor == 1
-    assert ledger.trades_since(buyer.device_id, cursor) == ([], 1)
-    seller_trades, _ = ledger.trades_since(seller.device_id, 0)
+    assert as_buyer.trades_since(buyer.device_id, cursor) == ([], 1)
+    seller_trades, _ = as_seller.trades_since(seller.device_id, 0)
     assert seller_trades[0].side == "sell" and seller_trades[0].counterparty == buyer.device_id
 
     book = ledger.market_book(MARKET)
-    assert book["gate_open"] is True and [(a["remaining_wh"], a["price_per_kwh_minor"]) for a in book["asks"]] == [(200, 2000)]
-    assert ledger.device_account(seller.device_id)["max_nonce"] == 2
+    assert book["gate_open"] is True and book["asks"] == [{"price_per_kwh_minor": 2000, "remaining_wh": 200, "orders": 1}]
+    assert as_seller.device_account(seller.device_id)["max_nonce"] == 2
 
     with pytest.raises(LedgerRejected) as err:
-        ledger.device_account("0" * 40)
-    assert err.value.code == "not_found" and err.value.http_status == 404
+        as_seller.device_account("0" * 40)
+    assert err.value.code == "unauthorized" and err.value.http_status == 401
     with pytest.raises(LedgerRejected):
         ledger.market_book(MARKET + 1)
 
@@ -260,7 +275,7 @@ def test_hostile_answers_to_every_query():
         ("device_account", ("dev",), j({"device_id": "dev", "name": "n", "balance_milli_minor": None, "locked_milli_minor": 0, "max_nonce": 0})),
         ("market_book", (MARKET,), j({"market_id": MARKET + 1800, "gate_open": True, "asks": [], "bids": []})),
         ("market_book", (MARKET,), j({"market_id": MARKET, "gate_open": 1, "asks": [], "bids": []})),
-        ("market_book", (MARKET,), j({"market_id": MARKET, "gate_open": True, "asks": [{"device_id": "a"}], "bids": []})),
+        ("market_book", (MARKET,), j({"market_id": MARKET, "gate_open": True, "asks": [{"price_per_kwh_minor": 1}], "bids": []})),
     ]
     for method, args, body in cases:
         with scripted((200, {}, body)) as (ledger, _, _):

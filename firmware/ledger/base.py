@@ -87,10 +87,12 @@ class Ledger(Protocol):
         """Trades involving the device newer than ``cursor``, and the cursor to use next time."""
 
     def device_account(self, device_id: str) -> dict:
-        """balance_milli_minor, locked_milli_minor, max_nonce, name, ..."""
+        """balance_milli_minor, locked_milli_minor, max_nonce, name, ... (private: the backend proves
+        it reads as the device, e.g. the REST adapter signs the read with the device key)."""
 
     def info(self) -> dict:
         """ledger_id and the market rules (slot_seconds, lot_wh, price band, ...)."""
 
     def market_book(self, market_id: int) -> dict:
-        """market_id, gate_open, asks and bids."""
+        """market_id, gate_open, and asks/bids as price levels (price_per_kwh_minor, remaining_wh,
+        orders): aggregates only, a ledger does not show who rests at a price."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 from urllib.parse import quote, urlencode, urlsplit
 
-from firmware.messages import SignedMessage
+from firmware.messages import READ_MAX_TTL_SECONDS, SignedMessage, Signer, new_fields, sign_message
 
 from .base import (
     TRADE_SIDES,
@@ -185,15 +185,19 @@ def _trade(value: Any, what: str) -> TradeRecord:
     )
 
 
-def _book_entry(value: Any, what: str) -> dict:
+def _book_level(value: Any, what: str) -> dict:
     e = _obj(value, what)
     return {
-        **e,
-        "device_id": _str(e, "device_id", what),
-        "order_nonce": _int(e, "order_nonce", what, minimum=1),
-        "remaining_wh": _int(e, "remaining_wh", what, minimum=1),
         "price_per_kwh_minor": _int(e, "price_per_kwh_minor", what, minimum=1),
+        "remaining_wh": _int(e, "remaining_wh", what, minimum=1),
+        "orders": _int(e, "orders", what, minimum=1),
     }
+
+
+def _device_id(signer: Signer) -> str:
+    from firmware.messages import device_id_from_public_key
+
+    return device_id_from_public_key(signer.public_key)
 
 
 # ---------------------------------------------------------------------------- adapter
@@ -211,6 +215,9 @@ class RestLedger:
         verify_tls: bool = True,
         sleep: Callable[[float], None] = time.sleep,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        signer: Signer | None = None,
+        ledger_id: str | None = None,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"url: expected an http:// or https:// URL, got {url!r}")
@@ -232,6 +239,12 @@ class RestLedger:
         self.verify_tls = verify_tls
         self.max_response_bytes = max_response_bytes
         self._sleep = sleep
+        if (signer is None) != (ledger_id is None):
+            raise ValueError("signer and ledger_id: expected both (signed reads of the device's own data) or neither")
+        # The device key signs read requests for the device's own account and trades (the ledger
+        # shows them to nobody else); it never leaves the Signer.
+        self._signer, self._ledger_id = signer, ledger_id
+        self._clock_ms = clock_ms  # the board's wall clock (read time stamps, time samples)
         self._tls: ssl.SSLContext | None = None
         if self._https:
             self._tls = ssl.create_default_context()
@@ -240,10 +253,21 @@ class RestLedger:
                 self._tls.verify_mode = ssl.CERT_NONE
 
     @classmethod
-    def from_config(cls, config: Any) -> "RestLedger":
-        """Build from the board config's [ledger] table (firmware.config.LedgerConfig)."""
+    def from_config(cls, config: Any, *, signer: Signer | None = None) -> "RestLedger":
+        """Build from the board config's [ledger] table (firmware.config.LedgerConfig); with the
+        device key as ``signer`` its reads of its own account and trades are signed."""
         return cls(config.url, timeout_ms=config.timeout_ms, retries=config.retries, backoff_ms=config.backoff_ms,
-                   verify_tls=config.verify_tls)
+                   verify_tls=config.verify_tls, signer=signer, ledger_id=config.ledger_id if signer is not None else None)
+
+    def _read_headers(self, target: str) -> dict[str, str]:
+        """X-DGC-Read / X-DGC-Read-Signature for one request (signed per attempt: fresh time stamps)."""
+        if self._signer is None:
+            return {}
+        now_ms = self._clock_ms()
+        fields = new_fields("read", ledger_id=self._ledger_id, device_id=_device_id(self._signer), nonce=now_ms,
+                            issued_at=now_ms // 1000, ttl_s=READ_MAX_TTL_SECONDS, path=target)
+        wire = sign_message(fields, self._signer).to_wire()
+        return {"X-DGC-Read": wire["payload"], "X-DGC-Read-Signature": wire["signature"]}
 
     def __repr__(self) -> str:
         return f"RestLedger({self.url!r})"
@@ -251,12 +275,13 @@ class RestLedger:
     # ------------------------------------------------------------------ transport
 
     def _once(self, method: str, path: str, body: Any, params: Mapping[str, Any] | None,
-              headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, Any]]:
+              signed: bool = False) -> tuple[int, Mapping[str, Any]]:
         """One HTTP exchange within one deadline. Returns (status, JSON object) for 2xx and for a proper 4xx rejection."""
         deadline = time.monotonic() + self.timeout_s
-        target = self._base_path + path + (("?" + urlencode(params)) if params else "")
+        api_target = path + (("?" + urlencode(params)) if params else "")
+        target = self._base_path + api_target
         data_out = None if body is None else json.dumps(body, allow_nan=False).encode("utf-8")
-        send_headers = {"Accept": "application/json", "Connection": "close", **(headers or {})}
+        send_headers = {"Accept": "application/json", "Connection": "close", **(self._read_headers(api_target) if signed else {})}
         if data_out is not None:
             send_headers["Content-Type"] = "application/json"
         if self._https:
@@ -306,11 +331,11 @@ class RestLedger:
         return status, obj
 
     def _call(self, method: str, path: str, *, body: Any = None, params: Mapping[str, Any] | None = None,
-              attempts: int | None = None) -> tuple[int, Mapping[str, Any]]:
+              attempts: int | None = None, signed: bool = False) -> tuple[int, Mapping[str, Any]]:
         attempts = self.retries + 1 if attempts is None else attempts
         for attempt in range(attempts):
             try:
-                return self._once(method, path, body, params)
+                return self._once(method, path, body, params, signed)
             except _Transient as exc:
                 last = exc
                 if attempt + 1 < attempts:
@@ -319,8 +344,9 @@ class RestLedger:
                     self._sleep(delay)
         raise LedgerUnavailable(f"ledger {method} {path} failed after {attempts} attempt(s): {last}")
 
-    def _get(self, path: str, params: Mapping[str, Any] | None = None, *, attempts: int | None = None) -> Mapping[str, Any]:
-        status, obj = self._call("GET", path, params=params, attempts=attempts)
+    def _get(self, path: str, params: Mapping[str, Any] | None = None, *, attempts: int | None = None,
+             signed: bool = False) -> Mapping[str, Any]:
+        status, obj = self._call("GET", path, params=params, attempts=attempts, signed=signed)
         if status >= 400:
             raise LedgerRejected(obj["code"][:100], obj["detail"][:MAX_TEXT_CHARS], status)
         if status != 200:
@@ -342,9 +368,9 @@ class RestLedger:
     def server_time_sample(self) -> TimeSample:
         """The ledger's clock on ONE attempt (no retry, no back-off), with the local send and
         receive times around it, so the clock guard's skew has an error of at most half a round trip."""
-        sent_ms = time.time_ns() // 1_000_000
+        sent_ms = self._clock_ms()
         obj = self._get("/v1/time", attempts=1)
-        received_ms = time.time_ns() // 1_000_000
+        received_ms = self._clock_ms()
         server_ms = self._checked("/v1/time", lambda: _int(obj, "time_ms", "time", minimum=1))
         return TimeSample(server_ms=server_ms, sent_ms=sent_ms, received_ms=received_ms)
 
@@ -363,7 +389,7 @@ class RestLedger:
 
     def device_account(self, device_id: str) -> dict:
         path = f"/v1/devices/{quote(device_id, safe='')}"
-        obj = self._get(path)
+        obj = self._get(path, signed=True)
 
         def build() -> dict:
             out = dict(obj)
@@ -387,15 +413,15 @@ class RestLedger:
             return {
                 **obj,
                 "gate_open": _bool(obj, "gate_open", "book"),
-                "asks": [_book_entry(e, f"book.asks[{i}]") for i, e in enumerate(_list(obj, "asks", "book"))],
-                "bids": [_book_entry(e, f"book.bids[{i}]") for i, e in enumerate(_list(obj, "bids", "book"))],
+                "asks": [_book_level(e, f"book.asks[{i}]") for i, e in enumerate(_list(obj, "asks", "book"))],
+                "bids": [_book_level(e, f"book.bids[{i}]") for i, e in enumerate(_list(obj, "bids", "book"))],
             }
 
         return self._checked(path, build)
 
     def trades_since(self, device_id: str, cursor: int) -> tuple[list[TradeRecord], int]:
         path = f"/v1/devices/{quote(device_id, safe='')}/trades"
-        obj = self._get(path, params={"after": int(cursor)})
+        obj = self._get(path, params={"after": int(cursor)}, signed=True)
 
         def build() -> tuple[list[TradeRecord], int]:
             trades = [_trade(t, f"trades[{i}]") for i, t in enumerate(_list(obj, "trades", "answer"))]

@@ -54,6 +54,8 @@ def build_controller(config: BoardConfig, key_path: Path, events: EventLog):
         retries=ledger_cfg.retries,
         backoff_ms=ledger_cfg.backoff_ms,
         verify_tls=ledger_cfg.verify_tls,
+        signer=key,  # reads of the device's own account and trades are signed (the ledger shows them to nobody else)
+        ledger_id=ledger_cfg.ledger_id,
     )
     journal = Journal(config.journal_path)
     meters = MeterSet.from_config(config)

@@ -6,8 +6,15 @@ Why it is shaped like this:
   automatic body handling: a hostile body (invalid UTF-8, deep nesting, floats where integers
   belong, a wrong content type) must get a clear 4xx JSON error naming what was wrong, never a
   500, and the signed envelope must reach ``messages.open_message`` as the exact bytes.
-- Every signature is verified with the independent pure-Python ``ecdsa`` backend, while boards
-  sign with ``coincurve``: every bench run cross-checks the two implementations.
+- Forgeries are cheap to refuse: a client address over its rate gets 429 before any parsing; an
+  unknown device id is refused before any cryptography; signatures are verified with
+  ``coincurve`` (libsecp256k1, ~26 us) and a forgery is not logged line by line. The tests
+  cross-check every accepted signature with the independent pure-Python ``ecdsa``.
+- Access: registration, revocation and clearing an audit need the operator token (a ledger
+  started without one has no operator and refuses them). A device's account, orders, trades
+  and messages are read with that device's signed, time-stamped read request (headers
+  ``X-DGC-Read`` and ``X-DGC-Read-Signature``, see docs/ledger.md) or the operator token. The
+  public book shows price levels only, never who is behind them.
 - The ledger's notion of time is an injected ``clock`` (milliseconds), so tests can close gates
   and pass report deadlines without sleeping, over real HTTP.
 - Before every request the store sweeps what time has closed (orders at gate closure, trades
@@ -35,9 +42,26 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from firmware.market import MarketRules
-from firmware.messages import MessageError, SignedMessage, open_message, verify_signature
+from firmware.messages import (
+    MAX_PAYLOAD_BYTES,
+    MessageError,
+    SignedMessage,
+    open_message,
+    verify_signature,
+)
 
-from .store import INT64_MAX, MAX_CREDIT_MILLI_MINOR, LedgerStore, Rejection
+from .limits import RateLimit, RateLimiter
+from .store import (
+    DEFAULT_MAX_OPEN_ORDERS,
+    DEFAULT_MAX_OPEN_SHORTFALL_WH,
+    DEFAULT_SELL_CAPACITY_WH,
+    INT64_MAX,
+    MAX_CREDIT_MILLI_MINOR,
+    MAX_FUTURE_ISSUE_SECONDS,
+    MAX_ORDER_WH,
+    LedgerStore,
+    Rejection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +69,9 @@ API_TITLE = "DGC bench ledger"
 API_VERSION = "1"
 MAX_BODY_BYTES = 16 * 1024
 MAX_JSON_DEPTH = 8
+READ_HEADER = "x-dgc-read"
+READ_SIGNATURE_HEADER = "x-dgc-read-signature"
+DEVICE_ID_PATTERN = "^[0-9a-f]{40}$"
 
 
 def wall_clock_ms() -> int:
@@ -75,6 +102,12 @@ class LedgerSettings:
     report_deadline_seconds: int = 3600
     clock: Callable[[], int] = wall_clock_ms
     last_market_id: Optional[int] = None  # when set, no market after this one takes orders (a bounded demo day)
+    default_sell_capacity_wh: int = DEFAULT_SELL_CAPACITY_WH
+    max_open_shortfall_wh: int = DEFAULT_MAX_OPEN_SHORTFALL_WH
+    max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS
+    # Verified messages per device, and requests per client address (0 per second: no limit).
+    device_rate: RateLimit = RateLimit(per_second=20, burst=100)
+    client_rate: RateLimit = RateLimit(per_second=500, burst=1000)
 
     def __post_init__(self) -> None:
         if not self.ledger_id or not self.ledger_id.isascii() or not self.ledger_id.isprintable():
@@ -122,10 +155,14 @@ class InfoOut(_Strict):
 
 
 class RegisterIn(_Strict):
-    public_key: str = Field(min_length=66, max_length=130, description="secp256k1 public key, hex (compressed or not)")
+    public_key: str = Field(min_length=66, max_length=130, pattern=r"^([0-9a-fA-F]{66}|[0-9a-fA-F]{130})$",
+                            description="secp256k1 public key, hex (compressed or not)")
     name: str = Field("", max_length=64, pattern=r"^[ -~]*$", description="a label for people (printable ASCII)")
     credit_milli_minor: Optional[int] = Field(
         None, ge=0, le=MAX_CREDIT_MILLI_MINOR, description="opening balance; the ledger's default when absent")
+    sell_capacity_wh: Optional[int] = Field(
+        None, ge=0, le=MAX_ORDER_WH, description="qualification: the most it may offer or sell in one market; "
+                                                "the ledger's default when absent")
 
 
 class Account(_Strict):
@@ -137,6 +174,9 @@ class Account(_Strict):
     max_nonce: int = Field(description="highest nonce stored from this device, 0 if none")
     revoked_ms: Optional[int] = Field(description="when the operator revoked the device (its messages are then rejected "
                                                   "'revoked'); null while it is valid")
+    sell_capacity_wh: int = Field(description="qualification: Wh it may offer plus have sold in one market")
+    open_shortfall_wh: int = Field(description="shortfall charged to it, not yet cleared by the operator; above the "
+                                               "ledger's limit its orders are refused 'audit_failed'")
 
 
 class RegisterOut(Account):
@@ -161,20 +201,17 @@ class Accepted(_Strict):
     result: dict[str, Any] = Field(description="order: fills; cancel: released quantity; delivery_report: report and settlement")
 
 
-class BookEntry(_Strict):
-    device_id: str
-    order_nonce: int
-    remaining_wh: int
+class BookLevel(_Strict):
     price_per_kwh_minor: int
-    seq: int = Field(description="time priority: lower was accepted earlier")
-    time_ms: int
+    remaining_wh: int = Field(description="open quantity at this price, all devices together")
+    orders: int = Field(description="how many orders rest at this price")
 
 
 class BookOut(_Strict):
     market_id: int
     gate_open: bool
-    asks: list[BookEntry] = Field(description="sells, lowest price first, then earliest")
-    bids: list[BookEntry] = Field(description="buys, highest price first, then earliest")
+    asks: list[BookLevel] = Field(description="sell price levels, lowest first (aggregates only: no device ids)")
+    bids: list[BookLevel] = Field(description="buy price levels, highest first (aggregates only: no device ids)")
 
 
 class Settlement(_Strict):
@@ -291,7 +328,7 @@ class StatsOut(_Strict):
     locked_milli_minor: int
 
 
-_REJECTIONS = {status: {"model": Rejected} for status in (400, 401, 403, 404, 409, 413, 422)}
+_REJECTIONS = {status: {"model": Rejected} for status in (400, 401, 403, 404, 405, 409, 413, 422, 425, 429)}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -382,10 +419,18 @@ def _validation_detail(errors: list[dict]) -> str:
 
 # --------------------------------------------------------------------------- the app
 
+def _is_loopback_client(host: str | None) -> bool:
+    return host is not None and (host.startswith("127.") or host in ("::1", "localhost"))
+
+
 def create_app(settings: LedgerSettings) -> FastAPI:
     """Build the ledger API over a store at ``settings.db_path`` (created if missing)."""
-    store = LedgerStore(settings.db_path, settings.rules, settings.report_deadline_seconds, settings.last_market_id)
+    store = LedgerStore(settings.db_path, settings.rules, settings.report_deadline_seconds, settings.last_market_id,
+                        clock=settings.clock, default_sell_capacity_wh=settings.default_sell_capacity_wh,
+                        max_open_shortfall_wh=settings.max_open_shortfall_wh, max_open_orders=settings.max_open_orders)
     rules = settings.rules
+    device_limiter = RateLimiter(settings.device_rate)
+    client_limiter = RateLimiter(settings.client_rate)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -399,7 +444,9 @@ def create_app(settings: LedgerSettings) -> FastAPI:
             "Reference service-provider API for DGC boards: signed orders, cancels and delivery reports; "
             "a continuous double auction per delivery slot; prepaid buyer locks; settlement on metered energy. "
             "All numbers are integers (Wh, minor units per kWh, milli-minor units, epoch ms). "
-            "Every error is JSON: {status: 'rejected', code, detail}."
+            "Every error is JSON: {status: 'rejected', code, detail}. Operator endpoints need "
+            "'Authorization: Bearer <operator token>'; a device's private reads need its signed read request "
+            "(X-DGC-Read, X-DGC-Read-Signature) or the operator token."
         ),
         lifespan=lifespan,
     )
@@ -412,6 +459,16 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         store.sweep(now)
         return now
 
+    @app.middleware("http")
+    async def limit_clients(request: Request, call_next):
+        """Per client address, before anything is parsed: a flood costs a dict look-up and a 429."""
+        client = request.client.host if request.client else "unknown"
+        wait_s = client_limiter.take(client)
+        if wait_s:
+            return _too_many(f"client {client[:64]}: more than {settings.client_rate.per_second:g} requests per second "
+                             f"(burst {settings.client_rate.burst}); expected a retry after {wait_s:.2f} s", wait_s)
+        return await call_next(request)
+
     @app.exception_handler(Rejection)
     async def on_rejection(request: Request, exc: Rejection) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.http_status)
@@ -422,15 +479,20 @@ def create_app(settings: LedgerSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = None
         if exc.status_code == 404:
-            detail = f"no endpoint {request.method} {request.url.path}; expected one of the /v1 paths in docs/ledger-api.json"
+            detail = f"no endpoint {request.method} {request.url.path[:200]}; expected one of the /v1 paths in docs/ledger-api.json"
             code = "not_found"
         elif exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}; expected one of the methods in docs/ledger-api.json"
+            allowed = _allowed_methods(app, request.scope)
+            detail = (f"{request.method} is not allowed on {request.url.path[:200]}; expected "
+                      f"{' or '.join(allowed) or 'one of the methods in docs/ledger-api.json'}")
             code = "method_not_allowed"
+            headers = {"Allow": ", ".join(allowed)}
         else:
             detail, code = str(exc.detail), "http_error"
-        return JSONResponse({"status": "rejected", "code": code, "detail": detail}, status_code=exc.status_code)
+        return JSONResponse({"status": "rejected", "code": code, "detail": detail}, status_code=exc.status_code,
+                            headers=headers)
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
@@ -439,6 +501,85 @@ def create_app(settings: LedgerSettings) -> FastAPI:
             {"status": "error", "code": "internal", "detail": "internal ledger error; the request was not applied"},
             status_code=500,
         )
+
+    # ----------------------------------------------------------------- access
+
+    def _operator_ok(request: Request) -> bool:
+        """True only when the ledger has an operator token and the request carries it."""
+        if settings.operator_token is None:
+            return False
+        header = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.operator_token}".encode()
+        return hmac.compare_digest(header.encode("utf-8", "replace"), expected)
+
+    def _require_operator(request: Request) -> None:
+        if settings.operator_token is None:
+            raise Rejection("unauthorized", "this ledger was started without an operator token, so it has no operator; "
+                                            "expected a ledger started with --operator-token")
+        if not _operator_ok(request):
+            raise Rejection("unauthorized", "Authorization header: expected 'Bearer <operator token>' (the token was missing or wrong)")
+
+    def _signed_path(request: Request) -> str:
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        return request.scope["path"] + (f"?{query}" if query else "")
+
+    def _reader(request: Request) -> Optional[str]:
+        """The device id that signed this read request, None for the operator; raises Rejection otherwise.
+
+        Checked in order of cost: headers present, payload shape, device known (no cryptography
+        for an unknown id), then the signature (coincurve), then ledger, path and time window."""
+        if _operator_ok(request):
+            return None
+        payload_text = request.headers.get(READ_HEADER)
+        signature_text = request.headers.get(READ_SIGNATURE_HEADER)
+        if payload_text is None or signature_text is None:
+            raise Rejection(
+                "unauthorized",
+                "this is a device's private data: expected the device's signed read request (headers X-DGC-Read and "
+                "X-DGC-Read-Signature) or 'Authorization: Bearer <operator token>'",
+            )
+        try:
+            message = SignedMessage.from_wire({"payload": payload_text, "signature": signature_text})
+            fields = json.loads(message.payload) if len(message.payload) <= MAX_PAYLOAD_BYTES else None
+        except (MessageError, ValueError):
+            raise Rejection("malformed", "X-DGC-Read: expected a canonical read request and a 128-hex signature") from None
+        device_id = fields.get("device_id") if isinstance(fields, dict) else None
+        if not isinstance(device_id, str) or not _is_device_id(device_id) or fields.get("type") != "read":
+            raise Rejection("malformed", "X-DGC-Read: expected a read request (type 'read') naming the device's id")
+        public_key = store.public_key_of(device_id)
+        if public_key is None:
+            raise Rejection("unknown_device", f"X-DGC-Read.device_id: no device {device_id} is registered")
+        if not verify_signature(message.payload, message.signature, public_key, backend="coincurve"):
+            raise Rejection("bad_signature", "X-DGC-Read-Signature: does not verify against the device's registered key")
+        try:
+            fields = open_message(message, public_key, backend="coincurve")
+        except MessageError as exc:
+            raise Rejection("malformed", f"X-DGC-Read: {exc}") from None
+        if fields["ledger_id"] != settings.ledger_id:
+            raise Rejection("wrong_ledger", f"X-DGC-Read.ledger_id: {fields['ledger_id']!r} is not this ledger; expected {settings.ledger_id!r}")
+        if fields["path"] != _signed_path(request):
+            raise Rejection("unauthorized", f"X-DGC-Read.path: signed for {fields['path'][:128]!r}, not this request; "
+                                            "expected the exact path and query of the request")
+        now = settings.clock()
+        if now > fields["expires_at"] * 1000:
+            raise Rejection("expired", f"X-DGC-Read.expires_at: {fields['expires_at']} is before the ledger's time {now // 1000}")
+        if fields["issued_at"] * 1000 > now + MAX_FUTURE_ISSUE_SECONDS * 1000:
+            raise Rejection("not_yet_valid", f"X-DGC-Read.issued_at: more than {MAX_FUTURE_ISSUE_SECONDS} s after the ledger's "
+                                             f"time {now // 1000}; expected the board's clock to agree with GET /v1/time")
+        if store.revoked_ms(device_id) is not None:
+            raise Rejection("revoked", f"X-DGC-Read.device_id: device {device_id} was revoked by the operator")
+        return device_id
+
+    def _require_reader_of(request: Request, device_id: str) -> None:
+        """Operator, or the device itself (a signed read by another device is refused)."""
+        reader = _reader(request)
+        if reader is not None and reader != device_id:
+            raise Rejection("unauthorized", "X-DGC-Read.device_id: a device may read only its own data; "
+                                            "expected a read request signed by the device in the path")
+
+    def _require_device(device_id: str) -> None:
+        if not _is_device_id(device_id) or store.account(device_id) is None:
+            raise Rejection("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
 
     # ----------------------------------------------------------------- clock and rules
 
@@ -462,16 +603,18 @@ def create_app(settings: LedgerSettings) -> FastAPI:
 
     # ------------------------------------------------------------------------- devices
 
+    def device_path():
+        return PathParam(pattern=DEVICE_ID_PATTERN, description="40 lowercase hex: sha256(compressed key)[:20]")
+
     @app.post(
         "/v1/devices",
         response_model=RegisterOut,
         responses=_REJECTIONS,
-        summary="Register a device's public key (operator only when the ledger has a token); idempotent",
+        summary="Register a device's public key (operator only); idempotent",
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": RegisterIn.model_json_schema()}}}},
     )
     async def register(request: Request) -> JSONResponse:
-        if not _operator_ok(request):
-            return _reject("unauthorized", "Authorization header: expected 'Bearer <operator token>' (the token was missing or wrong)")
+        _require_operator(request)
         raw = await _read_body(request)
         obj = _parse_json(raw, "body")
         try:
@@ -479,69 +622,75 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         except ValidationError as exc:
             return _reject("malformed", _validation_detail([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]))
         credit = settings.initial_credit_milli_minor if body.credit_milli_minor is None else body.credit_milli_minor
-        account, created = await run_in_threadpool(store.register_device, body.public_key, body.name, credit, settings.clock())
+        account, created = await run_in_threadpool(store.register_device, body.public_key, body.name, credit, settings.clock(),
+                                                   sell_capacity_wh=body.sell_capacity_wh)
         return JSONResponse({**account, "created": created})
-
-    def _operator_ok(request: Request) -> bool:
-        """True when the ledger has no operator token (an open bench) or the request carries it."""
-        if settings.operator_token is None:
-            return True
-        header = request.headers.get("authorization", "")
-        expected = f"Bearer {settings.operator_token}".encode()
-        return hmac.compare_digest(header.encode("utf-8", "replace"), expected)
 
     @app.post(
         "/v1/devices/{device_id}/revoke",
         response_model=RevokeOut,
         responses=_REJECTIONS,
-        summary="Revoke a device (operator only when the ledger has a token): its messages are rejected 'revoked' "
+        summary="Revoke a device (operator only): its messages are rejected 'revoked' "
                 "from now on and its open orders are cancelled; idempotent",
     )
-    async def revoke(request: Request, device_id: str) -> JSONResponse:
-        if not _operator_ok(request):
-            return _reject("unauthorized", "Authorization header: expected 'Bearer <operator token>' (the token was missing or wrong)")
-        if not _is_device_id(device_id):
-            return _reject("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
+    async def revoke(request: Request, device_id: str = device_path()) -> JSONResponse:
+        _require_operator(request)
         account, already, cancelled = await run_in_threadpool(store.revoke_device, device_id, settings.clock())
         return JSONResponse({**account, "already_revoked": already, "cancelled_orders": cancelled})
 
-    @app.get("/v1/devices/{device_id}", response_model=Account, responses=_REJECTIONS, summary="A device's account")
-    def get_account(device_id: str) -> JSONResponse:
+    @app.post(
+        "/v1/devices/{device_id}/clear-shortfalls",
+        response_model=Account,
+        responses=_REJECTIONS,
+        summary="The operator's audit cleared the device's shortfalls (operator only): it may place orders again",
+    )
+    async def clear_shortfalls(request: Request, device_id: str = device_path()) -> JSONResponse:
+        _require_operator(request)
+        return JSONResponse(await run_in_threadpool(store.clear_shortfalls, device_id, settings.clock()))
+
+    @app.get("/v1/devices/{device_id}", response_model=Account, responses=_REJECTIONS,
+             summary="A device's account (the device's signed read, or the operator)")
+    def get_account(request: Request, device_id: str = device_path()) -> JSONResponse:
+        _require_reader_of(request, device_id)
         now_ms()
-        account = store.account(device_id) if _is_device_id(device_id) else None
+        account = store.account(device_id)
         if account is None:
             return _reject("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
         return JSONResponse(account)
 
-    def _require_device(device_id: str) -> None:
-        if not _is_device_id(device_id) or store.account(device_id) is None:
-            raise Rejection("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
-
     @app.get("/v1/devices/{device_id}/trades", response_model=DeviceTradesOut, responses=_REJECTIONS,
-             summary="Trades involving the device, newer than a cursor")
+             summary="Trades involving the device, newer than a cursor (the device's signed read, or the operator)")
     def get_device_trades(
-        device_id: str,
+        request: Request,
+        device_id: str = device_path(),
         after: int = Query(0, ge=0, le=INT64_MAX, description="cursor from the previous answer; 0 for all"),
         limit: int = Query(500, ge=1, le=1000),
     ) -> JSONResponse:
+        _require_reader_of(request, device_id)
         now_ms()
         _require_device(device_id)
         trades, cursor = store.device_trades(device_id, after, limit)
         return JSONResponse({"trades": trades, "cursor": cursor})
 
-    @app.get("/v1/devices/{device_id}/orders", response_model=OrdersOut, responses=_REJECTIONS, summary="The device's orders")
-    def get_device_orders(device_id: str, market_id: Optional[int] = Query(None, ge=0, le=INT64_MAX)) -> JSONResponse:
+    @app.get("/v1/devices/{device_id}/orders", response_model=OrdersOut, responses=_REJECTIONS,
+             summary="The device's orders (the device's signed read, or the operator)")
+    def get_device_orders(request: Request, device_id: str = device_path(),
+                          market_id: Optional[int] = Query(None, ge=0, le=INT64_MAX)) -> JSONResponse:
+        _require_reader_of(request, device_id)
         now_ms()
         _require_device(device_id)
         return JSONResponse({"orders": store.device_orders(device_id, market_id)})
 
     @app.get("/v1/devices/{device_id}/messages", response_model=MessagesOut, responses=_REJECTIONS,
-             summary="The device's stored messages (nonce order): proof that each was recorded once")
+             summary="The device's stored messages (nonce order): proof that each was recorded once "
+                     "(the device's signed read, or the operator)")
     def get_device_messages(
-        device_id: str,
+        request: Request,
+        device_id: str = device_path(),
         after: int = Query(0, ge=0, le=INT64_MAX, description="only nonces above this"),
         limit: int = Query(1000, ge=1, le=1000),
     ) -> JSONResponse:
+        _require_reader_of(request, device_id)
         now_ms()
         _require_device(device_id)
         return JSONResponse({"messages": store.device_messages(device_id, after, limit)})
@@ -560,7 +709,6 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         return await run_in_threadpool(_handle_message, raw)
 
     def _handle_message(raw: bytes) -> JSONResponse:
-        now = now_ms()
         try:
             message = SignedMessage.from_wire(_parse_json(raw, "body"))
         except MessageError as exc:
@@ -572,27 +720,34 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         device_id = peek.get("device_id") if isinstance(peek, dict) else None
         if not isinstance(device_id, str) or not _is_device_id(device_id):
             return _reject("malformed", "payload.device_id: expected the sending device's id (40 lowercase hex characters)")
-        public_key = store.public_key_of(device_id)
+        public_key = store.public_key_of(device_id)  # before any cryptography: an unknown id costs a look-up
         if public_key is None:
             return _reject("unknown_device", f"payload.device_id: no device {device_id[:64]!r} is registered; expected a registered device")
+        if not verify_signature(message.payload, message.signature, public_key, backend="coincurve"):
+            log.debug("bad signature on a message claiming device %s", device_id)  # not a line per forgery at INFO
+            return _reject(
+                "bad_signature",
+                "signature: does not verify against the registered public key of payload.device_id "
+                "(the payload was altered or signed by another key); expected the board's signature over the exact payload",
+            )
         try:
-            fields = open_message(message, public_key, backend="ecdsa")
+            fields = open_message(message, public_key, backend="coincurve")
         except MessageError as exc:
-            if not verify_signature(message.payload, message.signature, public_key, backend="ecdsa"):
-                log.warning("bad signature on a message claiming device %s", device_id)
-                return _reject(
-                    "bad_signature",
-                    "signature: does not verify against the registered public key of payload.device_id "
-                    "(the payload was altered or signed by another key); expected the board's signature over the exact payload",
-                )
             return _reject("malformed", str(exc))
+        if fields["type"] not in ("order", "cancel", "delivery_report"):
+            return _reject("malformed", f"type: {fields['type']!r} is not a message to submit; expected order, cancel or delivery_report")
         if fields["ledger_id"] != settings.ledger_id:
             return _reject(
                 "wrong_ledger",
                 f"payload.ledger_id: {fields['ledger_id']!r} is not this ledger; expected {settings.ledger_id!r}",
                 nonce=fields["nonce"],
             )
-        outcome = store.submit(fields, message.payload, message.signature, now)
+        wait_s = device_limiter.take(device_id)
+        if wait_s:
+            return _too_many(f"device {device_id}: more than {settings.device_rate.per_second:g} messages per second "
+                             f"(burst {settings.device_rate.burst}); expected a retry after {wait_s:.2f} s", wait_s,
+                             nonce=fields["nonce"])
+        outcome = store.submit(fields, message.payload, message.signature)  # time read and gate judged under the lock
         return JSONResponse(outcome.body, status_code=outcome.http_status)
 
     # ------------------------------------------------------------------------- markets
@@ -604,32 +759,62 @@ def create_app(settings: LedgerSettings) -> FastAPI:
                 f"market_id: {market_id} is not a slot start; expected a multiple of {rules.slot_seconds} (UTC epoch seconds)",
             )
 
-    @app.get("/v1/markets/{market_id}/book", response_model=BookOut, responses=_REJECTIONS, summary="A market's open orders")
-    def get_book(market_id: int = PathParam(ge=0, le=INT64_MAX)) -> JSONResponse:
+    def market_path():
+        return PathParam(ge=0, le=INT64_MAX, multiple_of=rules.slot_seconds,
+                         description=f"the slot start, UTC epoch seconds (a multiple of {rules.slot_seconds})")
+
+    @app.get("/v1/markets/{market_id}/book", response_model=BookOut, responses=_REJECTIONS,
+             summary="A market's open quantity per price level (public: aggregates only)")
+    def get_book(market_id: int = market_path()) -> JSONResponse:
         now = now_ms()
         _check_market(market_id)
         book = store.book(market_id)
         return JSONResponse({"market_id": market_id, "gate_open": rules.gate_open(market_id, now // 1000), **book})
 
     @app.get("/v1/markets/{market_id}/trades", response_model=MarketTradesOut, responses=_REJECTIONS,
-             summary="A market's trades with reports and settlements")
-    def get_market_trades(market_id: int = PathParam(ge=0, le=INT64_MAX)) -> JSONResponse:
+             summary="A market's trades with reports and settlements (operator only)")
+    def get_market_trades(request: Request, market_id: int = market_path()) -> JSONResponse:
+        _require_operator(request)
         now_ms()
         _check_market(market_id)
         return JSONResponse({"market_id": market_id, "trades": store.market_trades(market_id)})
 
     @app.get("/v1/trades/{trade_id}", response_model=TradeDetail, responses=_REJECTIONS,
-             summary="One trade with both reports and its settlement")
-    def get_trade(trade_id: int = PathParam(ge=1, le=INT64_MAX)) -> JSONResponse:
+             summary="One trade with both reports and its settlement (a party's signed read, or the operator)")
+    def get_trade(request: Request, trade_id: int = PathParam(ge=1, le=INT64_MAX)) -> JSONResponse:
+        reader = _reader(request)
         now_ms()
         trade = store.trade(trade_id)
-        if trade is None:
-            return _reject("not_found", f"trade_id: no trade {trade_id}; expected an id from a trades listing")
+        if trade is None or (reader is not None and reader not in (trade["seller"]["device_id"], trade["buyer"]["device_id"])):
+            # the same answer for "no such trade" and "not yours": a device learns nothing of others' trades
+            return _reject("not_found", f"trade_id: no trade {trade_id} of yours; expected an id from your trades listing")
         return JSONResponse(trade)
 
-    @app.get("/v1/stats", response_model=StatsOut, summary="Counts and totals for dashboards and demos")
+    @app.get("/v1/stats", response_model=StatsOut, summary="Counts and totals for dashboards and demos (aggregates only)")
     def get_stats() -> JSONResponse:
         now_ms()
         return JSONResponse(store.stats())
 
     return app
+
+
+def _allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """The methods of the routes whose path matches (for a 405's Allow header)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        methods_of = getattr(route, "methods", None)
+        if not methods_of:
+            continue
+        match, _ = route.matches({**scope, "method": next(iter(methods_of))})
+        if match == Match.FULL:
+            methods |= set(methods_of)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+def _too_many(detail: str, wait_s: float, **extra: Any) -> JSONResponse:
+    rejection = Rejection("rate_limited", detail)
+    return JSONResponse(rejection.body(**extra), status_code=429, headers={"Retry-After": str(max(1, int(wait_s + 0.999)))})

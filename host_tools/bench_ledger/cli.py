@@ -87,11 +87,12 @@ _port = _int_type("a port from 0 (any free port) to 65535", 0, 65535)
 
 # ----------------------------------------------------------------------- HTTP helpers
 
-def _http(method: str, url: str, *, body: Any = None, params: dict | None = None, token: str | None = None) -> tuple[int, Any]:
+def _http(method: str, url: str, *, body: Any = None, params: dict | None = None, token: str | None = None,
+          headers: dict | None = None) -> tuple[int, Any]:
     """One request; returns (status, JSON). Unreachable ledger or a non-JSON answer -> LedgerFailure."""
     import requests
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
     try:
         response = requests.request(method, url, json=body, params=params, headers=headers, timeout=HTTP_TIMEOUT_S)
     except requests.RequestException as exc:
@@ -123,7 +124,31 @@ def _get_ok(url: str, params: dict | None = None) -> dict:
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    return args.operator_token or os.environ.get(TOKEN_ENV) or None
+    return getattr(args, "operator_token", None) or os.environ.get(TOKEN_ENV) or None
+
+
+def _signed_get(base_url: str, path: str, key, ledger_id: str) -> tuple[int, Any]:
+    """GET a device's private data with the device's signed read request (as the board does)."""
+    import time as _time
+
+    from firmware.messages import READ_MAX_TTL_SECONDS, new_fields, sign_message
+
+    now_ms = _time.time_ns() // 1_000_000
+    fields = new_fields("read", ledger_id=ledger_id, device_id=key.device_id, nonce=now_ms, issued_at=now_ms // 1000,
+                        ttl_s=READ_MAX_TTL_SECONDS, path=path)
+    wire = sign_message(fields, key).to_wire()
+    return _http("GET", base_url + path, headers={"X-DGC-Read": wire["payload"], "X-DGC-Read-Signature": wire["signature"]})
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _load_board_config(path: str):
@@ -150,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_board_config(args.config)  # before the heavy imports: a bad config fails fast
 
     from .app import LedgerSettings, OffsetClock
+    from .limits import RateLimit
     from .server import ServeError, serve
 
     overrides = {
@@ -163,13 +189,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if rules.gate_closure_seconds >= rules.slot_seconds * rules.markets_ahead:
         raise UsageError(f"--gate-closure-seconds: expected less than slot_seconds x markets_ahead ({rules.slot_seconds * rules.markets_ahead})")
     ledger_id = args.ledger_id or config.ledger.ledger_id
+    token = _token(args)
+    if token is None and not _is_loopback(args.host):
+        raise UsageError(
+            f"--host {args.host}: without an operator token the ledger listens on loopback only; expected "
+            f"--operator-token (or ${TOKEN_ENV}) and a TLS-terminating proxy (e.g. Caddy or nginx) in front of it")
     deadline = args.report_deadline_seconds if args.report_deadline_seconds is not None else 2 * rules.slot_seconds
     try:
         settings = LedgerSettings(
             db_path=args.db,
             ledger_id=ledger_id,
             rules=rules,
-            operator_token=_token(args),
+            operator_token=token,
+            default_sell_capacity_wh=args.default_sell_capacity_wh,
+            max_open_shortfall_wh=args.max_open_shortfall_wh,
+            max_open_orders=args.max_open_orders,
+            device_rate=RateLimit(args.device_rate, max(1, int(args.device_rate * 5))),
+            client_rate=RateLimit(args.client_rate, max(1, int(args.client_rate * 2))),
             initial_credit_milli_minor=args.initial_credit,
             report_deadline_seconds=deadline,
             last_market_id=args.last_market,
@@ -180,7 +216,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("bench ledger %s: slots %d s x %d, lot %d Wh, gate %d s, prices %d..%d, report deadline %d s, db %s%s%s%s",
              ledger_id, rules.slot_seconds, rules.markets_ahead, rules.lot_wh, rules.gate_closure_seconds,
              rules.price_min_per_kwh_minor, rules.price_max_per_kwh_minor, deadline, args.db,
-             ", operator token required" if settings.operator_token else "",
+             ", operator token set" if settings.operator_token else ", no operator token (no registration; loopback only)",
              f", clock offset {args.clock_offset_ms} ms" if args.clock_offset_ms else "",
              f", last market {args.last_market}" if args.last_market is not None else "")
     try:
@@ -199,6 +235,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"public_key": public_key, "name": name}
     if args.credit is not None:
         body["credit_milli_minor"] = args.credit
+    if args.sell_capacity_wh is not None:
+        body["sell_capacity_wh"] = args.sell_capacity_wh
     status, answer = _http("POST", f"{args.url}/v1/devices", body=body, token=_token(args))
     return _print_answer(status, answer)
 
@@ -221,8 +259,7 @@ def _sign_and_submit(args: argparse.Namespace, kind: str, **body: Any) -> int:
     from firmware.messages import MessageError, new_fields, sign_message
 
     key = _load_key(args.key_file)
-    account_url = f"{args.url}/v1/devices/{key.device_id}"
-    status, account = _http("GET", account_url)
+    status, account = _signed_get(args.url, f"/v1/devices/{key.device_id}", key, args.ledger_id)
     if status != 200 or not isinstance(account, dict):
         detail = account.get("detail") if isinstance(account, dict) else f"HTTP {status}"
         raise LedgerFailure(f"device {key.device_id} is not usable on {args.url}: {detail}; expected a registered device (dgc-host ledger register)")
@@ -249,7 +286,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    status, trade = _http("GET", f"{args.url}/v1/trades/{args.trade_id}")
+    status, trade = _signed_get(args.url, f"/v1/trades/{args.trade_id}", _load_key(args.key_file), args.ledger_id)
     if status != 200 or not isinstance(trade, dict) or type(trade.get("market_id")) is not int:
         raise LedgerFailure(f"trade {args.trade_id}: not found on {args.url}; expected the id of one of your trades")
     return _sign_and_submit(args, "delivery_report", trade_id=args.trade_id, market_id=trade["market_id"],
@@ -262,7 +299,7 @@ def cmd_book(args: argparse.Namespace) -> int:
 
 
 def cmd_trades(args: argparse.Namespace) -> int:
-    status, body = _http("GET", f"{args.url}/v1/markets/{args.market_id}/trades")
+    status, body = _http("GET", f"{args.url}/v1/markets/{args.market_id}/trades", token=_token(args))
     return _print_answer(status, body)
 
 
@@ -324,7 +361,17 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8750, help="port (default 8750; 0 = any free port, printed when ready)")
     p.add_argument("--ledger-id", help="override the config's [ledger] ledger_id")
-    p.add_argument("--operator-token", help=f"require 'Authorization: Bearer TOKEN' to register devices (or ${TOKEN_ENV})")
+    p.add_argument("--operator-token", help=f"the operator's token: 'Authorization: Bearer TOKEN' registers, revokes and reads "
+                                            f"any device (or ${TOKEN_ENV}); without it: no operator, loopback only")
+    p.add_argument("--default-sell-capacity-wh", type=_non_negative, default=50_000, metavar="WH",
+                   help="qualification of a new device: Wh it may offer plus have sold in one market (default 50000)")
+    p.add_argument("--max-open-shortfall-wh", type=_non_negative, default=5_000, metavar="WH",
+                   help="uncleared shortfall above which a device's orders are refused (default 5000)")
+    p.add_argument("--max-open-orders", type=_non_negative, default=256, help="open orders per device (default 256)")
+    p.add_argument("--device-rate", type=_non_negative, default=20, metavar="PER_S",
+                   help="verified messages per second per device, burst 5x (default 20; 0 = no limit)")
+    p.add_argument("--client-rate", type=_non_negative, default=500, metavar="PER_S",
+                   help="requests per second per client address, burst 2x (default 500; 0 = no limit)")
     p.add_argument("--initial-credit", type=_non_negative, default=1_000_000_000, metavar="MILLI_MINOR",
                    help="opening balance of a newly registered device, milli-minor units (default 1000000000)")
     p.add_argument("--report-deadline-seconds", type=_non_negative,
@@ -348,6 +395,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     p.add_argument("--key-file", help="key file to take the public key from (with --config)")
     p.add_argument("--name", help="a label (default: the board's name)")
     p.add_argument("--credit", type=_non_negative, metavar="MILLI_MINOR", help="opening balance (default: the ledger's)")
+    p.add_argument("--sell-capacity-wh", type=_non_negative, metavar="WH",
+                   help="qualification: Wh it may offer plus have sold in one market (default: the ledger's)")
     p.add_argument("--operator-token", help=f"operator token (or ${TOKEN_ENV})")
     p.set_defaults(func=_wrap(cmd_register))
 
@@ -380,8 +429,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     p.add_argument("--market-id", type=_non_negative, required=True)
     p.set_defaults(func=_wrap(cmd_book))
 
-    p = sub.add_parser("trades", help="print a market's trades (JSON)")
+    p = sub.add_parser("trades", help="print a market's trades (JSON; operator only)")
     url_arg(p)
+    p.add_argument("--operator-token", help=f"operator token (or ${TOKEN_ENV})")
     p.add_argument("--market-id", type=_non_negative, required=True)
     p.set_defaults(func=_wrap(cmd_trades))
 

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import coincurve
 
@@ -45,6 +45,12 @@ INT64_MAX = 2**63 - 1
 MAX_CREDIT_MILLI_MINOR = 10**15
 MAX_ORDER_WH = 10**9  # 1 GWh in one order is far beyond any house
 MAX_FUTURE_ISSUE_SECONDS = 300
+# Defaults of the seller qualification (docs/ledger.md, "Seller obligation"): what one device may
+# have offered or contracted to sell in one market, and the shortfall charged to it that it may
+# leave uncleared before the ledger stops taking its orders.
+DEFAULT_SELL_CAPACITY_WH = 50_000  # 50 kWh in one slot: 100 kW over 30 min, far beyond a house
+DEFAULT_MAX_OPEN_SHORTFALL_WH = 5_000
+DEFAULT_MAX_OPEN_ORDERS = 256  # 48 markets ahead x a few orders each
 
 # Every rejection code and its HTTP status. 4xx means "permanent for this message".
 REJECTION_STATUS: dict[str, int] = {
@@ -71,7 +77,14 @@ REJECTION_STATUS: dict[str, int] = {
     "not_a_party": 422,
     "wrong_role": 422,
     "trade_settled": 422,
+    "report_too_early": 425,  # HTTP 425 Too Early: transient, never stored - the same bytes are valid later
+    "report_too_late": 422,
+    "over_capacity": 422,
+    "audit_failed": 403,
+    "too_many_orders": 422,
+    "rate_limited": 429,
     "revoked": 403,
+    "method_not_allowed": 405,
 }
 
 ORDER_STATES = ("open", "filled", "cancelled", "expired")
@@ -85,7 +98,9 @@ CREATE TABLE IF NOT EXISTS devices (
     balance_milli_minor INTEGER NOT NULL,
     locked_milli_minor INTEGER NOT NULL,
     registered_ms INTEGER NOT NULL,
-    revoked_ms INTEGER  -- set once by the operator (key rotated or compromised); never cleared
+    revoked_ms INTEGER,  -- set once by the operator (key rotated or compromised); never cleared
+    sell_capacity_wh INTEGER NOT NULL DEFAULT 50000,  -- qualification: Wh it may sell in one market
+    open_shortfall_wh INTEGER NOT NULL DEFAULT 0  -- shortfall charged to it and not yet cleared by the operator
 );
 CREATE TABLE IF NOT EXISTS messages (
     device_id TEXT NOT NULL,
@@ -116,6 +131,7 @@ CREATE TABLE IF NOT EXISTS orders (
 );
 CREATE INDEX IF NOT EXISTS orders_market ON orders (market_id, state);
 CREATE INDEX IF NOT EXISTS orders_open ON orders (state, market_id);
+CREATE INDEX IF NOT EXISTS orders_device ON orders (device_id, state);
 CREATE TABLE IF NOT EXISTS trades (
     trade_id INTEGER PRIMARY KEY AUTOINCREMENT,
     market_id INTEGER NOT NULL,
@@ -188,7 +204,10 @@ class LedgerStore:
     """All ledger state and every state change. Thread-safe (one lock around one connection)."""
 
     def __init__(self, path: Path | str, rules: MarketRules, report_deadline_seconds: int,
-                 last_market_id: int | None = None) -> None:
+                 last_market_id: int | None = None, *, clock: Callable[[], int] | None = None,
+                 default_sell_capacity_wh: int = DEFAULT_SELL_CAPACITY_WH,
+                 max_open_shortfall_wh: int = DEFAULT_MAX_OPEN_SHORTFALL_WH,
+                 max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS) -> None:
         if report_deadline_seconds < 0:
             raise ValueError(f"report_deadline_seconds: expected zero or more, got {report_deadline_seconds}")
         if last_market_id is not None and not rules.is_market_id(last_market_id):
@@ -196,6 +215,18 @@ class LedgerStore:
         self.rules = rules
         self.report_deadline_seconds = report_deadline_seconds
         self.last_market_id = last_market_id  # a bounded market day (demos): no orders beyond it
+        for name, value in (("default_sell_capacity_wh", default_sell_capacity_wh),
+                            ("max_open_shortfall_wh", max_open_shortfall_wh), ("max_open_orders", max_open_orders)):
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{name}: expected zero or a positive integer, got {value!r}")
+        self.default_sell_capacity_wh = default_sell_capacity_wh
+        self.max_open_shortfall_wh = max_open_shortfall_wh
+        self.max_open_orders = max_open_orders
+        # The ledger's clock, read *under the store lock* when submit() is not given a time: the
+        # gate is then judged at the instant the order is applied, never at a time read before
+        # another request's sweep ran (issue 10: orders judged open applied after the gate shut).
+        self._clock = clock
+        self._public_keys: dict[str, bytes] = {}  # device_id -> key; keys never change once registered
         self._lock = threading.Lock()
         path_text = str(path)
         if path_text != ":memory:":
@@ -209,6 +240,9 @@ class LedgerStore:
         columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(devices)")}
         if "revoked_ms" not in columns:  # a database created before revocation existed
             self._conn.execute("ALTER TABLE devices ADD COLUMN revoked_ms INTEGER")
+        if "sell_capacity_wh" not in columns:  # created before the seller qualification existed
+            self._conn.execute(f"ALTER TABLE devices ADD COLUMN sell_capacity_wh INTEGER NOT NULL DEFAULT {int(default_sell_capacity_wh)}")
+            self._conn.execute("ALTER TABLE devices ADD COLUMN open_shortfall_wh INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -234,8 +268,15 @@ class LedgerStore:
 
     # ----------------------------------------------------------------- devices
 
-    def register_device(self, public_key_hex: str, name: str, credit_milli_minor: int, now_ms: int) -> tuple[dict, bool]:
-        """Register a public key; registering the same key again returns the same account unchanged."""
+    def register_device(self, public_key_hex: str, name: str, credit_milli_minor: int, now_ms: int, *,
+                        sell_capacity_wh: int | None = None) -> tuple[dict, bool]:
+        """Register a public key; registering the same key again returns the same account unchanged.
+
+        ``sell_capacity_wh`` is the device's qualification: the most it may offer or have
+        contracted to sell in one market (the ledger's default when None)."""
+        capacity = self.default_sell_capacity_wh if sell_capacity_wh is None else sell_capacity_wh
+        if type(capacity) is not int or not 0 <= capacity <= MAX_ORDER_WH:
+            raise Rejection("malformed", f"sell_capacity_wh: expected 0 to {MAX_ORDER_WH}, got {capacity!r}")
         try:
             raw = bytes.fromhex(public_key_hex)
             public_key = coincurve.PublicKey(raw).format(compressed=True)
@@ -260,9 +301,9 @@ class LedgerStore:
                     )
                 if created:
                     self._conn.execute(
-                        "INSERT INTO devices (device_id, public_key, name, balance_milli_minor, locked_milli_minor, registered_ms) "
-                        "VALUES (?, ?, ?, ?, 0, ?)",
-                        (device_id, public_key.hex(), name, credit_milli_minor, now_ms),
+                        "INSERT INTO devices (device_id, public_key, name, balance_milli_minor, locked_milli_minor, registered_ms, "
+                        "sell_capacity_wh, open_shortfall_wh) VALUES (?, ?, ?, ?, 0, ?, ?, 0)",
+                        (device_id, public_key.hex(), name, credit_milli_minor, now_ms, capacity),
                     )
                 self._conn.execute("COMMIT")
             except BaseException:
@@ -309,15 +350,40 @@ class LedgerStore:
                 log.info("revoked device %s (%d open order(s) cancelled)", device_id, cancelled)
             return self._account(device_id), already, cancelled
 
+    def clear_shortfalls(self, device_id: str, now_ms: int) -> dict:
+        """The operator's audit cleared the device's recorded shortfalls (it made good or was
+        compensated off-ledger): it may place orders again. Raises Rejection('not_found')."""
+        with self._lock:
+            self._begin()
+            try:
+                cur = self._conn.execute("UPDATE devices SET open_shortfall_wh = 0 WHERE device_id = ?", (device_id,))
+                if cur.rowcount == 0:
+                    raise Rejection("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            log.info("shortfalls of device %s cleared by the operator", device_id)
+            return self._account(device_id)
+
     def revoked_ms(self, device_id: str) -> int | None:
         with self._lock:
             row = self._one("SELECT revoked_ms FROM devices WHERE device_id = ?", (device_id,))
         return None if row is None else row["revoked_ms"]
 
     def public_key_of(self, device_id: str) -> bytes | None:
+        """The registered key, from memory after the first look-up (a registered key never changes),
+        so refusing an unknown id or a forgery costs no SQL under the store lock."""
+        key = self._public_keys.get(device_id)
+        if key is not None:
+            return key
         with self._lock:
             row = self._one("SELECT public_key FROM devices WHERE device_id = ?", (device_id,))
-        return None if row is None else bytes.fromhex(row["public_key"])
+        if row is None:
+            return None
+        key = bytes.fromhex(row["public_key"])
+        self._public_keys[device_id] = key
+        return key
 
     def account(self, device_id: str) -> dict | None:
         with self._lock:
@@ -336,11 +402,13 @@ class LedgerStore:
             "locked_milli_minor": row["locked_milli_minor"],
             "max_nonce": max_nonce,
             "revoked_ms": row["revoked_ms"],
+            "sell_capacity_wh": row["sell_capacity_wh"],
+            "open_shortfall_wh": row["open_shortfall_wh"],
         }
 
     # ---------------------------------------------------------------- messages
 
-    def submit(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, now_ms: int) -> Outcome:
+    def submit(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, now_ms: int | None = None) -> Outcome:
         """Apply one verified message exactly once and store its outcome, in one transaction.
 
         Order of checks: a resend of a stored (device, nonce) returns the stored answer even
@@ -352,6 +420,11 @@ class LedgerStore:
         device_id, nonce, kind = fields["device_id"], fields["nonce"], fields["type"]
         digest = hashlib.sha256(payload).hexdigest()
         with self._lock:
+            if now_ms is None:
+                if self._clock is None:
+                    raise ValueError("submit: now_ms is required when the store has no clock")
+                now_ms = self._clock()  # read under the lock: no sweep can run between this and the apply
+            self._sweep_locked(now_ms)
             self._begin()
             try:
                 outcome = self._submit_locked(fields, payload, signature, digest, now_ms)
@@ -359,7 +432,7 @@ class LedgerStore:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-        log.info(
+        log.debug(
             "message %s nonce %d from %s: %s%s",
             kind, nonce, device_id, outcome.body.get("status"),
             f" ({outcome.body.get('code')})" if outcome.body.get("status") == "rejected" else "",
@@ -398,6 +471,16 @@ class LedgerStore:
                 "not_yet_valid",
                 f"issued_at: {fields['issued_at']} is more than {MAX_FUTURE_ISSUE_SECONDS} s after the ledger's time "
                 f"{now_ms // 1000}; expected the board's clock to agree with GET /v1/time",
+            )
+            return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
+        if kind == "delivery_report" and now_ms < (fields["market_id"] + self.rules.slot_seconds) * 1000:
+            # Not stored either: a report before its slot ended cannot be a metered result (issue 10:
+            # a buyer reported 0 Wh two hours early); the same bytes are accepted once the slot is over.
+            slot_end = fields["market_id"] + self.rules.slot_seconds
+            rejection = Rejection(
+                "report_too_early",
+                f"market_id: the slot of market {fields['market_id']} ends at {slot_end} (ledger time {now_ms // 1000}); "
+                "expected a delivery report only after the slot has ended",
             )
             return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
 
@@ -464,11 +547,52 @@ class LedgerStore:
         if energy_wh > MAX_ORDER_WH:
             raise Rejection("energy_too_large", f"energy_wh: {energy_wh} is too large; expected at most {MAX_ORDER_WH}")
 
+    def _check_qualification(self, device_id: str, market_id: int, side: str, energy_wh: int) -> None:
+        """The seller obligation's backing, as a qualification audit (docs/ledger.md; seed 004):
+
+        - a device whose shortfalls (charged at settlement, either side) exceed the limit and were
+          not cleared by the operator places no new order until they are;
+        - what a device offers plus what it has contracted to sell in one market never exceeds its
+          qualified capacity (set at registration): a 1 GWh sell from a house is refused;
+        - a device has at most ``max_open_orders`` open orders at once.
+        """
+        device = self._one("SELECT open_shortfall_wh, sell_capacity_wh FROM devices WHERE device_id = ?", (device_id,))
+        if device["open_shortfall_wh"] > self.max_open_shortfall_wh:
+            raise Rejection(
+                "audit_failed",
+                f"device_id: {device['open_shortfall_wh']} Wh of shortfalls charged to this device are not cleared "
+                f"(limit {self.max_open_shortfall_wh} Wh); expected the operator to clear them "
+                "(POST /v1/devices/{device_id}/clear-shortfalls) before new orders",
+            )
+        open_orders = self._one("SELECT COUNT(*) FROM orders WHERE device_id = ? AND state = 'open'", (device_id,))[0]
+        if open_orders >= self.max_open_orders:
+            raise Rejection(
+                "too_many_orders",
+                f"device_id: {open_orders} open orders already; expected at most {self.max_open_orders} "
+                "(cancel some, or wait for fills and gate closure)",
+            )
+        if side == "sell":
+            offered = self._one(
+                "SELECT COALESCE(SUM(remaining_wh), 0) FROM orders WHERE device_id = ? AND market_id = ? AND state = 'open' "
+                "AND side = 'sell'", (device_id, market_id))[0]
+            sold = self._one(
+                "SELECT COALESCE(SUM(energy_wh), 0) FROM trades WHERE seller_device_id = ? AND market_id = ?",
+                (device_id, market_id))[0]
+            capacity = device["sell_capacity_wh"]
+            if offered + sold + energy_wh > capacity:
+                raise Rejection(
+                    "over_capacity",
+                    f"energy_wh: {energy_wh} Wh more would bring this device's offers and sales in market {market_id} to "
+                    f"{offered + sold + energy_wh} Wh; expected at most its qualified capacity {capacity} Wh "
+                    f"({max(capacity - offered - sold, 0)} Wh left)",
+                )
+
     def _apply_order(self, fields: Mapping[str, Any], now_ms: int) -> dict:
         device_id, nonce = fields["device_id"], fields["nonce"]
         market_id, side = fields["market_id"], fields["side"]
         energy_wh, limit = fields["energy_wh"], fields["price_per_kwh_minor"]
         self._check_order_rules(fields, now_ms // 1000)
+        self._check_qualification(device_id, market_id, side, energy_wh)
         locked = 0
         if side == "buy":
             locked = cost_milli_minor(energy_wh, limit)
@@ -622,6 +746,13 @@ class LedgerStore:
                 f"trade_id: trade {trade_id} was settled at the report deadline "
                 f"({self.report_deadline_seconds} s after its slot) without your report; expected reports before then",
             )
+        deadline_s = trade["market_id"] + self.rules.slot_seconds + self.report_deadline_seconds
+        if now_ms > deadline_s * 1000:  # a store driven without sweeps (a simulation) still closes the window
+            raise Rejection(
+                "report_too_late",
+                f"trade_id: the report deadline of trade {trade_id} was {deadline_s} (ledger time {now_ms // 1000}); "
+                "expected reports within report_deadline_seconds after the slot",
+            )
         self._conn.execute(
             "INSERT INTO delivery_reports VALUES (?, ?, ?, ?, ?, ?, ?)",
             (trade_id, role, device_id, fields["nonce"], fields["energy_wh"], fields["status"], now_ms),
@@ -667,6 +798,9 @@ class LedgerStore:
         released = lock - paid
         self._adjust(trade["buyer_device_id"], +released, -lock)
         self._adjust(trade["seller_device_id"], +paid, 0)
+        if party_device is not None:  # the qualification audit counts it until the operator clears it
+            self._conn.execute("UPDATE devices SET open_shortfall_wh = open_shortfall_wh + ? WHERE device_id = ?",
+                               (shortfall_wh, party_device))
         self._conn.execute(
             "INSERT INTO settlements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (trade["trade_id"], reason, seller_value, buyer_value, settled_wh, paid, released, shortfall_wh, party,
@@ -688,37 +822,40 @@ class LedgerStore:
         settled with a missing report counted as 0. Called before every request, so every
         answer reflects the ledger's current time.
         """
+        with self._lock:
+            return self._sweep_locked(now_ms)
+
+    def _sweep_locked(self, now_ms: int) -> dict:
         now_s = now_ms // 1000
         gate_cutoff = now_s + self.rules.gate_closure_seconds  # market_id <= cutoff means gate closed
         trade_cutoff = now_s - self.rules.slot_seconds - self.report_deadline_seconds
-        with self._lock:
-            stale_orders = self._one(
-                "SELECT 1 FROM orders WHERE state = 'open' AND market_id <= ? LIMIT 1", (gate_cutoff,))
-            stale_trades = self._one(
-                "SELECT 1 FROM trades WHERE settled = 0 AND market_id <= ? LIMIT 1", (trade_cutoff,))
-            if stale_orders is None and stale_trades is None:
-                return {"expired_orders": 0, "settled_trades": 0}
-            self._begin()
-            try:
-                expired = self._all("SELECT * FROM orders WHERE state = 'open' AND market_id <= ?", (gate_cutoff,))
-                for order in expired:
-                    if order["side"] == "buy":
-                        released = cost_milli_minor(order["remaining_wh"], order["price_per_kwh_minor"])
-                        self._adjust(order["device_id"], +released, -released)
-                    self._conn.execute(
-                        "UPDATE orders SET cancelled_wh = remaining_wh, remaining_wh = 0, state = 'expired', closed_ms = ? "
-                        "WHERE order_id = ?",
-                        (now_ms, order["order_id"]),
-                    )
-                due = self._all("SELECT * FROM trades WHERE settled = 0 AND market_id <= ?", (trade_cutoff,))
-                for trade in due:
-                    reports = {r["role"]: r["energy_wh"] for r in self._all(
-                        "SELECT role, energy_wh FROM delivery_reports WHERE trade_id = ?", (trade["trade_id"],))}
-                    self._settle(trade, reports.get("seller"), reports.get("buyer"), reason="deadline", now_ms=now_ms)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        stale_orders = self._one(
+            "SELECT 1 FROM orders WHERE state = 'open' AND market_id <= ? LIMIT 1", (gate_cutoff,))
+        stale_trades = self._one(
+            "SELECT 1 FROM trades WHERE settled = 0 AND market_id <= ? LIMIT 1", (trade_cutoff,))
+        if stale_orders is None and stale_trades is None:
+            return {"expired_orders": 0, "settled_trades": 0}
+        self._begin()
+        try:
+            expired = self._all("SELECT * FROM orders WHERE state = 'open' AND market_id <= ?", (gate_cutoff,))
+            for order in expired:
+                if order["side"] == "buy":
+                    released = cost_milli_minor(order["remaining_wh"], order["price_per_kwh_minor"])
+                    self._adjust(order["device_id"], +released, -released)
+                self._conn.execute(
+                    "UPDATE orders SET cancelled_wh = remaining_wh, remaining_wh = 0, state = 'expired', closed_ms = ? "
+                    "WHERE order_id = ?",
+                    (now_ms, order["order_id"]),
+                )
+            due = self._all("SELECT * FROM trades WHERE settled = 0 AND market_id <= ?", (trade_cutoff,))
+            for trade in due:
+                reports = {r["role"]: r["energy_wh"] for r in self._all(
+                    "SELECT role, energy_wh FROM delivery_reports WHERE trade_id = ?", (trade["trade_id"],))}
+                self._settle(trade, reports.get("seller"), reports.get("buyer"), reason="deadline", now_ms=now_ms)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
         if expired:
             log.info("expired %d open order(s) at gate closure", len(expired))
         return {"expired_orders": len(expired), "settled_trades": len(due)}
@@ -799,24 +936,23 @@ class LedgerStore:
         ]
 
     def book(self, market_id: int) -> dict:
-        """The market's open orders: asks cheapest first, bids dearest first, earliest first at a price."""
+        """The market's open quantity per price level - asks cheapest first, bids dearest first.
+
+        Aggregates only: who rests at a price, and when, is a household's private pattern."""
         with self._lock:
-            orders = list(self._resting(market_id))
-            times = {r["order_id"]: r["created_ms"] for r in self._all(
-                "SELECT order_id, created_ms FROM orders WHERE market_id = ? AND state = 'open'", (market_id,))}
-        book = OrderBook(orders)
+            book = OrderBook(self._resting(market_id))
 
-        def entry(o: BookOrder) -> dict:
-            return {
-                "device_id": o.device_id,
-                "order_nonce": o.order_nonce,
-                "remaining_wh": o.remaining_wh,
-                "price_per_kwh_minor": o.price_per_kwh_minor,
-                "seq": o.seq,
-                "time_ms": times[o.seq],
-            }
+        def levels(orders: list[BookOrder]) -> list[dict]:
+            out: list[dict] = []
+            for o in orders:
+                if out and out[-1]["price_per_kwh_minor"] == o.price_per_kwh_minor:
+                    out[-1]["remaining_wh"] += o.remaining_wh
+                    out[-1]["orders"] += 1
+                else:
+                    out.append({"price_per_kwh_minor": o.price_per_kwh_minor, "remaining_wh": o.remaining_wh, "orders": 1})
+            return out
 
-        return {"asks": [entry(o) for o in book.asks()], "bids": [entry(o) for o in book.bids()]}
+        return {"asks": levels(book.asks()), "bids": levels(book.bids())}
 
     def _trade_detail(self, row: sqlite3.Row) -> dict:
         reports = [
