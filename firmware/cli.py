@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import BoardConfig, ConfigError, load_config
+from .config import BoardConfig, ConfigError, check_state_dir, load_config
 from .logsetup import configure_logging
 
 DEFAULT_CONFIG = "board_configs/sim.toml"
@@ -38,6 +38,7 @@ def _key_path(args: argparse.Namespace, config: BoardConfig) -> Path:
 
 
 def cmd_check_config(args: argparse.Namespace, config: BoardConfig) -> int:
+    check_state_dir(config)  # what `dgc run` needs beyond parsing: nothing it accepts may fail there
     meters = ", ".join(f"{m.name}={m.model}@{m.bus}:{m.unit_id}" for m in config.meters)
     print(
         f"{config.path}: ok (board {config.board.name}, kind {config.board.kind}; "
@@ -104,6 +105,7 @@ def cmd_meter_read(args: argparse.Namespace, config: BoardConfig) -> int:
 def cmd_run(args: argparse.Namespace, config: BoardConfig) -> int:
     from .scheduler.daemon import run_daemon
 
+    check_state_dir(config, create=True)  # before the control socket and the journal are made in it
     return run_daemon(config, key_path=_key_path(args, config))
 
 

@@ -40,8 +40,19 @@ def _spec(expect: str, check: Callable[[Any], bool] = lambda v: True, **kwargs) 
     return field(metadata={"expect": expect, "check": check}, **kwargs)
 
 
-def _positive(expect: str = "a positive integer", **kwargs) -> Any:
-    return _spec(expect, lambda v: v > 0, **kwargs)
+def _between(lo: int, hi: int, why: str = "", *, expect: str | None = None, **kwargs) -> Any:
+    """An integer field with a finite range. Every integer key has one: a number the daemon cannot
+    use (10**15 s as a timedelta, 10**30 ms as a socket timeout) must fail at check-config with
+    one line, not later as a traceback in `dgc run` (issue 7 q). ``why`` is appended to the
+    expectation in the error, e.g. " (the router's watchdog is seconds, not minutes)"."""
+    return field(metadata={"expect": expect or f"an integer from {lo} to {hi}{why}", "check": lambda v: lo <= v <= hi,
+                           "bounds": (lo, hi)}, **kwargs)
+
+
+DAY_SECONDS = 86_400
+MAX_TIMEOUT_MS = 60_000  # one call, one read: longer than a minute is a hang, not patience
+MAX_PRICE_PER_KWH_MINOR = 1_000_000_000
+MAX_ENERGY_WH = 10_000_000  # 10 MWh: far beyond a household, far inside int64 arithmetic
 
 
 @dataclass(frozen=True)
@@ -58,44 +69,44 @@ class LedgerConfig:
     # The same limits as a string field of a signed message (messages.MAX_STRING_CHARS), so a bad id fails here, at start.
     ledger_id: str = _spec("the ledger's id (1 to 128 printable ASCII characters)",
                            lambda v: 0 < len(v) <= 128 and v.isascii() and v.isprintable())
-    timeout_ms: int = _positive(default=5000)
-    retries: int = _spec("an integer from 0 to 10", lambda v: 0 <= v <= 10, default=3)
-    backoff_ms: int = _positive(default=500)
+    timeout_ms: int = _between(1, MAX_TIMEOUT_MS, default=5000)
+    retries: int = _between(0, 10, default=3)
+    backoff_ms: int = _between(1, MAX_TIMEOUT_MS, default=500)
     verify_tls: bool = _spec("true or false", default=True)
-    max_clock_skew_ms: int = _positive(default=2000)
-    message_ttl_seconds: int = _positive(default=600)
+    max_clock_skew_ms: int = _between(1, 600_000, default=2000)
+    message_ttl_seconds: int = _between(1, DAY_SECONDS, default=600)
 
 
 @dataclass(frozen=True)
 class CadenceConfig:
     """Seconds between runs of each daemon job; defaults from the primary source's 8-step flow."""
 
-    measure_seconds: int = _positive(default=60)
-    bid_seconds: int = _positive(default=1800)
-    review_seconds: int = _positive(default=300)
-    review_horizon_seconds: int = _positive(default=1800)
-    poll_trades_seconds: int = _positive(default=60)
-    outbox_seconds: int = _positive(default=10)
-    clock_check_seconds: int = _positive(default=60)
+    measure_seconds: int = _between(1, DAY_SECONDS, default=60)
+    bid_seconds: int = _between(1, DAY_SECONDS, default=1800)
+    review_seconds: int = _between(1, DAY_SECONDS, default=300)
+    review_horizon_seconds: int = _between(1, DAY_SECONDS, default=1800)
+    poll_trades_seconds: int = _between(1, DAY_SECONDS, default=60)
+    outbox_seconds: int = _between(1, DAY_SECONDS, default=10)
+    clock_check_seconds: int = _between(1, DAY_SECONDS, default=60)
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     """The owner's trading policy."""
 
-    buy_limit_per_kwh_minor: int = _positive("a positive integer (highest price to pay)", default=3000)
-    sell_floor_per_kwh_minor: int = _positive("a positive integer (lowest price to accept)", default=2000)
-    battery_capacity_wh: int = _spec("zero or a positive integer", lambda v: v >= 0, default=0)
-    battery_reserve_percent: int = _spec("an integer from 0 to 100", lambda v: 0 <= v <= 100, default=30)
+    buy_limit_per_kwh_minor: int = _between(1, MAX_PRICE_PER_KWH_MINOR, " (highest price to pay)", default=3000)
+    sell_floor_per_kwh_minor: int = _between(1, MAX_PRICE_PER_KWH_MINOR, " (lowest price to accept)", default=2000)
+    battery_capacity_wh: int = _between(0, MAX_ENERGY_WH, default=0)
+    battery_reserve_percent: int = _between(0, 100, default=30)
     prefer_renewables: bool = _spec("true or false", default=True)
-    max_order_wh: int = _positive(default=10_000)
-    min_margin_wh: int = _spec("zero or a positive integer", lambda v: v >= 0, default=0)
+    max_order_wh: int = _between(1, MAX_ENERGY_WH, default=10_000)
+    min_margin_wh: int = _between(0, MAX_ENERGY_WH, default=0)
 
 
 @dataclass(frozen=True)
 class ForecastConfig:
-    history_days: int = _spec("an integer from 1 to 60", lambda v: 1 <= v <= 60, default=7)
-    smoothing_percent: int = _spec("an integer from 1 to 100", lambda v: 1 <= v <= 100, default=50)
+    history_days: int = _between(1, 60, default=7)
+    smoothing_percent: int = _between(1, 100, default=50)
 
 
 @dataclass(frozen=True)
@@ -108,15 +119,15 @@ class BusConfig:
     parity: str = _spec("one of N, E, O", lambda v: v in PARITIES, default="N")
     stopbits: int = _spec("1 or 2", lambda v: v in (1, 2), default=1)
     bytesize: int = _spec("7 or 8", lambda v: v in (7, 8), default=8)
-    timeout_ms: int = _positive(default=500)
-    request_gap_ms: int = _spec("zero or a positive integer", lambda v: v >= 0, default=25)
+    timeout_ms: int = _between(1, MAX_TIMEOUT_MS, default=500)
+    request_gap_ms: int = _between(0, 10_000, default=25)
     # The kernel's RS-485 mode (TIOCSRS485) for a UART whose transceiver's driver-enable pin is
     # wired to RTS: the kernel raises it for exactly the length of each frame. USB adapters with
     # automatic direction control need none of this. Delays are in ms because the kernel's
     # struct serial_rs485 counts milliseconds (it clamps them to 100 ms).
     rs485: bool = _spec("true or false", default=False)
-    rs485_delay_before_tx_ms: int = _spec("an integer from 0 to 100", lambda v: 0 <= v <= 100, default=0)
-    rs485_delay_after_tx_ms: int = _spec("an integer from 0 to 100", lambda v: 0 <= v <= 100, default=0)
+    rs485_delay_before_tx_ms: int = _between(0, 100, default=0)
+    rs485_delay_after_tx_ms: int = _between(0, 100, default=0)
     rs485_rts_active_high: bool = _spec("true or false", default=True)
 
 
@@ -131,20 +142,20 @@ ROLE_MAX_POWER_W = {"house": 100_000, "interchange": 50_000, "pv": 50_000}
 class MeterConfig:
     name: str = _spec("a meter name", lambda v: bool(v))
     bus: str = _spec("the name of a [[bus]]", lambda v: bool(v))
-    unit_id: int = _spec("a Modbus unit id from 1 to 247", lambda v: 1 <= v <= 247)
+    unit_id: int = _between(1, 247, " (a Modbus unit id)")
     model: str = _spec("a meter model such as 'sdm120', 'sdm630', 'sdm72dm' or 'custom'", lambda v: bool(v))
     role: str = _spec(f"one of {', '.join(METER_ROLES)}", lambda v: v in METER_ROLES)
     # Plausibility bound on the energy counters, in counter-Wh per hour of wall time (= W on a
     # real board; a time-compressed bench house needs its compression factor times more).
-    max_power_w: int = _spec("zero (the role's default) or a positive integer", lambda v: v >= 0, default=0)
-    max_failures: int = _spec("an integer from 1 to 100", lambda v: 1 <= v <= 100, default=3)
-    max_registers_per_request: int = _spec("zero (the model's own limit) or an integer from 1 to 125",
-                                           lambda v: 0 <= v <= 125, default=0)
+    max_power_w: int = _between(0, 1_000_000_000, " (0: the role's default)", default=0)
+    max_failures: int = _between(1, 100, default=3)
+    max_registers_per_request: int = _between(0, 125, expect="zero (the model's own limit) or an integer from 1 to 125",
+                                              default=0)
     # Interchange meter only (A1, issue 7 l/m): a meter that sees only the net flow (a real
     # bidirectional meter), and how many Wh short of its contract a delivery may be metered and
     # still count as delivered (the router stops at its own count; settlement reads this meter).
     net_only: bool = _spec("true or false", default=False)
-    tolerance_wh: int = _spec("an integer from 0 to 1000", lambda v: 0 <= v <= 1000, default=2)
+    tolerance_wh: int = _between(0, 1000, default=2)
 
     @property
     def power_limit_w(self) -> int:
@@ -163,24 +174,25 @@ class RegisterConfig:
 
     quantity: str = _spec("one of import_energy_wh, export_energy_wh, power_w, voltage_mv, frequency_mhz",
                           lambda v: v in ("import_energy_wh", "export_energy_wh", "power_w", "voltage_mv", "frequency_mhz"))
-    address: int = _spec("a register address from 0 to 65535 (the wire address: 30073 in a datasheet is 0x0048 = 72)",
-                         lambda v: 0 <= v <= 0xFFFF)
+    address: int = _between(0, 0xFFFF, " (the wire address: 30073 in a datasheet is 0x0048 = 72)")
     function_code: int = _spec("3 (holding registers) or 4 (input registers)", lambda v: v in (3, 4))
     type: str = _spec("one of float32, int32, uint32, int16, uint16",
                       lambda v: v in ("float32", "int32", "uint32", "int16", "uint16"))
     unit: str = _spec("the register's unit, e.g. kWh, Wh, W, kW, V, mV, Hz", lambda v: bool(v))
     word_order: str = _spec("big (high word first) or little", lambda v: v in ("big", "little"), default="big")
-    scale: int = _positive(default=1)
-    scale_divisor: int = _positive(default=1)
+    scale: int = _between(1, 1_000_000_000, default=1)
+    scale_divisor: int = _between(1, 1_000_000_000, default=1)
 
 
 @dataclass(frozen=True)
 class DgrConfig:
     port: str = _spec("a serial device path", lambda v: bool(v))
-    baudrate: int = _spec("a baud rate such as 115200", lambda v: v > 0, default=115200)
-    timeout_ms: int = _positive(default=500)
-    retries: int = _spec("an integer from 0 to 10", lambda v: 0 <= v <= 10, default=3)
-    heartbeat_seconds: int = _positive(default=5)
+    baudrate: int = _between(50, 4_000_000, " (a baud rate such as 115200)", default=115200)
+    timeout_ms: int = _between(1, MAX_TIMEOUT_MS, default=500)
+    retries: int = _between(0, 10, default=3)
+    # The router's heartbeat watchdog is seconds (hb_timeout_ms at HELLO; the driver warns when
+    # two heartbeats do not fit in it): a minute between heartbeats is already no heartbeat.
+    heartbeat_seconds: int = _between(1, 60, default=5)
 
 
 CONSOLE_BAUDRATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
@@ -239,14 +251,29 @@ class BoardConfig:
         return Path(self.console.control_socket) if self.console.control_socket else self.board.state_dir / "control.sock"
 
 
-_MARKET_CHECKS = {
-    "slot_seconds": ("a positive integer number of seconds (1800 = 30 min)", lambda v: v > 0),
-    "markets_ahead": ("an integer from 1 to 96", lambda v: 1 <= v <= 96),
-    "lot_wh": ("a positive integer (100 = 0.1 kWh)", lambda v: v > 0),
-    "gate_closure_seconds": ("zero or a positive integer", lambda v: v >= 0),
-    "price_min_per_kwh_minor": ("a positive integer", lambda v: v > 0),
-    "price_max_per_kwh_minor": ("a positive integer", lambda v: v > 0),
+# [market] keys live in firmware/market.py (MarketRules, shared with the ledger); their ranges here.
+_MARKET_BOUNDS = {
+    "slot_seconds": (1, DAY_SECONDS, " (1800 = 30 min)"),
+    "markets_ahead": (1, 96, ""),
+    "lot_wh": (1, 1_000_000, " (100 = 0.1 kWh)"),
+    "gate_closure_seconds": (0, DAY_SECONDS, ""),
+    "price_min_per_kwh_minor": (1, MAX_PRICE_PER_KWH_MINOR, ""),
+    "price_max_per_kwh_minor": (1, MAX_PRICE_PER_KWH_MINOR, ""),
 }
+_MARKET_CHECKS = {
+    key: (f"an integer from {lo} to {hi}{why}", lambda v, lo=lo, hi=hi: lo <= v <= hi)
+    for key, (lo, hi, why) in _MARKET_BOUNDS.items()
+}
+
+
+def int_bounds(cls: type, name: str) -> tuple[int, int] | None:
+    """The (lowest, highest) value an integer key of a config table (or MarketRules) accepts; None
+    for a key whose values are a set (baud rates) rather than a range."""
+    if cls is MarketRules:
+        lo, hi, _ = _MARKET_BOUNDS[name]
+        return lo, hi
+    fld = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return fld.metadata.get("bounds")
 
 
 def _type_name(tp: Any) -> str:
@@ -271,7 +298,10 @@ def _build(cls: type, table: str, raw: Any, file: Path, base_dir: Path) -> Any:
         value = raw[name]
         expected_type = str if tp is Path else tp
         if type(value) is not expected_type:
-            raise ConfigError(file, table, name, fld.metadata.get("expect", _type_name(tp)) + f" ({_type_name(tp)})", value)
+            expect = fld.metadata.get("expect", _type_name(tp))
+            if not expect.startswith(_type_name(tp)):  # "an integer from 1 to 60" already says it
+                expect += f" ({_type_name(tp)})"
+            raise ConfigError(file, table, name, expect, value)
         check = fld.metadata.get("check", _MARKET_CHECKS.get(name, (None, lambda v: True))[1])
         if not check(value):
             expect = fld.metadata.get("expect") or _MARKET_CHECKS[name][0]
@@ -484,6 +514,35 @@ def _register(file: Path, table: str, raw: Any):
     common = gcd(multiplier, divisor)
     return Register(spec.quantity, spec.address, spec.type, multiplier // common, function_code=spec.function_code,
                     word_order=spec.word_order, scale_divisor=divisor // common)
+
+
+def check_state_dir(config: BoardConfig, *, create: bool = False) -> None:
+    """Raise ConfigError unless ``[board] state_dir`` is (or can be created as) a writable directory.
+
+    Not part of parsing: a host tool parses configs of other machines (a flash target) whose
+    paths do not exist here. `dgc check-config` calls it without ``create`` (no side effect but a
+    probe file, created and removed at once, in the nearest existing directory), `dgc run` with
+    it, before it binds the control socket or opens the journal in that directory. A probe file
+    rather than os.access(): root passes os.access() on a read-only mount and under /proc.
+    """
+    import errno
+    import tempfile
+
+    path = config.board.state_dir
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        probe_dir = path
+        while not probe_dir.exists() and probe_dir != probe_dir.parent:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe_dir} is not a directory")
+        fd, probe = tempfile.mkstemp(prefix=".dgc-write-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(config.path, "board", "state_dir", "a writable directory (created if missing)",
+                          f"{path}: {exc.strerror or exc}") from None
 
 
 def load_config(path: Path | str) -> BoardConfig:

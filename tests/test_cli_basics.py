@@ -71,7 +71,7 @@ def test_check_config_ok_on_a_copy(board, tmp_path):
 
 
 @pytest.mark.parametrize("old, new, table_key", [
-    ("timeout_ms = 2000", 'timeout_ms = "fast"', "[ledger] timeout_ms: expected a positive integer"),
+    ("timeout_ms = 2000", 'timeout_ms = "fast"', "[ledger] timeout_ms: expected an integer from 1 to 60000"),
     ("lot_wh = 100", "lot_wh = 100\nlot_kwh = 0.1", "[market] lot_kwh: expected one of the keys"),
     ('model = "sdm120"', 'model = "sdm121"', "[meter.1] model: expected one of sdm120, sdm630"),
 ])
@@ -150,3 +150,84 @@ def test_malformed_key_file_exits_2_without_echoing_it(board, tmp_path):
     result = dgc("pubkey", board, cwd=tmp_path)
     line = assert_one_error_line(result, str(path), "not a DGC key file")
     assert not re.search(secret[:12], line) and "extra-line" not in line
+
+
+# --- what check-config accepts, run accepts: exit 2 with one line, never a traceback (issue 7 q) --
+
+
+def _edited(board: Path, old: str, new: str) -> Path:
+    text = board.read_text()
+    assert old in text, old
+    board.write_text(text.replace(old, new, 1))
+    return board
+
+
+@pytest.mark.parametrize("old, new, table_key", [
+    ('state_dir = "state"', 'state_dir = "/proc/dgc-test/state"', "[board] state_dir: expected a writable directory"),
+    ('state_dir = "state"', 'state_dir = "blocker/state"', "[board] state_dir: expected a writable directory"),
+    ("heartbeat_seconds = 2", "heartbeat_seconds = 1000000000000000", "[dgr] heartbeat_seconds: expected an integer from 1 to 60"),
+    ("timeout_ms = 2000", "timeout_ms = 1000000000000000000000000000000", "[ledger] timeout_ms: expected an integer from 1 to 60000"),
+    ("slot_seconds = 30", "slot_seconds = 1000000000000000", "[market] slot_seconds: expected an integer from 1 to 86400"),
+], ids=["state_dir under /proc", "state_dir below a file", "heartbeat 10**15", "timeout 10**30", "slot 10**15"])
+def test_what_check_config_refuses_run_refuses_with_one_line(board, tmp_path, old, new, table_key):
+    created = dgc("keygen", board, "--key-file", tmp_path / "keys" / "device.key", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    (tmp_path / "blocker").write_text("a file, not a directory")
+    _edited(board, old, new)
+    checked = dgc("check-config", board, cwd=tmp_path)
+    assert_one_error_line(checked, str(board), table_key)
+    ran = dgc("run", board, "--key-file", tmp_path / "keys" / "device.key", cwd=tmp_path)
+    assert_one_error_line(ran, str(board), table_key)
+
+
+def test_run_accepts_the_largest_values_check_config_accepts(board, tmp_path):
+    """The bounds are not just numbers: a daemon configured at them starts, runs and stops on SIGTERM.
+
+    No emulators: the meters and router are absent (the daemon alarms and carries on) and the
+    ledger's port is held by a socket that never listens (connections are refused at once)."""
+    import signal
+    import socket
+    import time
+
+    from firmware import config as config_module
+    from firmware.config import CadenceConfig, DgrConfig, LedgerConfig
+    from firmware.market import MarketRules
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        _edited(board, "http://127.0.0.1:8750", f"http://127.0.0.1:{port}")
+        _edited(board, "heartbeat_seconds = 2", f"heartbeat_seconds = {config_module.int_bounds(DgrConfig, 'heartbeat_seconds')[1]}")
+        _edited(board, "timeout_ms = 2000", f"timeout_ms = {config_module.int_bounds(LedgerConfig, 'timeout_ms')[1]}")
+        _edited(board, "slot_seconds = 30", f"slot_seconds = {config_module.int_bounds(MarketRules, 'slot_seconds')[1]}")
+        for key in ("measure_seconds", "bid_seconds", "review_seconds", "poll_trades_seconds", "outbox_seconds",
+                    "clock_check_seconds"):
+            text = board.read_text()
+            line = next(ln for ln in text.splitlines() if ln.startswith(f"{key} = "))
+            _edited(board, line, f"{key} = {config_module.int_bounds(CadenceConfig, key)[1]}")
+        assert dgc("keygen", board, cwd=tmp_path).returncode == 0
+        checked = dgc("check-config", board, cwd=tmp_path)
+        assert checked.returncode == 0, checked.stderr
+        env = {k: v for k, v in os.environ.items() if k != "DGC_CONFIG"}
+        daemon = subprocess.Popen([*DGC, "run", str(board)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            seen = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                line = daemon.stdout.readline()
+                if not line:
+                    break
+                seen.append(line)
+                if " running jobs=" in line:
+                    break
+            assert any(" running jobs=" in ln for ln in seen), "".join(seen) + daemon.stderr.read() if daemon.poll() is not None else "".join(seen)
+            daemon.send_signal(signal.SIGTERM)
+            out, err = daemon.communicate(timeout=30)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+    assert daemon.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert " stopped" in out

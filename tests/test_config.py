@@ -170,7 +170,7 @@ BROKEN = [
     ("int as bool", append("[policy]\nmax_order_wh = true"), "policy", "max_order_wh", "found True"),
     ("path as int", replace('name = "test-board"', 'name = "test-board"\nkey_file = 5'), "board", "key_file", "a path string"),
     ("negative", replace('ledger_id = "dgc-test"', 'ledger_id = "dgc-test"\ntimeout_ms = -1'),
-     "ledger", "timeout_ms", "expected a positive integer"),
+     "ledger", "timeout_ms", "expected an integer from 1 to 60000"),
     ("out of range", append("[policy]\nbattery_reserve_percent = 101"), "policy", "battery_reserve_percent", "from 0 to 100"),
     ("markets_ahead 0", append("[market]\nmarkets_ahead = 0"), "market", "markets_ahead", "from 1 to 96"),
     ("unknown key", replace('name = "test-board"', 'name = "test-board"\ncolour = "red"'), "board", "colour", "unknown key 'colour'"),
@@ -358,3 +358,147 @@ def test_the_doc_lists_the_meter_models_the_code_knows():
     for model in METER_MAPS:
         assert f"`{model}`" in row[3]
     assert config_module.METER_ROLES == ("house", "interchange", "pv")
+
+
+# --- every number is bounded; check-config accepts only what `dgc run` can run (issue 7 q) ------
+
+# Where a key of each table goes in MINIMAL (a line after which it may be inserted), or None for a
+# table MINIMAL lacks (appended as a new table).
+_TABLE_ANCHOR = {
+    "ledger": 'ledger_id = "dgc-test"', "dgr": 'port = "ports/dgr"', "bus.0": "baudrate = 9600",
+    "meter.0": 'role = "house"', "market": None, "cadence": None, "policy": None, "forecast": None, "console": None,
+}
+_TABLE_CLASS = {
+    "ledger": LedgerConfig, "dgr": DgrConfig, "bus.0": BusConfig, "meter.0": MeterConfig, "cadence": CadenceConfig,
+    "policy": PolicyConfig, "forecast": ForecastConfig, "console": ConsoleConfig,
+}
+
+
+def _int_keys() -> list[tuple[str, str]]:
+    keys = [(table, f.name) for table, cls in _TABLE_CLASS.items() for f in dataclasses.fields(cls) if f.type == "int"]
+    keys += [("market", f.name) for f in dataclasses.fields(MarketRules) if f.type == "int"]
+    keys += [("meter.0.register.0", name) for name in _CUSTOM_REGISTERS]
+    return keys
+
+
+# Keys MINIMAL already sets (replaced, not added), and a custom meter for the [[meter.register]] keys.
+_EXISTING = {("bus.0", "baudrate"): "baudrate = 9600", ("meter.0", "unit_id"): "unit_id = 1"}
+_CUSTOM_REGISTERS = {"address": 72, "function_code": 4, "scale": 1, "scale_divisor": 1}
+
+
+def _custom_meter(key: str, value: int) -> str:
+    registers = ""
+    for quantity, address in (("import_energy_wh", 72), ("export_energy_wh", 74)):
+        values = dict(_CUSTOM_REGISTERS, address=address)
+        if quantity == "import_energy_wh":
+            values[key] = value
+        registers += (f'\n[[meter.register]]\nquantity = "{quantity}"\ntype = "float32"\nunit = "kWh"\n'
+                      + "".join(f"{k} = {v}\n" for k, v in values.items()))
+    text = MINIMAL.replace('model = "sdm630"', 'model = "custom"', 1)
+    head, tail = text.split('[[meter]]\nname = "interchange"', 1)
+    return head + registers.lstrip("\n") + '\n[[meter]]\nname = "interchange"' + tail
+
+
+def _with_key(table: str, key: str, value: int) -> str:
+    if table == "meter.0.register.0":
+        return _custom_meter(key, value)
+    if (table, key) in _EXISTING:
+        return MINIMAL.replace(_EXISTING[table, key], f"{key} = {value}", 1)
+    anchor = _TABLE_ANCHOR[table]
+    if anchor is None:
+        return MINIMAL + f"\n[{table}]\n{key} = {value}\n"
+    assert anchor in MINIMAL
+    return MINIMAL.replace(anchor, f"{anchor}\n{key} = {value}", 1)
+
+
+INT_KEYS = _int_keys()
+
+
+def test_every_integer_key_is_covered():
+    assert len(INT_KEYS) >= 35 and ("dgr", "heartbeat_seconds") in INT_KEYS and ("market", "slot_seconds") in INT_KEYS
+
+
+@pytest.mark.parametrize("value", [10**15, 10**30, -(10**30)])
+@pytest.mark.parametrize("table, key", INT_KEYS, ids=[f"{t}.{k}" for t, k in INT_KEYS])
+def test_every_integer_key_has_a_finite_range(tmp_path, table, key, value):
+    """An integer the daemon cannot use (a timedelta, a socket timeout, a datetime) must fail here,
+    with one line naming the key, not as a traceback in `dgc run`."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, _with_key(table, key, value)))
+    assert (info.value.table, info.value.key) == (table, key), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("table, key, value, fragment", [
+    ("dgr", "heartbeat_seconds", 10**15, "an integer from 1 to 60"),
+    ("ledger", "timeout_ms", 10**30, "an integer from 1 to 60000"),
+    ("market", "slot_seconds", 10**15, "an integer from 1 to 86400"),
+])
+def test_the_issues_values_are_refused_naming_the_range(tmp_path, table, key, value, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, _with_key(table, key, value)))
+    assert f"[{table}] {key}: expected {fragment}" in str(info.value), str(info.value)
+
+
+def test_the_largest_accepted_values_build_what_the_daemon_builds(tmp_path):
+    """The upper bounds are usable: the objects the daemon makes from them do not overflow."""
+    from datetime import datetime, timedelta, timezone
+
+    cfg = load_config(write(tmp_path, MINIMAL))
+    bounds = config_module.int_bounds
+    slot_max = bounds(MarketRules, "slot_seconds")[1]
+    rules = dataclasses.replace(cfg.market, slot_seconds=slot_max, gate_closure_seconds=0)
+    datetime.fromtimestamp(rules.next_slot_start(2**33), tz=timezone.utc)  # a year-2242 clock still works
+    for cls in (CadenceConfig, DgrConfig):
+        for f in dataclasses.fields(cls):
+            if f.type == "int":
+                timedelta(seconds=bounds(cls, f.name)[1])
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(bounds(LedgerConfig, "timeout_ms")[1] / 1000)
+        sock.settimeout(bounds(BusConfig, "timeout_ms")[1] / 1000)
+        sock.settimeout(bounds(DgrConfig, "timeout_ms")[1] / 1000)
+
+
+def test_the_doc_states_each_integer_keys_range():
+    sections = _doc_sections()
+    heading_of = {"ledger": "[ledger]", "dgr": "[dgr]", "bus.0": "[[bus]]", "meter.0": "[[meter]]", "market": "[market]",
+                  "cadence": "[cadence]", "policy": "[policy]", "forecast": "[forecast]", "console": "[console]"}
+    for table, key in INT_KEYS:
+        if table == "meter.0.register.0":
+            continue  # [[meter.register]] is documented in its own section
+        cls = _TABLE_CLASS.get(table, MarketRules)
+        bounds = config_module.int_bounds(cls, key)
+        if bounds is None:  # a set of values (baud rates): the meaning column lists them
+            continue
+        documented = _doc_rows(sections[heading_of[table]])[key][0]
+        assert documented == f"integer {bounds[0]}..{bounds[1]}", (table, key, documented)
+
+
+# --- state_dir must be writable (checked by `dgc check-config` and `dgc run`, not by parsing) ---
+
+
+def test_state_dir_under_proc_is_refused(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL.replace('name = "test-board"', 'name = "test-board"\nstate_dir = "/proc/dgc/state"')))
+    with pytest.raises(ConfigError) as info:
+        config_module.check_state_dir(cfg)
+    assert (info.value.table, info.value.key) == ("board", "state_dir")
+    assert "/proc/dgc/state" in str(info.value) and "writable directory" in str(info.value)
+    assert not Path("/proc/dgc").exists()
+
+
+def test_state_dir_below_a_file_is_refused(tmp_path):
+    (tmp_path / "blocker").write_text("not a directory")
+    cfg = load_config(write(tmp_path, MINIMAL.replace('name = "test-board"', 'name = "test-board"\nstate_dir = "blocker/state"')))
+    with pytest.raises(ConfigError, match=r"\[board\] state_dir: expected a writable directory"):
+        config_module.check_state_dir(cfg)
+
+
+def test_a_missing_state_dir_is_fine_and_not_created_by_the_check(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    config_module.check_state_dir(cfg)
+    assert not cfg.board.state_dir.exists()  # check-config has no side effects
+    config_module.check_state_dir(cfg, create=True)  # what `dgc run` does
+    assert cfg.board.state_dir.is_dir()
+    assert list(cfg.board.state_dir.iterdir()) == []  # the probe file is gone
