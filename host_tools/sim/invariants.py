@@ -162,7 +162,7 @@ class Checker:
         now = world.now
         for h in world.houses:
             r = h.router
-            if r.transfers and not r.link_up(now) and now - r.last_frame_at > r.heartbeat_timeout_s + 1:
+            if r.transfers and not r.link_up(now) and now - r.last_frame_at > world.watchdog_s + 1:
                 self.fail("link_lost_safe", f"{h.name}: link lost, no frame for {now - r.last_frame_at:.0f} s and the "
                                             f"router still transfers")
 

@@ -246,6 +246,7 @@ class World:
         self.tmp = tmp
         self.slot_s, self.gate_s, self.measure_s, self.heartbeat_s = SLOT_S, GATE_S, MEASURE_S, HEARTBEAT_S
         self.max_skew_s = MAX_SKEW_MS / 1000
+        self.watchdog_s = WATCHDOG_S
         rng = self.rng
         day = rng.randrange(0, 365)
         hour_slot = rng.randrange(16, 30) if rng.random() < 0.85 else rng.randrange(0, 48)
@@ -381,10 +382,14 @@ class World:
 
     # -- the run ----------------------------------------------------------------------------------
 
-    def run(self) -> SeedResult:
+    def run(self, *, calm: bool = False, mutate=None) -> SeedResult:
+        """``calm``: no faults and no kills (tests); ``mutate(world)`` breaks the world on purpose
+        (tests of the checkers) after the faults are drawn and before anything runs."""
         from .faults import draw_faults
 
-        self.faults_drawn = draw_faults(self)
+        self.faults_drawn = 0 if calm else draw_faults(self)
+        if mutate is not None:
+            mutate(self)
         self._history()
         for h in self.houses:
             self.schedule(self.now + self.rng.uniform(0, 90), h, "start")
@@ -473,17 +478,16 @@ def _tmp_root() -> str | None:
 
 
 def run_seed(seed: int, *, trace: bool = False, n_slots: int = 3, profile: Profile | None = None,
-             profile_dir: str | None = None, mutate=None) -> SeedResult:
-    """Run one seed; ``mutate(world)`` (tests) may break the world before it runs."""
+             profile_dir: str | None = None, calm: bool = False, mutate=None) -> SeedResult:
+    """Run one seed; ``calm`` draws no faults or kills, ``mutate(world)`` (tests) may break the
+    world before it runs."""
     tmp = Path(tempfile.mkdtemp(prefix=f"dgc-sim-{seed}-", dir=_tmp_root()))
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # the injected faults make the firmware log a lot; the trace says it all
     try:
         world = World(seed, trace=trace, tmp=tmp, profile=profile, n_slots=n_slots, profile_dir=profile_dir)
         try:
-            if mutate is not None:
-                mutate(world)
-            return world.run()
+            return world.run(calm=calm, mutate=mutate)
         finally:
             world.close()
     finally:
