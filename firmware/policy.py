@@ -1,27 +1,51 @@
 """Owner policy: from a forecast to the orders the house wants, and from those to actions.
 
-Rules (documented in README "Policy"):
-- A forecast surplus is offered at the owner's ``sell_floor_per_kwh_minor``, a shortage is
-  bid at ``buy_limit_per_kwh_minor`` (both clamped into the market's price band). In a
-  continuous double auction an order that crosses trades at the *resting* order's price, so
-  limit prices are what the owner accepts at worst, not what they usually get.
-- Quantities are whole lots, rounded *down*: never sell energy the forecast does not cover.
-  At most ``max_order_wh`` per market; ``min_margin_wh`` of the forecast is kept back.
-- Battery: energy above the reserve covers shortages first (nearest markets first), so the
-  house buys less. With ``prefer_renewables`` and a battery below its reserve, PV surplus refills
-  the battery before it is sold.
-- Reconciling with what is already in the market: contracted energy counts toward the goal;
-  orders on the wrong side or at an outdated price are cancelled; a shortfall of one lot or
-  more is bid at once, while an excess is cancelled only beyond one lot (hysteresis, so that
-  forecast noise does not churn signed messages every review).
+Two policies live here.
+
+**Tariff policy** (``desired_orders(..., tariffs=Tariffs(...), now_s=...)``), the default on
+boards whose config names its tariffs:
+
+- *Reservation prices from the tariffs.* The grid is always there: a buyer can import at
+  ``retail`` and a seller can export at ``feed_in``. So a buyer never pays more than retail
+  and a seller never takes less than feed-in. With the second seed's renewable subsidy factor mu (``subsidy_percent``),
+  a seller receives mu x price, so it accepts any price with mu x price >= feed-in. The
+  owner's limits narrow this further when asked (``owner_limits``). A
+  supervised band F_min..F_max (``band_min/max``) bounds every price; a band that leaves no
+  price a side can accept means that side does not trade.
+- *Price discovery by ramps* (Grid Singularity's initial rate / final rate / update interval):
+  a bid starts at the seller's lowest acceptable price and rises toward the buyer's
+  reservation; an offer starts at retail and falls toward the seller's reservation, in equal
+  steps of one review (``step_seconds``, the 5-min review) over the last ``ramp_seconds``
+  before the gate, reaching the reservation at the last review. Far markets wait at the
+  initial rates, where bids and offers do not cross; they trade near the gate, when the
+  forecast is best, at prices that depend on who moved first.
+- *Quantities.* Sell a conservative quantile (``sell_quantile_percent``, the 25% quantile by
+  default: there three times in four) of the surplus; buy the median shortfall (the median
+  minimises expected error, and an over- or under-bought kWh costs about the same). Whole
+  lots, at most ``max_order_wh`` and at most what the router's power rating moves in one slot.
+- *Battery.* A schedule over the forecast's slots (``battery_schedule``): surplus charges,
+  shortage discharges, within state-of-charge and power limits, counting the charge and
+  discharge efficiencies; what the battery plans to cover is not traded.
+
+**Baseline** (``tariffs=None``): the firmware's previous policy, kept for comparison — fixed
+limits (``buy_limit`` for bids, ``sell_floor`` for offers), a one-shot battery budget spent on
+the nearest shortages.
+
+Both obey the rules of reconciling (``reconcile_market``): contracted energy counts toward the
+goal; orders on the wrong side or at an outdated price are cancelled; a shortfall of one lot or
+more is bid at once, while an excess is cancelled only beyond one lot (hysteresis against
+churn). **A slot is never contracted on both sides**: an interchange meter that sees only the
+net flow cannot tell an import from an export in one slot, so no order is placed on a side
+while the other side of that market has a trade or an order that could still fill (issue 7 m).
 
 Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from .market import MarketRules
 
@@ -69,13 +93,212 @@ class OpenOrder(Protocol):
     def remaining_wh(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class Tariffs:
+    """The grid's prices and the market's supervision, in the ledger's minor unit per kWh.
+
+    Japanese defaults (minor unit = 0.01 yen): retail about 30 yen/kWh (TEPCO's standard meter
+    rate, tier 2, is 30.0 yen in 2024-25), and the post-FIT surplus buy-back of 8.5 yen/kWh
+    (TEPCO's rate for PV whose 10-year FIT has ended). ``band_*`` = 0: no band.
+    """
+
+    retail_per_kwh_minor: int = 3000
+    feed_in_per_kwh_minor: int = 850
+    band_min_per_kwh_minor: int = 0
+    band_max_per_kwh_minor: int = 0
+    subsidy_percent: int = 100  # mu x 100: the seller receives price x mu
+
+    def __post_init__(self) -> None:
+        if not 0 < self.feed_in_per_kwh_minor <= self.retail_per_kwh_minor:
+            raise ValueError(f"tariffs: need 0 < feed-in ({self.feed_in_per_kwh_minor}) <= retail ({self.retail_per_kwh_minor})")
+        if self.subsidy_percent <= 0:
+            raise ValueError(f"tariffs: subsidy_percent must be positive, found {self.subsidy_percent}")
+        if self.band_min_per_kwh_minor < 0 or self.band_max_per_kwh_minor < 0 or (
+                self.band_max_per_kwh_minor and self.band_min_per_kwh_minor > self.band_max_per_kwh_minor):
+            raise ValueError(f"tariffs: band {self.band_min_per_kwh_minor}..{self.band_max_per_kwh_minor} is not a range")
+
+    def seller_floor(self) -> int:
+        """Lowest price a seller accepts: mu x price >= feed-in."""
+        return -(-self.feed_in_per_kwh_minor * 100 // self.subsidy_percent)
+
+
+@dataclass(frozen=True)
+class PriceRamp:
+    """gsy-e-style ramp: equal steps of ``step_seconds`` over the last ``ramp_seconds`` before the gate."""
+
+    ramp_seconds: int = 900
+    step_seconds: int = 300
+
+    def __post_init__(self) -> None:
+        if self.ramp_seconds < 0 or self.step_seconds <= 0:
+            raise ValueError(f"price ramp: ramp_seconds >= 0 and step_seconds > 0, found {self.ramp_seconds}, {self.step_seconds}")
+
+    def fraction(self, seconds_to_gate: int) -> float:
+        """0 until the ramp starts, 1 from one review before the gate on, linear between.
+
+        Linear in time rather than stepped on a common grid: each board reviews at its own
+        instants, so boards post different prices at any moment and trades happen at several
+        prices (price discovery), while each board still moves one step per review."""
+        span = self.ramp_seconds - self.step_seconds
+        if span <= 0 or seconds_to_gate <= self.step_seconds:
+            return 1.0
+        return min(1.0, max(0.0, (self.ramp_seconds - seconds_to_gate) / span))
+
+
+def price_range(side: str, tariffs: Tariffs, rules: MarketRules, policy: PolicySettings | None = None
+                ) -> tuple[int, int] | None:
+    """(initial, final) price of a side, or None when no acceptable price exists.
+
+    Buyer: from the seller's floor up to retail. Seller: from retail down to the seller's floor
+    (feed-in / mu). Both within the band F_min..F_max and the market's price band. With
+    ``policy`` the owner's ``buy_limit`` / ``sell_floor`` narrow the range further.
+    """
+    lo = max(tariffs.seller_floor(), rules.price_min_per_kwh_minor, tariffs.band_min_per_kwh_minor)
+    hi = min(tariffs.retail_per_kwh_minor, rules.price_max_per_kwh_minor)
+    if tariffs.band_max_per_kwh_minor:
+        hi = min(hi, tariffs.band_max_per_kwh_minor)
+    if side == "buy":
+        floor = max(rules.price_min_per_kwh_minor, tariffs.band_min_per_kwh_minor)
+        final = hi if policy is None else min(hi, policy.buy_limit_per_kwh_minor)
+        if final < floor:
+            return None
+        return max(floor, min(lo, final)), final
+    final = lo if policy is None else max(lo, policy.sell_floor_per_kwh_minor)
+    if final > hi:
+        return None
+    return hi, final
+
+
+def ramp_price(side: str, market_id: int, now_s: int, *, tariffs: Tariffs, rules: MarketRules,
+               ramp: PriceRamp, policy: PolicySettings | None = None) -> int | None:
+    """This review's price for a side in a market (None: the side cannot trade at any price)."""
+    prices = price_range(side, tariffs, rules, policy)
+    if prices is None:
+        return None
+    initial, final = prices
+    f = ramp.fraction(market_id - rules.gate_closure_seconds - now_s)
+    return int(round(initial + (final - initial) * f))
+
+
+@dataclass(frozen=True)
+class Battery:
+    """The house battery as the policy sees it (Wh, W, percent)."""
+
+    capacity_wh: int
+    soc_wh: int
+    reserve_wh: int = 0
+    power_w: int = 0  # 0: C/2
+    charge_efficiency_percent: int = 95
+    discharge_efficiency_percent: int = 95
+
+    def max_step_wh(self, slot_seconds: int) -> float:
+        power = self.power_w if self.power_w > 0 else self.capacity_wh / 2
+        return power * slot_seconds / 3600
+
+
+def battery_schedule(net_wh: Sequence[tuple[int, int]], battery: Battery, slot_seconds: int) -> dict[int, int]:
+    """Planned battery flow per slot, at the house side: > 0 charges (takes surplus), < 0
+    discharges (covers shortage). Chronological self-consumption within the limits:
+    - stored energy stays within reserve..capacity;
+    - no slot moves more than the power limit allows;
+    - charging x Wh stores x * eta_charge; delivering y Wh draws y / eta_discharge.
+    WHY self-consumption: a kWh kept for the evening saves retail (30) for about 0.9 x 30 = 27,
+    more than it fetches sold at noon (at most the ~19 mid-price), and the neighbours are short
+    at the same evening hours, so the community's self-sufficiency gains too.
+    """
+    eta_c = battery.charge_efficiency_percent / 100
+    eta_d = battery.discharge_efficiency_percent / 100
+    step = battery.max_step_wh(slot_seconds)
+    stored = float(min(max(battery.soc_wh, 0), battery.capacity_wh))
+    plan: dict[int, int] = {}
+    for market_id, net in sorted(net_wh):
+        flow = 0
+        if net > 0:
+            room = max(0.0, battery.capacity_wh - stored)
+            flow = int(min(float(net), step, room / eta_c))  # whole Wh, rounded down: never beyond a limit
+            stored += flow * eta_c
+        elif net < 0:
+            available = max(0.0, stored - battery.reserve_wh)
+            flow = -int(min(float(-net), step, available * eta_d))
+            stored += flow / eta_d
+        plan[market_id] = flow
+    return plan
+
+
+def _point_and_quantile(forecast, q_percent: int) -> tuple[int, int]:
+    """A forecast value is an int (net Wh) or an object with ``net_wh``/``net_quantile_wh``."""
+    if isinstance(forecast, int):
+        return forecast, forecast
+    return forecast.net_wh, forecast.net_quantile_wh(q_percent)
+
+
 def desired_orders(
-    forecast_wh: dict[int, int],
+    forecast_wh: Mapping[int, object],
     rules: MarketRules,
     policy: PolicySettings,
     battery_soc_percent: int | None = None,
+    *,
+    tariffs: Tariffs | None = None,
+    now_s: int | None = None,
+    ramp: PriceRamp = PriceRamp(),
+    sell_quantile_percent: int = 25,
+    buy_quantile_percent: int = 50,
+    router_power_w: int = 0,
+    battery: Battery | None = None,
+    owner_limits: bool = False,
 ) -> dict[int, DesiredOrder]:
-    """The order the house wants in each forecast market (markets with nothing to trade are absent)."""
+    """The order the house wants in each forecast market (markets with nothing to trade are absent).
+
+    ``forecast_wh``: market -> net Wh (int; the baseline's input) or a forecast object with
+    quantiles (``firmware.forecast.SlotForecast``). Without ``tariffs`` this is the baseline
+    policy. ``battery`` (tariff policy) overrides the battery derived from ``battery_soc_percent``
+    and the settings. The owner's ``buy_limit``/``sell_floor`` apply only with ``owner_limits``:
+    their defaults were set for the fixed-limit baseline (a 20.00 floor would keep a seller
+    exporting at 8.50 rather than selling at 19).
+    """
+    if tariffs is None:
+        return _baseline_orders({m: _point_and_quantile(f, 50)[0] for m, f in forecast_wh.items()},
+                                rules, policy, battery_soc_percent)
+    if now_s is None:
+        raise ValueError("the tariff policy needs now_s (the ramp depends on the time to the gate)")
+    cap_wh = rules.whole_lots_wh(policy.max_order_wh)
+    if router_power_w > 0:
+        cap_wh = min(cap_wh, rules.whole_lots_wh(router_power_w * rules.slot_seconds // 3600))
+    if battery is None and policy.battery_capacity_wh > 0 and battery_soc_percent is not None:
+        battery = Battery(policy.battery_capacity_wh, policy.battery_capacity_wh * battery_soc_percent // 100,
+                          reserve_wh=policy.battery_capacity_wh * policy.battery_reserve_percent // 100)
+    points = {m: _point_and_quantile(f, 50)[0] for m, f in forecast_wh.items()}
+    plan = battery_schedule(list(points.items()), battery, rules.slot_seconds) if battery else {}
+    result: dict[int, DesiredOrder] = {}
+    for market_id in sorted(forecast_wh):
+        net = points[market_id]
+        flow = plan.get(market_id, 0)
+        if net > 0:
+            side = "sell"  # the surplus there with probability 1 - q, never more than the point
+            _, quantile = _point_and_quantile(forecast_wh[market_id], sell_quantile_percent)
+            energy = min(quantile, net) - flow  # flow >= 0: what the battery plans to store
+        elif net < 0:
+            side = "buy"  # the q-quantile of the shortage is minus the (100 - q)-quantile of the net
+            shortage = -net
+            if buy_quantile_percent != 50:
+                shortage = -_point_and_quantile(forecast_wh[market_id], 100 - buy_quantile_percent)[1]
+            energy = max(0, shortage) + flow  # flow <= 0: what the battery plans to cover
+        else:
+            continue
+        energy = min(cap_wh, rules.whole_lots_wh(energy - policy.min_margin_wh))
+        if energy <= 0:
+            continue
+        price = ramp_price(side, market_id, now_s, tariffs=tariffs, rules=rules, ramp=ramp,
+                           policy=policy if owner_limits else None)
+        if price is None:
+            continue
+        result[market_id] = DesiredOrder(market_id, side, energy, price)
+    return result
+
+
+def _baseline_orders(forecast_wh: Mapping[int, int], rules: MarketRules, policy: PolicySettings,
+                     battery_soc_percent: int | None) -> dict[int, DesiredOrder]:
+    """The previous firmware policy, unchanged (kept as the benchmark's ``--baseline``)."""
     battery_wh = 0
     if policy.battery_capacity_wh > 0 and battery_soc_percent is not None:
         battery_wh = policy.battery_capacity_wh * (battery_soc_percent - policy.battery_reserve_percent) // 100
@@ -102,6 +325,10 @@ def desired_orders(
 
 
 LIVE_ORDER_STATES = ("sending", "open")
+# An order being cancelled can still fill until the ledger has processed the cancel: for the
+# one-side-per-slot rule it counts as exposure.
+EXPOSED_ORDER_STATES = ("sending", "open", "cancelling")
+OTHER_SIDE = {"buy": "sell", "sell": "buy"}
 
 
 def reconcile_market(
@@ -112,6 +339,7 @@ def reconcile_market(
     lot_wh: int,
 ) -> list[PlaceOrder | CancelOrder]:
     """Actions that bring one market's live orders in line with the desired order."""
+    orders = list(orders)
     actions: list[PlaceOrder | CancelOrder] = []
     kept = []
     for order in orders:
@@ -127,6 +355,10 @@ def reconcile_market(
             kept.append(order)
     if desired is None:
         return actions
+    other = OTHER_SIDE.get(desired.side)
+    if traded_wh.get(other, 0) > 0 or any(
+            o.side == other and o.state in EXPOSED_ORDER_STATES and o.remaining_wh > 0 for o in orders):
+        return actions  # net both sides: never contract import and export in one slot
     want = max(0, desired.energy_wh - traded_wh.get(desired.side, 0))
     have = sum(o.remaining_wh for o in kept)
     if have - want > lot_wh:
