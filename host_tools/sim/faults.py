@@ -28,6 +28,9 @@ def draw_faults(world) -> int:
     def when() -> float:
         return start + rng.random() * span
 
+    def until(t: float, duration: float) -> float:
+        return min(t + duration, world.drain_start)  # every fault is over when the drain begins
+
     for _ in range(intensity):
         house = rng.choice(world.houses)
         kind = rng.choice(("meter", "meter", "router", "router", "router", "ledger", "ledger", "clock"))
@@ -42,7 +45,7 @@ def draw_faults(world) -> int:
             elif sub == "reset":
                 faults.resets.append(t)
             else:
-                faults.windows.append((t, t + rng.choice((10, 60, 300, 900)), sub))
+                faults.windows.append((t, until(t, rng.choice((10, 60, 300, 900))), sub))
             if interchange and sub in ("spike", "reset"):
                 house.ix_events.append(t)
         elif kind == "router":
@@ -53,7 +56,7 @@ def draw_faults(world) -> int:
             elif sub == "drop":
                 rf.drops.append((t, rng.choice(("request", "reply")), rng.randint(1, 2 * (world_retries() + 1))))
             elif sub == "link":
-                rf.link_down.append((t, t + rng.choice((5, 30, 120, 600))))
+                rf.link_down.append((t, until(t, rng.choice((5, 30, 120, 600)))))
             elif sub == "latch":
                 rf.latch.append(t)
             else:
@@ -61,7 +64,7 @@ def draw_faults(world) -> int:
         elif kind == "ledger":
             sub = rng.choice(("outage", "5xx_before", "5xx_after", "slow", "slow_lost", "duplicate"))
             if sub == "outage":
-                world.ledger_faults.outages.append((t, t + rng.choice((20, 120, 600, 1200))))
+                world.ledger_faults.outages.append((t, until(t, rng.choice((20, 120, 600, 1200)))))
             else:
                 world.ledger_faults.shots.append((t, sub))
         else:
@@ -71,7 +74,7 @@ def draw_faults(world) -> int:
                 house.base_offset = (rng.uniform(3, 30) * rng.choice((-1, 1)) if beyond
                                      else rng.uniform(-bound, bound) * 0.75)
             else:
-                house.jumps.append((t, t + rng.choice((60, 300, 900)), rng.choice((-1, 1)) * rng.choice((5, 60, 600))))
+                house.jumps.append((t, until(t, rng.choice((60, 300, 900))), rng.choice((-1, 1)) * rng.choice((5, 60, 600))))
     for q in (world.ledger_faults.shots,):
         q.sort()
     for h in world.houses:

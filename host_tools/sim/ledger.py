@@ -45,6 +45,7 @@ class SimLedgerService:
         self.timeout_s = timeout_s
         self.public_keys: dict[str, bytes] = {}
         self.faults_hit = 0
+        self.arrived: set[tuple[str, int, bytes, bytes]] = set()  # (device, nonce, payload, signature) that reached it
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -74,6 +75,7 @@ class SimLedgerService:
             return SubmitResult("rejected", False, "bad_signature", str(exc), {})
         if fields["ledger_id"] != self.ledger_id:
             return SubmitResult("rejected", False, "wrong_ledger", "wrong ledger id", {})
+        self.arrived.add((device_id, fields["nonce"], message.payload, message.signature))
         outcome = self.store.submit(fields, message.payload, message.signature, now)
         body = outcome.body
         self.observer.ledger_received(fields, message, body, now)
