@@ -278,9 +278,13 @@ class TypedMessage:
     def signer(self, domain: Domain) -> bytes:
         return recover_address(self.digest(domain), self.signature)
 
+    @property
+    def payload(self) -> bytes:
+        """The wire payload: compact sorted JSON of ``{"type": kind, **fields}`` (not what is signed)."""
+        return json.dumps({"type": self.kind, **self.fields}, sort_keys=True, separators=(",", ":")).encode("ascii")
+
     def to_wire(self) -> dict:
-        payload = json.dumps({"type": self.kind, **self.fields}, sort_keys=True, separators=(",", ":"))
-        return {"payload": payload, "signature": self.signature.hex()}
+        return {"payload": self.payload.decode("ascii"), "signature": self.signature.hex()}
 
     @classmethod
     def from_wire(cls, obj: object) -> "TypedMessage":

@@ -226,3 +226,15 @@ def test_relay_commands_as_processes(tmp_path):
         assert len(secret_hex) == 64 and secret_hex.lower() not in log_path.read_text().lower()
     finally:
         c.node.stop()
+
+
+def test_reorg_dropping_relay_transactions_does_not_stall_it(chain, relay):
+    market_id = next_market(chain)
+    device = chain.device()
+    dropped = device.order(market_id, "sell", 100, 2000)
+    assert post(relay, dropped).status_code == 200
+    chain.market.rpc.call("anvil_reorg", 1, [])  # the block holding it is replaced; the relay's nonce is now ahead
+    after = post(relay, device.order(market_id, "sell", 200, 2000))
+    assert after.status_code == 200, after.text
+    resent = post(relay, dropped)  # the board's outbox resends: the message is not on chain any more, so it lands again
+    assert resent.status_code == 200 and resent.json()["duplicate"] is False

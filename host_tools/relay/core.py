@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,6 @@ from host_tools.evm.market import (
     TxFailed,
     topic_address,
     topic_uint,
-    wait_receipt,
 )
 from host_tools.evm.rpc import RpcError
 
@@ -150,6 +150,13 @@ class Relay:
 
     def _send(self, data: bytes) -> str:
         with self._send_lock:
+            # a reorg (or a node restart) can drop transactions we sent: then the node's pending
+            # count is below ours and every later transaction would wait behind the gap forever
+            pending = self.account.rpc.call_int("eth_getTransactionCount", "0x" + self.account.address.hex(), "pending")
+            if self.account.nonce is None or pending < self.account.nonce:
+                log.warning("relay account: node's pending nonce %d is below ours (%s); transactions were dropped, re-reading",
+                            pending, self.account.nonce)
+                self.account.nonce = pending
             for attempt in (1, 2):
                 try:
                     return self.account.send(self.market.address, data)
@@ -167,10 +174,7 @@ class Relay:
     def _answer_from_tx(self, tx_hash: str, device: bytes, message: TypedMessage, *, duplicate: bool) -> Answer:
         if not tx_hash:
             raise RelayUnavailable("the same message is being sent right now; retry")
-        try:
-            raw = wait_receipt(self.market.rpc, tx_hash, timeout_s=self.receipt_timeout_s)
-        except (TxFailed, RpcError) as exc:
-            raise RelayUnavailable(f"no receipt yet for {tx_hash}: {exc}") from None
+        raw = self._wait_receipt(tx_hash)
         receipt = Receipt(raw=raw, logs=[lg for lg in (self.market.abi.decode_log(r) for r in raw.get("logs", [])) if lg])
         if not receipt.ok:
             # the state moved between pre-flight and block (e.g. another relay landed it first)
@@ -180,6 +184,24 @@ class Relay:
                 return refusal
             raise RelayUnavailable(f"transaction {tx_hash} reverted")
         return self._outcome(receipt, device, message.nonce, duplicate=duplicate)
+
+    def _wait_receipt(self, tx_hash: str) -> dict:
+        """Wait for the receipt; give up early if the node no longer knows the transaction (dropped)."""
+        deadline = time.monotonic() + self.receipt_timeout_s
+        next_check = time.monotonic() + 2.0
+        try:
+            while time.monotonic() < deadline:
+                raw = self.market.rpc.call("eth_getTransactionReceipt", tx_hash)
+                if raw is not None:
+                    return raw
+                if time.monotonic() > next_check:
+                    next_check = time.monotonic() + 2.0
+                    if self.market.rpc.call("eth_getTransactionByHash", tx_hash) is None:
+                        raise RelayUnavailable(f"transaction {tx_hash} was dropped by the node; send the message again")
+                time.sleep(0.05)
+        except RpcError as exc:
+            raise RelayUnavailable(f"no receipt yet for {tx_hash}: {exc}") from None
+        raise RelayUnavailable(f"no receipt for {tx_hash} within {self.receipt_timeout_s} s")
 
     def _outcome(self, receipt: Receipt, device: bytes, nonce: int, *, duplicate: bool) -> Answer:
         mine = [lg for lg in receipt.logs if lg.args.get("device") == device and lg.args.get("nonce") == nonce]

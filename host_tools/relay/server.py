@@ -71,7 +71,11 @@ def make_handler(relay: Relay) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the board gave up waiting; it will resend
+                log.info("relay: client went away before the answer (%s)", self.path)
+                self.close_connection = True
 
         def _handle(self, method: str) -> None:
             url = urlsplit(self.path)

@@ -1,0 +1,387 @@
+"""EVM backend of the ledger interface: the board reads the chain itself, submits through a relay.
+
+Why this shape:
+- **The board trusts the chain, not the relay.** It reads an observer node over JSON-RPC (plain
+  HTTP POSTs with ``requests``: ``eth_chainId``, ``eth_blockNumber``, ``eth_getBlockByNumber``,
+  ``eth_call``, ``eth_getLogs``). The relay only carries signed messages; after it answers, the
+  board checks on chain that its message *landed* with the digest it signed (the contract
+  computes that digest from the fields it was given, so equal digests mean equal fields), and
+  that the outcome the relay reported is the one in the logs. A relay that lies is
+  ``LedgerUnavailable``: the signed message stays in the outbox and is sent again (the contract
+  deduplicates on (device, nonce)).
+- **Trades up to a confirmation depth.** ``trades_since`` reads ``TradeMade`` logs only in blocks
+  at least ``confirmations`` below the head, skips logs marked ``removed``, and its cursor
+  (block << 32 | log index) never passes that confirmed head. On a PoA chain with immediate
+  finality (Besu QBFT) ``confirmations = 0`` is right; on Aura (Energy Web Chain) forks happen and
+  a few blocks of depth are needed. If the block under the cursor changes its hash (a reorg deeper
+  than the depth), the adapter refuses to go on (``LedgerUnavailable``) rather than silently
+  dropping or inventing trades.
+- **Block-timestamp clock.** ``server_time_ms`` is the latest block's timestamp: the contract
+  checks gates and expiry against it. It moves in steps of one block period, so the clock guard's
+  tolerance must be wider than one period (docs/ledger-evm.md).
+- **Strict answers.** Every JSON-RPC answer is size-capped and type-checked; hex quantities are
+  parsed strictly; nothing a node says becomes a KeyError deep in the daemon.
+- ``eth_getLogs`` is paged (Besu refuses ranges over 1000 blocks by default).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from typing import Any, Callable, Mapping
+
+import requests
+
+from firmware import eip712
+from firmware.ledger.evm_abi import AbiError, decode_args, encode_call, event_topic, hex_bytes
+
+from .base import LedgerUnavailable, SubmitResult, TradeRecord
+
+log = logging.getLogger(__name__)
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+LOG_PAGE_BLOCKS = 1000
+
+EVENTS = {
+    "Accepted": ("Accepted(address,uint256,uint256,bytes32)", ["uint256", "bytes32"]),
+    "Rejected": ("Rejected(address,uint256,uint256,bytes32,uint256)", ["uint256", "bytes32", "uint256"]),
+    "OrderPlaced": ("OrderPlaced(address,uint256,uint256,uint256,uint256,uint256,uint256,uint256)", ["uint256"] * 6),
+    "TradeMade": ("TradeMade(uint256,address,address,uint256,uint256,uint256,uint256,uint256)", ["uint256"] * 5),
+}
+TOPICS = {name: event_topic(sig) for name, (sig, _) in EVENTS.items()}
+VIEWS = {
+    "rules": ("rules()", ["uint256"] * 7),
+    "balanceOf": ("balanceOf(address)", ["uint256"]),
+    "lockedOf": ("lockedOf(address)", ["uint256"]),
+    "devices": ("devices(address)", ["uint8", "uint64"]),
+    "shortfallWhOf": ("shortfallWhOf(address)", ["uint256"]),
+    "bookOrders": ("bookOrders(uint256,uint256)", ["uint256[]"]),
+    "orders": ("orders(uint256)", ["address", "uint64", "uint8", "uint8", "uint16", "uint40", "uint32", "uint64", "uint56", "uint56"]),
+    "trades": ("trades(uint256)", ["address", "uint40", "uint32", "uint8", "address", "uint64", "uint64", "uint64"]),
+}
+REJECTION_CODES = {
+    1: "unknown_market", 2: "gate_closed", 3: "price_out_of_band", 4: "not_whole_lots", 5: "energy_too_large",
+    6: "insufficient_funds", 7: "too_many_open_orders", 8: "unknown_order", 9: "order_closed", 10: "unknown_trade",
+    11: "not_a_party", 12: "wrong_role", 13: "trade_settled", 14: "malformed",
+}
+
+
+class _Transient(Exception):
+    pass
+
+
+def _quantity(value: Any, what: str) -> int:
+    """A JSON-RPC hex quantity ("0x1a"), strictly."""
+    if not isinstance(value, str) or not value.startswith("0x") or not 3 <= len(value) <= 66:
+        raise _Transient(f"{what}: expected a hex quantity, got {str(value)[:40]!r}")
+    try:
+        return int(value[2:], 16)
+    except ValueError:
+        raise _Transient(f"{what}: expected a hex quantity, got {value[:40]!r}") from None
+
+
+def _topic_address(address: bytes) -> str:
+    return "0x" + (bytes(12) + address).hex()
+
+
+def _topic_uint(value: int) -> str:
+    return "0x" + value.to_bytes(32, "big").hex()
+
+
+def encode_cursor(block: int, log_index: int) -> int:
+    return (block << 32) | log_index
+
+
+def decode_cursor(cursor: int) -> tuple[int, int]:
+    return cursor >> 32, cursor & 0xFFFFFFFF
+
+
+class EvmLedger:
+    """The ledger interface over an EVM market contract: reads from an observer node, submits via a relay.
+
+    ``submit`` takes a ``firmware.eip712.TypedMessage``; ``relay`` is anything with
+    ``submit(message) -> SubmitResult`` (a ``RestLedger`` pointed at ``dgc-host relay`` works: the
+    relay speaks the bench ledger's ``POST /v1/messages``).
+    """
+
+    def __init__(
+        self,
+        rpc_url: str,
+        *,
+        chain_id: int,
+        contract: str,
+        relay: Any = None,
+        confirmations: int = 0,
+        from_block: int = 0,
+        timeout_ms: int = 5000,
+        retries: int = 2,
+        backoff_ms: int = 200,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not isinstance(rpc_url, str) or not rpc_url.startswith(("http://", "https://")):
+            raise ValueError(f"rpc_url: expected an http:// or https:// URL, got {rpc_url!r}")
+        if confirmations < 0 or from_block < 0 or timeout_ms <= 0 or retries < 0 or backoff_ms < 0:
+            raise ValueError("confirmations, from_block, retries, backoff_ms must be >= 0 and timeout_ms > 0")
+        self.rpc_url = rpc_url
+        self.domain = eip712.Domain(chain_id=chain_id, verifying_contract=eip712.address_bytes(contract))
+        self.contract = "0x" + self.domain.verifying_contract.hex()
+        self.relay = relay
+        self.confirmations = confirmations
+        self.from_block = from_block
+        self.timeout_s = timeout_ms / 1000
+        self.retries = retries
+        self.backoff_s = backoff_ms / 1000
+        self._session = session or requests.Session()
+        self._sleep = sleep
+        self._ids = itertools.count(1)
+        self._chain_checked = False
+        self._cursor_hashes: dict[int, str] = {}  # block number of a returned cursor -> its hash
+
+    def __repr__(self) -> str:
+        return f"EvmLedger({self.rpc_url!r}, chain_id={self.domain.chain_id}, contract={self.contract})"
+
+    # ------------------------------------------------------------------ JSON-RPC
+
+    def _once(self, method: str, params: list) -> Any:
+        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+        try:
+            response = self._session.post(self.rpc_url, json=body, timeout=(self.timeout_s, self.timeout_s), stream=True,
+                                          allow_redirects=False)
+        except (requests.RequestException, OSError) as exc:
+            raise _Transient(f"no answer ({type(exc).__name__})") from None
+        try:
+            chunks, size = [], 0
+            for chunk in response.iter_content(65536):
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    raise _Transient(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
+                chunks.append(chunk)
+            status = response.status_code
+        except (requests.RequestException, OSError) as exc:
+            raise _Transient(f"answer cut short ({type(exc).__name__})") from None
+        finally:
+            response.close()
+        if status != 200:
+            raise _Transient(f"HTTP {status}")
+        try:
+            answer = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError):
+            raise _Transient("answer is not JSON") from None
+        if not isinstance(answer, dict) or answer.get("id") != body["id"]:
+            raise _Transient("answer is not a JSON-RPC response to this request")
+        if answer.get("error") is not None:
+            err = answer["error"]
+            message = err.get("message") if isinstance(err, dict) else str(err)
+            raise _Transient(f"node error: {str(message)[:200]}")
+        return answer.get("result")
+
+    def _rpc(self, method: str, *params: Any) -> Any:
+        if not self._chain_checked and method != "eth_chainId":
+            self._check_chain()
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            try:
+                return self._once(method, list(params))
+            except _Transient as exc:
+                last = exc
+                if attempt + 1 < attempts:
+                    self._sleep(self.backoff_s * (2**attempt))
+        raise LedgerUnavailable(f"node {method} failed after {attempts} attempt(s): {last}")
+
+    def _check_chain(self) -> None:
+        try:
+            chain_id = _quantity(self._rpc("eth_chainId"), "eth_chainId")
+        except _Transient as exc:
+            raise LedgerUnavailable(str(exc)) from None
+        if chain_id != self.domain.chain_id:
+            raise LedgerUnavailable(f"the node is on chain {chain_id}, expected {self.domain.chain_id}: check [ledger] rpc_url")
+        self._chain_checked = True
+
+    def _checked(self, build: Callable[[], Any], what: str) -> Any:
+        try:
+            return build()
+        except (_Transient, AbiError, KeyError, TypeError, ValueError) as exc:
+            raise LedgerUnavailable(f"{what}: malformed answer from the node: {exc}") from None
+
+    def _view(self, name: str, *args: Any, block: str = "latest") -> list:
+        signature, outputs = VIEWS[name]
+        result = self._rpc("eth_call", {"to": self.contract, "data": "0x" + encode_call(signature, list(args)).hex()}, block)
+        return self._checked(lambda: decode_args(outputs, hex_bytes(result)), f"eth_call {name}")
+
+    def _block(self, tag: str | int) -> dict:
+        block = self._rpc("eth_getBlockByNumber", tag if isinstance(tag, str) else hex(tag), False)
+        if not isinstance(block, dict):
+            raise LedgerUnavailable(f"eth_getBlockByNumber {tag}: no such block")
+        return block
+
+    def head(self) -> int:
+        return self._checked(lambda: _quantity(self._rpc("eth_blockNumber"), "eth_blockNumber"), "eth_blockNumber")
+
+    def confirmed_head(self) -> int:
+        return max(-1, self.head() - self.confirmations)
+
+    def _logs(self, event: str, topics: list, from_block: int, to_block: int) -> list[dict]:
+        out: list[dict] = []
+        start = from_block
+        while start <= to_block:
+            end = min(to_block, start + LOG_PAGE_BLOCKS - 1)
+            page = self._rpc("eth_getLogs", {"address": self.contract, "fromBlock": hex(start), "toBlock": hex(end),
+                                             "topics": [TOPICS[event], *topics]})
+            if not isinstance(page, list):
+                raise LedgerUnavailable(f"eth_getLogs {event}: expected a list")
+            out += page
+            start = end + 1
+        return out
+
+    def _decode(self, event: str, raw: Any) -> dict:
+        def build() -> dict:
+            topics = raw["topics"]
+            if not isinstance(topics, list) or not topics or topics[0] != TOPICS[event]:
+                raise ValueError("log of another event")
+            if str(raw.get("address", "")).lower() != self.contract:
+                raise ValueError("log of another contract")
+            return {
+                "topics": [hex_bytes(t) for t in topics[1:]],
+                "data": decode_args(EVENTS[event][1], hex_bytes(raw["data"])),
+                "block": _quantity(raw["blockNumber"], "blockNumber"),
+                "log_index": _quantity(raw["logIndex"], "logIndex"),
+                "block_hash": str(raw["blockHash"]),
+                "removed": raw.get("removed") is True,
+            }
+
+        return self._checked(build, f"{event} log")
+
+    # ------------------------------------------------------------------ interface
+
+    def server_time_ms(self) -> int:
+        """The latest block's timestamp: the clock the contract checks gates and expiry against."""
+        block = self._block("latest")
+        return self._checked(lambda: _quantity(block["timestamp"], "timestamp"), "latest block") * 1000
+
+    def info(self) -> dict:
+        slot, gate, ahead, lot, pmin, pmax, deadline = self._view("rules")
+        return {
+            "ledger_id": f"evm:{self.domain.chain_id}:{eip712.checksum_address(self.domain.verifying_contract)}",
+            "chain_id": self.domain.chain_id, "contract": eip712.checksum_address(self.domain.verifying_contract),
+            "slot_seconds": slot, "gate_closure_seconds": gate, "markets_ahead": ahead, "lot_wh": lot,
+            "price_min_per_kwh_minor": pmin, "price_max_per_kwh_minor": pmax, "report_deadline_seconds": deadline,
+        }
+
+    def device_account(self, device_id: str) -> dict:
+        address = eip712.address_bytes(device_id)
+        status, min_nonce = self._view("devices", address)
+        return {
+            "device_id": eip712.checksum_address(address),
+            "registered": status == 1, "revoked": status == 2, "min_nonce": min_nonce,
+            "balance_milli_minor": self._view("balanceOf", address)[0],
+            "locked_milli_minor": self._view("lockedOf", address)[0],
+            "shortfall_wh": self._view("shortfallWhOf", address)[0],
+        }
+
+    def market_book(self, market_id: int) -> dict:
+        rules = self.info()
+        now_s = self.server_time_ms() // 1000
+        out: dict[str, Any] = {"market_id": market_id, "gate_open": market_id > now_s + rules["gate_closure_seconds"]}
+        for key, side in (("asks", eip712.SIDE_SELL), ("bids", eip712.SIDE_BUY)):
+            entries = []
+            for order_id in self._view("bookOrders", market_id, side)[0]:
+                o = self._view("orders", order_id)
+                entries.append({"device_id": eip712.checksum_address(o[0]), "order_nonce": o[1], "order_id": order_id,
+                                "remaining_wh": o[7], "price_per_kwh_minor": o[6]})
+            out[key] = entries
+        return out
+
+    def landed(self, message: eip712.TypedMessage, device: bytes, *, block: str | int = "latest") -> dict | None:
+        """The stored outcome of (device, nonce) on chain, or None if it has not landed (yet).
+
+        Raises LedgerUnavailable if a message with this nonce landed with *another* digest: the
+        contract only accepts the device's own signature, so that cannot come from a relay.
+        """
+        to_block = self.head() if block == "latest" else int(block)
+        topics = [_topic_address(device), _topic_uint(message.nonce)]
+        digest = message.digest(self.domain)
+        for event in ("Accepted", "Rejected"):
+            for raw in self._logs(event, topics, self.from_block, to_block):
+                log_ = self._decode(event, raw)
+                if log_["removed"]:
+                    continue
+                kind_code, logged_digest = log_["data"][0], log_["data"][1]
+                if logged_digest != digest or kind_code != eip712.KIND_CODES[message.kind]:
+                    raise LedgerUnavailable(f"nonce {message.nonce} landed on chain with another digest than the one signed")
+                outcome = {"status": "accepted" if event == "Accepted" else "rejected", "block": log_["block"],
+                           "tx_hash": raw.get("transactionHash")}
+                if event == "Rejected":
+                    outcome["code"] = REJECTION_CODES.get(log_["data"][2], f"code_{log_['data'][2]}")
+                return outcome
+        return None
+
+    def submit(self, message: eip712.TypedMessage) -> SubmitResult:
+        """Send through the relay, then confirm on chain that the outcome it reports is the real one."""
+        if self.relay is None:
+            raise ValueError("submit: no relay configured for this EvmLedger")
+        if not isinstance(message, eip712.TypedMessage):
+            raise ValueError("submit: expected a firmware.eip712.TypedMessage")
+        device = message.signer(self.domain)
+        result = self.relay.submit(message)
+        if result.code in ("malformed", "bad_signature", "unknown_device", "revoked", "expired", "not_yet_valid",
+                           "nonce_cancelled", "nonce_conflict"):
+            return result  # refused before the rules: nothing on chain to confirm
+        outcome = self.landed(message, device)
+        if outcome is None:
+            raise LedgerUnavailable(f"the relay answered {result.status} for nonce {message.nonce}, but the chain has no such message")
+        if outcome["status"] != result.status or (result.status == "rejected" and outcome.get("code") != result.code):
+            raise LedgerUnavailable(f"the relay answered {result.status} {result.code or ''} for nonce {message.nonce}, "
+                                    f"but the chain says {outcome['status']} {outcome.get('code', '')}")
+        return SubmitResult(status=result.status, duplicate=result.duplicate, code=result.code, detail=result.detail,
+                            result={**result.result, "landed_block": outcome["block"]})
+
+    def trades_since(self, device_id: str, cursor: int) -> tuple[list[TradeRecord], int]:
+        """The device's trades after ``cursor`` in confirmed blocks; the cursor never passes the confirmed head."""
+        address = eip712.address_bytes(device_id)
+        cursor_block, cursor_index = decode_cursor(cursor)
+        if cursor and cursor_block in self._cursor_hashes:
+            block = self._block(cursor_block)
+            if block.get("hash") != self._cursor_hashes[cursor_block]:
+                raise LedgerUnavailable(f"block {cursor_block} under the trade cursor changed (a reorg deeper than "
+                                        f"{self.confirmations} confirmations): stopping instead of guessing")
+        confirmed = self.confirmed_head()
+        start = max(self.from_block, cursor_block)
+        if confirmed < start:
+            return [], cursor
+        raw_logs = (self._logs("TradeMade", [None, _topic_address(address)], start, confirmed)
+                    + self._logs("TradeMade", [None, None, _topic_address(address)], start, confirmed))
+        found = []
+        for raw in raw_logs:
+            lg = self._decode("TradeMade", raw)
+            if lg["removed"] or (lg["block"], lg["log_index"]) <= (cursor_block, cursor_index) and cursor:
+                continue
+            found.append(lg)
+        found.sort(key=lambda lg: (lg["block"], lg["log_index"]))
+        trades = []
+        for lg in found:
+            trade_id = int.from_bytes(lg["topics"][0], "big")
+            seller, buyer = lg["topics"][1][12:], lg["topics"][2][12:]
+            market_id, seller_nonce, buyer_nonce, energy_wh, price = lg["data"]
+            selling = seller == address
+            flags = self._view("trades", trade_id, block=hex(confirmed))[3]
+            trades.append(TradeRecord(
+                trade_id=trade_id, market_id=market_id, side="sell" if selling else "buy", energy_wh=energy_wh,
+                price_per_kwh_minor=price, order_nonce=seller_nonce if selling else buyer_nonce,
+                counterparty=eip712.checksum_address(buyer if selling else seller),
+                state="settled" if flags & 4 else "reported" if flags & 3 else "contracted",
+            ))
+        if found:
+            last = found[-1]
+            new_cursor = encode_cursor(last["block"], last["log_index"])
+            self._cursor_hashes = {last["block"]: last["block_hash"]}
+        else:
+            # everything up to the confirmed head has been seen; park the cursor on it (never past it)
+            block = self._block(confirmed)
+            new_cursor = max(cursor, encode_cursor(confirmed, 0xFFFFFFFF) if confirmed >= 0 else 0)
+            if new_cursor != cursor:
+                self._cursor_hashes = {confirmed: str(block.get("hash"))}
+        return trades, new_cursor
+

@@ -1,0 +1,141 @@
+"""The board's EVM adapter (firmware.ledger.evm) against a real anvil node and the real relay over
+HTTP: landing confirmation, a lying relay, trades to a confirmation depth, reorgs, the block clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from firmware import eip712
+from firmware.ledger.base import LedgerUnavailable
+from firmware.ledger.evm import EVENTS, VIEWS, EvmLedger, decode_cursor
+from firmware.ledger.rest import RestLedger
+from host_tools.evm.solc import compile_market
+from host_tools.relay.core import Answer, Relay
+from host_tools.relay.server import running_relay
+
+from .evm_helpers import block_time, next_market, start_chain
+
+FUNDS = 10**12
+
+
+@pytest.fixture(scope="module")
+def chain():
+    c = start_chain()
+    yield c
+    c.node.stop()
+
+
+@pytest.fixture(scope="module")
+def relay_url(chain):
+    with running_relay(Relay(chain.market, chain.relay)) as running:
+        yield running.url
+
+
+def board_ledger(chain, relay_url=None, **kwargs) -> EvmLedger:
+    relay = RestLedger(relay_url, timeout_ms=30000, retries=0, backoff_ms=0) if relay_url else None
+    return EvmLedger(chain.node.url, chain_id=chain.market.chain_id, contract=chain.market.address_hex, relay=relay,
+                     retries=0, **kwargs)
+
+
+def address_of(device) -> str:
+    return eip712.checksum_address(device.address)
+
+
+def test_board_abi_matches_the_compiled_contract():
+    abi = compile_market().abi
+    signatures = {f"{i['name']}({','.join(x['type'] for x in i['inputs'])})" for i in abi if i["type"] in ("event", "function")}
+    for signature, _ in list(EVENTS.values()) + list(VIEWS.values()):
+        assert signature in signatures
+    outputs = {i["name"]: [o["type"] for o in i["outputs"]] for i in abi if i["type"] == "function"}
+    for name, (_, types) in VIEWS.items():
+        assert outputs[name] == types, name
+
+
+def test_submit_through_relay_and_confirm_landing(chain, relay_url):
+    ledger = board_ledger(chain, relay_url)
+    assert ledger.server_time_ms() == block_time(chain.market) * 1000
+    assert ledger.info()["slot_seconds"] == 1800
+    market_id = next_market(chain)
+    me = chain.device(credit=FUNDS)
+    order = me.order(market_id, "buy", 400, 2000)
+    result = ledger.submit(order)
+    assert result.accepted and not result.duplicate and result.result["landed_block"] >= 1
+    assert ledger.submit(order).duplicate
+    book = ledger.market_book(market_id)
+    assert book["gate_open"] and [(b["device_id"], b["remaining_wh"]) for b in book["bids"]] == [(address_of(me), 400)]
+    account = ledger.device_account(address_of(me))
+    assert (account["balance_milli_minor"], account["locked_milli_minor"]) == (FUNDS - 400 * 2000, 400 * 2000)
+    late = me.order(block_time(chain.market) // 1800 * 1800, "sell", 100, 2000)
+    rejected = ledger.submit(late)
+    assert (rejected.status, rejected.code) == ("rejected", "gate_closed")
+
+
+class LyingRelay(Relay):
+    """Answers 'accepted' without sending anything."""
+
+    def submit(self, message):
+        return Answer(200, {"status": "accepted", "duplicate": False, "nonce": message.nonce, "type": message.kind, "result": {}})
+
+
+def test_a_relay_that_lies_is_caught_on_chain(chain):
+    me = chain.device()
+    with running_relay(LyingRelay(chain.market, chain.relay)) as liar:
+        ledger = board_ledger(chain, liar.url)
+        with pytest.raises(LedgerUnavailable, match="no such message"):
+            ledger.submit(me.order(next_market(chain), "sell", 100, 2000))
+
+
+def test_wrong_chain_is_refused(chain):
+    ledger = EvmLedger(chain.node.url, chain_id=1, contract=chain.market.address_hex, retries=0)
+    with pytest.raises(LedgerUnavailable, match="chain 31337, expected 1"):
+        ledger.server_time_ms()
+
+
+def trade(chain, relay_url, market_id):
+    seller, buyer = chain.device(), chain.device(credit=FUNDS)
+    ledger = board_ledger(chain, relay_url)
+    ledger.submit(seller.order(market_id, "sell", 300, 2000))
+    ledger.submit(buyer.order(market_id, "buy", 300, 2000))
+    return seller, buyer
+
+
+def test_trades_only_to_the_confirmation_depth_and_cursor_never_passes_it(chain, relay_url):
+    market_id = next_market(chain)
+    seller, buyer = trade(chain, relay_url, market_id)
+    ledger = board_ledger(chain, confirmations=3)
+    head = ledger.head()
+    trades, cursor = ledger.trades_since(address_of(seller), 0)
+    assert trades == [] and decode_cursor(cursor)[0] <= head - 3
+    for _ in range(3):
+        chain.market.rpc.call("evm_mine")
+    trades, cursor = ledger.trades_since(address_of(seller), cursor)
+    assert [(t.side, t.energy_wh, t.price_per_kwh_minor, t.counterparty, t.state) for t in trades] == [
+        ("sell", 300, 2000, address_of(buyer), "contracted")]
+    assert decode_cursor(cursor)[0] == head
+    again, same = ledger.trades_since(address_of(seller), cursor)
+    assert again == [] and decode_cursor(same)[0] <= ledger.head() - 3
+    buyer_trades, _ = ledger.trades_since(address_of(buyer), 0)
+    assert [(t.side, t.order_nonce) for t in buyer_trades] == [("buy", 1)]
+
+
+def test_reorg_within_the_depth_never_reports_the_dropped_trade(chain, relay_url):
+    market_id = next_market(chain)
+    seller, _ = trade(chain, relay_url, market_id)
+    ledger = board_ledger(chain, confirmations=3)
+    assert ledger.trades_since(address_of(seller), 0)[0] == []
+    chain.market.rpc.call("anvil_reorg", 1, [])  # the block with the trade is replaced by an empty one
+    for _ in range(4):
+        chain.market.rpc.call("evm_mine")
+    trades, cursor = ledger.trades_since(address_of(seller), 0)
+    assert trades == []
+
+
+def test_reorg_deeper_than_the_depth_stops_the_adapter(chain, relay_url):
+    market_id = next_market(chain)
+    seller, _ = trade(chain, relay_url, market_id)
+    ledger = board_ledger(chain, confirmations=0)
+    trades, cursor = ledger.trades_since(address_of(seller), 0)
+    assert len(trades) == 1
+    chain.market.rpc.call("anvil_reorg", 2, [])
+    with pytest.raises(LedgerUnavailable, match="reorg"):
+        ledger.trades_since(address_of(seller), cursor)
