@@ -7,8 +7,7 @@ import pytest
 
 from firmware import eip712
 from firmware.ledger.base import LedgerUnavailable
-from firmware.ledger.evm import EVENTS, VIEWS, EvmLedger, decode_cursor
-from firmware.ledger.rest import RestLedger
+from firmware.ledger.evm import EVENTS, VIEWS, EvmLedger, RelayClient, decode_cursor
 from host_tools.evm.solc import compile_market
 from host_tools.relay.core import Answer, Relay
 from host_tools.relay.server import running_relay
@@ -32,7 +31,7 @@ def relay_url(chain):
 
 
 def board_ledger(chain, relay_url=None, **kwargs) -> EvmLedger:
-    relay = RestLedger(relay_url, timeout_ms=30000, retries=0, backoff_ms=0) if relay_url else None
+    relay = RelayClient(relay_url) if relay_url else None
     return EvmLedger(chain.node.url, chain_id=chain.market.chain_id, contract=chain.market.address_hex, relay=relay,
                      retries=0, **kwargs)
 
@@ -139,3 +138,85 @@ def test_reorg_deeper_than_the_depth_stops_the_adapter(chain, relay_url):
     chain.market.rpc.call("anvil_reorg", 2, [])
     with pytest.raises(LedgerUnavailable, match="reorg"):
         ledger.trades_since(address_of(seller), cursor)
+
+
+class Hostile:
+    """A local HTTP server that answers every POST with one canned (status, body): a hostile node or relay."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.status, self.body = 200, b"{}"
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self.send_response(outer.status)
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hostile():
+    h = Hostile()
+    yield h
+    h.stop()
+
+
+@pytest.mark.parametrize("status, body, match", [
+    (200, b'{"jsonrpc":"2.0","id":1,"result":"0x7a69"}', None),  # eth_chainId ok, then the block answer below
+    (200, b"<html>proxy</html>", "not a JSON-RPC response"),
+    (200, b'{"jsonrpc":"2.0","id":99,"result":"0x1"}', "not a JSON-RPC response"),
+    (502, b"bad gateway", "HTTP 502"),
+    (200, b'{"jsonrpc":"2.0","id":1,"result":1.5}', "not a JSON-RPC response"),
+    (200, b'{"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":"boom"}}', "node error"),
+])
+def test_hostile_node_answers_become_ledger_unavailable(hostile, status, body, match):
+    hostile.status, hostile.body = status, body
+    ledger = EvmLedger(hostile.url, chain_id=31337, contract="0x" + "11" * 20, retries=0)
+    with pytest.raises(LedgerUnavailable, match=match or "eth_getBlockByNumber|timestamp|chain"):
+        ledger.server_time_ms()
+
+
+@pytest.mark.parametrize("status, body, match", [
+    (404, b"<html>not here</html>", "without a usable answer|without a rejection body"),
+    (500, b'{"status":"rejected","code":"x","detail":"y"}', "HTTP 500"),
+    (200, b'{"status":"accepted","duplicate":false,"nonce":999,"result":{}}', "malformed"),
+    (200, b'{"status":"accepted","duplicate":false,"nonce":1,"result":{},"x":1.0}', "usable"),
+])
+def test_hostile_relay_answers_become_ledger_unavailable(chain, hostile, status, body, match):
+    hostile.status, hostile.body = status, body
+    me = chain.device()
+    message = eip712.sign_typed(chain.market.domain(), "cancel",
+                                eip712.new_fields("cancel", nonce=1, issued_at=1, ttl_s=60, market_id=1800, order_nonce=1), me.key)
+    with pytest.raises(LedgerUnavailable, match=match):
+        RelayClient(hostile.url, timeout_ms=5000).submit(message)
+
+
+def test_relay_rejection_body_is_a_permanent_answer(hostile):
+    hostile.status, hostile.body = 422, b'{"status":"rejected","code":"gate_closed","detail":"too late","duplicate":true,"nonce":1}'
+    from host_tools.evm.devchain import Device
+
+    class NoMarket:
+        def domain(self):
+            return eip712.Domain(chain_id=31337, verifying_contract=bytes(20))
+
+    device = Device(NoMarket())  # type: ignore[arg-type]
+    message = device.sign("cancel", issued_at=1, market_id=1800, order_nonce=1)
+    result = RelayClient(hostile.url).submit(message)
+    assert (result.status, result.code, result.duplicate) == ("rejected", "gate_closed", True)

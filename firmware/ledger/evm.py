@@ -2,7 +2,7 @@
 
 Why this shape:
 - **The board trusts the chain, not the relay.** It reads an observer node over JSON-RPC (plain
-  HTTP POSTs with ``requests``: ``eth_chainId``, ``eth_blockNumber``, ``eth_getBlockByNumber``,
+  HTTP POSTs with the standard library's http.client: ``eth_chainId``, ``eth_blockNumber``, ``eth_getBlockByNumber``,
   ``eth_call``, ``eth_getLogs``). The relay only carries signed messages; after it answers, the
   board checks on chain that its message *landed* with the digest it signed (the contract
   computes that digest from the fields it was given, so equal digests mean equal fields), and
@@ -26,13 +26,13 @@ Why this shape:
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import logging
 import time
-from typing import Any, Callable, Mapping
-
-import requests
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from firmware import eip712
 from firmware.ledger.evm_abi import AbiError, decode_args, encode_call, event_topic, hex_bytes
@@ -70,6 +70,113 @@ REJECTION_CODES = {
 
 class _Transient(Exception):
     pass
+
+
+class JsonHttp:
+    """One keep-alive HTTP(S) connection that exchanges JSON bodies, with a size cap and a deadline.
+
+    Why not ``requests``: it and urllib3 cost about 7 MB of RSS on the board; http.client is
+    already loaded by the standard library's own modules. Redirects are never followed.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float, max_bytes: int = MAX_RESPONSE_BYTES) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url: expected an http:// or https:// URL, got {url!r}")
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.timeout_s, self.max_bytes = timeout_s, max_bytes
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+            self._conn = cls(self.host, self.port, timeout=self.timeout_s)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def exchange(self, method: str, body: Any = None, path: str | None = None) -> tuple[int, Any]:
+        """(HTTP status, parsed JSON or None when the body is not JSON). Transport trouble is _Transient."""
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        started = time.monotonic()
+        try:
+            conn = self._connection()
+            conn.request(method, path or self.path, body=data, headers=headers)
+            response = conn.getresponse()
+            declared = response.getheader("Content-Length", "")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise _Transient(f"answer of {declared} bytes is larger than {self.max_bytes}")
+            chunks, size = [], 0
+            while True:
+                chunk = response.read(65536)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise _Transient(f"answer larger than {self.max_bytes} bytes")
+                if time.monotonic() - started > 2 * self.timeout_s:
+                    raise _Transient(f"answer took longer than {2 * self.timeout_s:.1f} s")
+                chunks.append(chunk)
+            status = response.status
+            if response.will_close:
+                self.close()
+        except _Transient:
+            self.close()
+            raise
+        except (http.client.HTTPException, OSError) as exc:
+            self.close()
+            raise _Transient(f"no answer ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+        def no_float(value: str) -> Any:
+            raise ValueError("non-integer number")
+
+        try:
+            return status, json.loads(b"".join(chunks), parse_float=no_float, parse_constant=no_float)
+        except (ValueError, RecursionError):
+            return status, None
+
+
+class RelayClient:
+    """Submits typed messages to ``dgc-host relay`` (the bench ledger's ``POST /v1/messages``).
+
+    As in the REST adapter: a 4xx *with* the ledger's rejection body is a permanent answer; any
+    other failure (no answer, 5xx, a proxy's page, a malformed answer) is LedgerUnavailable, so
+    the outbox keeps the signed message and resends it.
+    """
+
+    TRANSIENT_4XX = (408, 425, 429)
+
+    def __init__(self, url: str, *, timeout_ms: int = 30000) -> None:
+        self.url = url.rstrip("/")
+        self._http = JsonHttp(self.url + "/v1/messages", timeout_s=timeout_ms / 1000)
+
+    def __repr__(self) -> str:
+        return f"RelayClient({self.url!r})"
+
+    def submit(self, message: eip712.TypedMessage) -> SubmitResult:
+        try:
+            status, obj = self._http.exchange("POST", message.to_wire())
+        except _Transient as exc:
+            raise LedgerUnavailable(f"relay {self.url}: {exc}") from None
+        if not isinstance(obj, dict) or status >= 500 or status in self.TRANSIENT_4XX:
+            raise LedgerUnavailable(f"relay {self.url}: HTTP {status} without a usable answer")
+        if 400 <= status < 500:
+            code, detail = obj.get("code"), obj.get("detail")
+            if obj.get("status") != "rejected" or type(code) is not str or type(detail) is not str:
+                raise LedgerUnavailable(f"relay {self.url}: HTTP {status} without a rejection body")
+            return SubmitResult(status="rejected", duplicate=obj.get("duplicate") is True, code=code[:100],
+                                detail=detail[:1000], result={})
+        if status != 200 or obj.get("status") != "accepted" or obj.get("nonce") != message.nonce \
+                or type(obj.get("duplicate")) is not bool or not isinstance(obj.get("result"), dict):
+            raise LedgerUnavailable(f"relay {self.url}: malformed answer (HTTP {status})")
+        return SubmitResult(status="accepted", duplicate=obj["duplicate"], code=None, detail="", result=dict(obj["result"]))
 
 
 def _quantity(value: Any, what: str) -> int:
@@ -118,11 +225,8 @@ class EvmLedger:
         timeout_ms: int = 5000,
         retries: int = 2,
         backoff_ms: int = 200,
-        session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if not isinstance(rpc_url, str) or not rpc_url.startswith(("http://", "https://")):
-            raise ValueError(f"rpc_url: expected an http:// or https:// URL, got {rpc_url!r}")
         if confirmations < 0 or from_block < 0 or timeout_ms <= 0 or retries < 0 or backoff_ms < 0:
             raise ValueError("confirmations, from_block, retries, backoff_ms must be >= 0 and timeout_ms > 0")
         self.rpc_url = rpc_url
@@ -134,7 +238,7 @@ class EvmLedger:
         self.timeout_s = timeout_ms / 1000
         self.retries = retries
         self.backoff_s = backoff_ms / 1000
-        self._session = session or requests.Session()
+        self._http = JsonHttp(rpc_url, timeout_s=self.timeout_s)
         self._sleep = sleep
         self._ids = itertools.count(1)
         self._chain_checked = False
@@ -147,29 +251,9 @@ class EvmLedger:
 
     def _once(self, method: str, params: list) -> Any:
         body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
-        try:
-            response = self._session.post(self.rpc_url, json=body, timeout=(self.timeout_s, self.timeout_s), stream=True,
-                                          allow_redirects=False)
-        except (requests.RequestException, OSError) as exc:
-            raise _Transient(f"no answer ({type(exc).__name__})") from None
-        try:
-            chunks, size = [], 0
-            for chunk in response.iter_content(65536):
-                size += len(chunk)
-                if size > MAX_RESPONSE_BYTES:
-                    raise _Transient(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
-                chunks.append(chunk)
-            status = response.status_code
-        except (requests.RequestException, OSError) as exc:
-            raise _Transient(f"answer cut short ({type(exc).__name__})") from None
-        finally:
-            response.close()
+        status, answer = self._http.exchange("POST", body)
         if status != 200:
             raise _Transient(f"HTTP {status}")
-        try:
-            answer = json.loads(b"".join(chunks))
-        except (ValueError, RecursionError):
-            raise _Transient("answer is not JSON") from None
         if not isinstance(answer, dict) or answer.get("id") != body["id"]:
             raise _Transient("answer is not a JSON-RPC response to this request")
         if answer.get("error") is not None:
