@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+SPIKE_WH = 100_000  # the sim's spikes add 250 kWh; no house uses 100 kWh between two readings
 ENERGY_TOLERANCE_WH = 2  # meter counters are whole Wh; +1 Wh per trade in the group on top
 
 
@@ -193,15 +194,18 @@ class Checker:
                                          f"was journalled ({house.implausible_stored})")
 
     def _new_readings(self, house) -> None:
+        """A spike (an absurd jump of the house meter's counters) must never be journalled: the
+        counters of consecutive stored readings must not jump by more than a house can use."""
         if not house.house_meter.spike_ms:
             return
-        rows = house.raw.execute("SELECT id, taken_at_ms FROM readings WHERE meter = 'house' AND id > ?",
-                                 (house.seen_reading,)).fetchall()
-        if rows:
-            house.seen_reading = rows[-1][0]
-        for _, taken in rows:
-            if taken in house.house_meter.spike_ms:
-                house.implausible_stored = f"spike read at board time {taken} ms"
+        rows = house.raw.execute("SELECT id, taken_at_ms, import_energy_wh, export_energy_wh FROM readings "
+                                 "WHERE meter = 'house' AND id >= ? ORDER BY id", (house.seen_reading,)).fetchall()
+        if not rows:
+            return
+        house.seen_reading = rows[-1][0]
+        for (_, t0, i0, e0), (_, t1, i1, e1) in zip(rows, rows[1:]):
+            if (i1 - i0) + (e1 - e0) > SPIKE_WH:
+                house.implausible_stored = f"house counters jumped {(i1 - i0) + (e1 - e0)} Wh between board times {t0} and {t1} ms"
 
     # -- at the end -------------------------------------------------------------------------
 
