@@ -39,6 +39,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from firmware.messages import READ_MAX_TTL_SECONDS, SignedMessage, Signer, new_fields, sign_message
 
+from . import record
 from .base import (
     TRADE_SIDES,
     TRADE_STATES,
@@ -434,6 +435,45 @@ class RestLedger:
             return trades, new_cursor
 
         return self._checked(path, build)
+
+    # ------------------------------------------------------------ the signed record
+
+    def _proof(self, path: str) -> record.InclusionProof:
+        obj = self._get(path, signed=True)
+        try:
+            return record.InclusionProof.from_obj(obj)
+        except record.RecordError as exc:
+            raise LedgerUnavailable(f"ledger GET {path}: malformed proof: {exc}") from None
+
+    def message_proof(self, device_id: str, nonce: int) -> record.InclusionProof:
+        """The ledger's inclusion proof of one of the device's messages (not yet verified)."""
+        return self._proof(f"/v1/devices/{quote(device_id, safe='')}/messages/{int(nonce)}/proof")
+
+    def trade_proof(self, trade_id: int) -> record.InclusionProof:
+        return self._proof(f"/v1/trades/{int(trade_id)}/proof")
+
+    def verify_message_recorded(self, message: SignedMessage, authority_public_key: bytes) -> record.InclusionProof:
+        """Check that ``message`` - these exact bytes and signature - is in a block signed by the
+        pinned authority key. Raises ``record.RecordError`` when the ledger's answer does not prove
+        it (alarm: the ledger denies or altered what it acknowledged), ``LedgerRejected``
+        ('not_found') when the ledger says it has no such message, ``LedgerUnavailable`` when it
+        cannot be asked now."""
+        fields = message.fields
+        proof = self.message_proof(fields["device_id"], fields["nonce"])
+        if proof.leaf != record.message_leaf(message.payload, message.signature):
+            raise record.RecordError(f"proof of nonce {fields['nonce']}: the recorded entry is not the message the board signed")
+        proof.verify(authority_public_key, ledger_id=fields["ledger_id"])
+        return proof
+
+    def verify_trade_recorded(self, trade: TradeRecord, device_id: str, authority_public_key: bytes) -> record.InclusionProof:
+        """Check that ``trade`` (as the trade poll gave it) is in a block signed by the pinned
+        authority key. Same errors as ``verify_message_recorded``. A trade that fails this must
+        not move energy."""
+        proof = self.trade_proof(trade.trade_id)
+        if not record.trade_matches_leaf(trade, device_id, proof.leaf):
+            raise record.RecordError(f"proof of trade {trade.trade_id}: the recorded trade differs from the one reported to the board")
+        proof.verify(authority_public_key, ledger_id=self._ledger_id)
+        return proof
 
     def submit(self, message: SignedMessage) -> SubmitResult:
         """Submit a signed message; 4xx rejections are returned, transient failures raised."""

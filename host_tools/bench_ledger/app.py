@@ -108,6 +108,9 @@ class LedgerSettings:
     # Verified messages per device, and requests per client address (0 per second: no limit).
     device_rate: RateLimit = RateLimit(per_second=20, burst=100)
     client_rate: RateLimit = RateLimit(per_second=500, burst=1000)
+    # Signs the record's blocks; boards pin its public key at provisioning. None: an ephemeral key.
+    authority_key: Any = field(default=None, repr=False)
+    seal_interval_ms: int = 2000
 
     def __post_init__(self) -> None:
         if not self.ledger_id or not self.ledger_id.isascii() or not self.ledger_id.isprintable():
@@ -152,6 +155,8 @@ class InfoOut(_Strict):
     price_max_per_kwh_minor: int
     report_deadline_seconds: int
     last_market_id: Optional[int] = Field(description="no market after this one takes orders; null when unbounded")
+    authority_public_key: str = Field(pattern="^[0-9a-f]{66}$",
+                                      description="compressed secp256k1 key that signs the record's blocks (pin it)")
 
 
 class RegisterIn(_Strict):
@@ -311,6 +316,33 @@ class MessagesOut(_Strict):
     messages: list[MessageRecord]
 
 
+class BlockOut(_Strict):
+    v: int
+    ledger_id: str
+    height: int = Field(ge=0)
+    prev_block_hash: str = Field(pattern="^[0-9a-f]{64}$", description="the previous block's hash; 64 zeros for block 0")
+    entries_root: str = Field(pattern="^[0-9a-f]{64}$", description="Merkle root of the block's leaf hashes")
+    entry_count: int = Field(ge=1)
+    first_seq: int = Field(ge=1)
+    sealed_ms: int
+    block_hash: str = Field(pattern="^[0-9a-f]{64}$", description="sha256 of the canonical header")
+    signature: str = Field(pattern="^[0-9a-f]{128}$", description="the authority's compact low-S signature of block_hash")
+    entries: Optional[list[str]] = Field(None, description="the leaves (operator only)")
+
+
+class BlocksOut(_Strict):
+    blocks: list[BlockOut]
+    count: int = Field(description="how many blocks are sealed")
+
+
+class ProofOut(_Strict):
+    seq: int = Field(description="the entry's position in the whole log")
+    leaf: str = Field(description="the entry's canonical JSON (firmware.ledger.record)")
+    leaf_index: int = Field(ge=0, description="its index in the block")
+    path: list[str] = Field(description="sibling hashes from the leaf up to entries_root")
+    block: BlockOut
+
+
 class StatsOut(_Strict):
     devices: int
     messages: int
@@ -427,7 +459,9 @@ def create_app(settings: LedgerSettings) -> FastAPI:
     """Build the ledger API over a store at ``settings.db_path`` (created if missing)."""
     store = LedgerStore(settings.db_path, settings.rules, settings.report_deadline_seconds, settings.last_market_id,
                         clock=settings.clock, default_sell_capacity_wh=settings.default_sell_capacity_wh,
-                        max_open_shortfall_wh=settings.max_open_shortfall_wh, max_open_orders=settings.max_open_orders)
+                        max_open_shortfall_wh=settings.max_open_shortfall_wh, max_open_orders=settings.max_open_orders,
+                        authority=settings.authority_key, ledger_id=settings.ledger_id,
+                        seal_interval_ms=settings.seal_interval_ms)
     rules = settings.rules
     device_limiter = RateLimiter(settings.device_rate)
     client_limiter = RateLimiter(settings.client_rate)
@@ -581,6 +615,9 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         if not _is_device_id(device_id) or store.account(device_id) is None:
             raise Rejection("not_found", f"device_id: no device {device_id[:64]!r} is registered; expected the id from POST /v1/devices")
 
+    def device_path():
+        return PathParam(pattern=DEVICE_ID_PATTERN, description="40 lowercase hex: sha256(compressed key)[:20]")
+
     # ----------------------------------------------------------------- clock and rules
 
     @app.get("/v1/time", response_model=TimeOut, summary="The ledger's clock (boards check their skew against it)")
@@ -599,12 +636,41 @@ def create_app(settings: LedgerSettings) -> FastAPI:
             "price_max_per_kwh_minor": rules.price_max_per_kwh_minor,
             "report_deadline_seconds": settings.report_deadline_seconds,
             "last_market_id": settings.last_market_id,
+            "authority_public_key": store.authority_public_key.hex(),
         }
 
-    # ------------------------------------------------------------------------- devices
+    # ------------------------------------------------------------------------- the record
 
-    def device_path():
-        return PathParam(pattern=DEVICE_ID_PATTERN, description="40 lowercase hex: sha256(compressed key)[:20]")
+    @app.get("/v1/log/blocks", response_model=BlocksOut, responses=_REJECTIONS,
+             summary="The record's sealed, signed blocks (headers; with their entries for the operator)")
+    def get_blocks(request: Request, start: int = Query(0, ge=0, le=INT64_MAX, alias="from", description="first height"),
+                   limit: int = Query(100, ge=1, le=1000)) -> JSONResponse:
+        blocks, count = store.blocks(start, limit, settings.clock(), with_entries=_operator_ok(request))
+        return JSONResponse({"blocks": blocks, "count": count})
+
+    @app.get("/v1/devices/{device_id}/messages/{nonce}/proof", response_model=ProofOut, responses=_REJECTIONS,
+             summary="Inclusion proof of one of the device's accepted messages (the device's signed read, or the operator)")
+    def get_message_proof(request: Request, device_id: str = device_path(),
+                          nonce: int = PathParam(ge=1, le=INT64_MAX)) -> JSONResponse:
+        _require_reader_of(request, device_id)
+        proof = store.message_proof(device_id, nonce, settings.clock())
+        if proof is None:
+            return _reject("not_found", f"nonce: no accepted message {nonce} of device {device_id} is in the record")
+        return JSONResponse(proof)
+
+    @app.get("/v1/trades/{trade_id}/proof", response_model=ProofOut, responses=_REJECTIONS,
+             summary="Inclusion proof of a trade (a party's signed read, or the operator)")
+    def get_trade_proof(request: Request, trade_id: int = PathParam(ge=1, le=INT64_MAX)) -> JSONResponse:
+        reader = _reader(request)
+        trade = store.trade(trade_id)
+        if trade is None or (reader is not None and reader not in (trade["seller"]["device_id"], trade["buyer"]["device_id"])):
+            return _reject("not_found", f"trade_id: no trade {trade_id} of yours; expected an id from your trades listing")
+        proof = store.trade_proof(trade_id, settings.clock())
+        if proof is None:
+            return _reject("not_found", f"trade_id: trade {trade_id} is not in the record")
+        return JSONResponse(proof)
+
+    # ------------------------------------------------------------------------- devices
 
     @app.post(
         "/v1/devices",

@@ -1,6 +1,6 @@
 """`dgc-host ledger ...`: serve the bench ledger and talk to it by hand.
 
-Sub-commands: serve, register, order, cancel, report, book, trades, stats, openapi.
+Sub-commands: serve, register, order, cancel, report, book, trades, stats, verify, openapi.
 
 Why: an engineer at the bench must be able to reproduce by hand exactly what a board does -
 register a key, place a *signed* order with the board's own key file, cancel it, report a
@@ -190,6 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--gate-closure-seconds: expected less than slot_seconds x markets_ahead ({rules.slot_seconds * rules.markets_ahead})")
     ledger_id = args.ledger_id or config.ledger.ledger_id
     token = _token(args)
+    authority = _authority_key(args)
     if token is None and not _is_loopback(args.host):
         raise UsageError(
             f"--host {args.host}: without an operator token the ledger listens on loopback only; expected "
@@ -201,6 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ledger_id=ledger_id,
             rules=rules,
             operator_token=token,
+            authority_key=authority,
             default_sell_capacity_wh=args.default_sell_capacity_wh,
             max_open_shortfall_wh=args.max_open_shortfall_wh,
             max_open_orders=args.max_open_orders,
@@ -223,6 +225,102 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(settings, host=args.host, port=args.port)
     except ServeError as exc:
         raise LedgerFailure(str(exc)) from None
+
+
+def _authority_key(args: argparse.Namespace):
+    """The key that signs the record's blocks: --authority-key-file, else authority.key next to the
+    database (created 0600 on first start); a ':memory:' ledger without the option gets an ephemeral one."""
+    from firmware.keystore import KeyFileError, generate_key_file, load_key_file
+
+    if args.authority_key_file:
+        path = Path(args.authority_key_file)
+    elif args.db == ":memory:":
+        return None
+    else:
+        path = Path(args.db).parent / "authority.key"
+    try:
+        if path.exists():
+            key = load_key_file(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key = generate_key_file(path)
+    except (KeyFileError, OSError) as exc:
+        raise UsageError(f"--authority-key-file {path}: {exc}") from None
+    log.info("record blocks signed by the authority key %s (public key %s)", path, key.public_key.hex())
+    return key
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check the whole record: signatures against the authority key, the chain of block hashes,
+    every block's root from its entries and, with --db, that every accepted message and trade is
+    in it. One line: ``ledger verify: blocks=N entries=N ok`` (exit 0) or ``... FAILED: why`` (exit 1)."""
+    from firmware.ledger import record
+
+    pinned = bytes.fromhex(args.authority_key) if args.authority_key else None
+    problems: list[str] = []
+    if args.db:
+        import sqlite3
+
+        if not Path(args.db).exists():
+            raise UsageError(f"--db {args.db}: no such file; expected the ledger's SQLite database")
+        conn = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            blocks = []
+            for row in conn.execute("SELECT * FROM log_blocks ORDER BY height"):
+                entries = [r["leaf"] for r in conn.execute(
+                    "SELECT leaf FROM log_entries WHERE block_height = ? ORDER BY leaf_index", (row["height"],))]
+                blocks.append({**json.loads(row["header"]), "signature": row["signature"], "entries": entries})
+        except sqlite3.Error as exc:
+            raise LedgerFailure(f"--db {args.db}: not a bench ledger database with a record ({exc})") from None
+        finally:
+            conn.close()
+        if pinned is None:
+            raise UsageError("--authority-key: expected the authority's public key (hex) to check a database against")
+        from firmware.market import MarketRules
+
+        from .store import LedgerStore
+
+        store = LedgerStore(args.db, MarketRules(), 0)
+        try:
+            problems = store.record_completeness()
+            unsealed = store._one("SELECT COUNT(*) FROM log_entries WHERE block_height IS NULL")[0]
+        finally:
+            store.close()
+        if unsealed:
+            print(f"ledger verify: note: {unsealed} entr(ies) not sealed yet (sealed within seconds by a running ledger)",
+                  file=sys.stderr)
+    else:
+        info = _get_ok(f"{args.url}/v1/info")
+        served = info.get("authority_public_key")
+        if pinned is None:
+            if type(served) is not str:
+                raise LedgerFailure(f"{args.url}/v1/info has no authority_public_key; expected a ledger with a record")
+            pinned = bytes.fromhex(served)
+            print("ledger verify: warning: checking against the key the ledger itself serves; pass --authority-key "
+                  "(the pinned one) to detect a ledger that swapped its key", file=sys.stderr)
+        blocks, start = [], 0
+        while True:
+            status, body = _http("GET", f"{args.url}/v1/log/blocks", params={"from": start, "limit": 1000}, token=_token(args))
+            if status != 200 or not isinstance(body, dict) or not isinstance(body.get("blocks"), list):
+                raise LedgerFailure(f"GET {args.url}/v1/log/blocks: HTTP {status}; expected the record's blocks")
+            blocks += body["blocks"]
+            start += len(body["blocks"])
+            if not body["blocks"] or start >= body.get("count", 0):
+                break
+        if blocks and "entries" not in blocks[0]:
+            print("ledger verify: note: without the operator token only the signed chain of headers is checked",
+                  file=sys.stderr)
+    try:
+        entries = record.verify_chain(blocks, pinned)
+    except record.RecordError as exc:
+        problems.insert(0, str(exc))
+        entries = 0
+    if problems:
+        print(f"ledger verify: blocks={len(blocks)} FAILED: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        return EXIT_FAILED
+    print(f"ledger verify: blocks={len(blocks)} entries={entries} ok")
+    return EXIT_OK
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -383,6 +481,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
                    help="override the config's [market] gate_closure_seconds")
     p.add_argument("--clock-offset-ms", type=_offset_ms, default=0, metavar="MS",
                    help="run the ledger's clock this many ms ahead of the host (negative: behind), to test boards' clock guard")
+    p.add_argument("--authority-key-file", help="the key that signs the record's blocks (default: authority.key next to "
+                                                "--db, created 0600; an ephemeral key for ':memory:')")
     p.add_argument("--last-market", type=_non_negative, metavar="MARKET_ID",
                    help="a bounded market day: no market after this slot start takes orders (demos)")
     p.set_defaults(func=_wrap(cmd_serve))
@@ -438,6 +538,14 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     p = sub.add_parser("stats", help="print the ledger's counts and totals (JSON)")
     url_arg(p)
     p.set_defaults(func=_wrap(cmd_stats))
+
+    p = sub.add_parser("verify", help="check the ledger's whole signed record (over HTTP, or a database file)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", type=_url, help="the ledger's base URL (entries need --operator-token)")
+    where.add_argument("--db", help="the ledger's SQLite database (also checks every accepted message and trade is recorded)")
+    p.add_argument("--authority-key", type=_hex_key, help="the pinned authority public key (hex); see GET /v1/info")
+    p.add_argument("--operator-token", help=f"operator token (or ${TOKEN_ENV})")
+    p.set_defaults(func=_wrap(cmd_verify))
 
     p = sub.add_parser("openapi", help="print the API's OpenAPI document (regenerates docs/ledger-api.json)")
     p.set_defaults(func=_wrap(cmd_openapi))

@@ -33,8 +33,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import coincurve
 
+from firmware.ledger import record
 from firmware.market import MarketRules, cost_milli_minor
-from firmware.messages import device_id_from_public_key
+from firmware.messages import Signer, device_id_from_public_key
 
 from .auction import BookOrder, OrderBook
 
@@ -51,6 +52,8 @@ MAX_FUTURE_ISSUE_SECONDS = 300
 DEFAULT_SELL_CAPACITY_WH = 50_000  # 50 kWh in one slot: 100 kW over 30 min, far beyond a house
 DEFAULT_MAX_OPEN_SHORTFALL_WH = 5_000
 DEFAULT_MAX_OPEN_ORDERS = 256  # 48 markets ahead x a few orders each
+BLOCK_MAX_ENTRIES = 1024  # a block is sealed at this many entries ...
+SEAL_INTERVAL_MS = 2000  # ... or this long after its first entry, or when a proof of it is asked for
 
 # Every rejection code and its HTTP status. 4xx means "permanent for this message".
 REJECTION_STATUS: dict[str, int] = {
@@ -159,6 +162,27 @@ CREATE TABLE IF NOT EXISTS delivery_reports (
     received_ms INTEGER NOT NULL,
     PRIMARY KEY (trade_id, role)
 );
+CREATE TABLE IF NOT EXISTS log_entries (
+    seq INTEGER PRIMARY KEY,  -- 1, 2, 3 ... in the order the effects were applied
+    kind TEXT NOT NULL,  -- message | trade
+    device_id TEXT,
+    nonce INTEGER,
+    trade_id INTEGER,
+    leaf TEXT NOT NULL,  -- firmware.ledger.record leaf: canonical JSON of the entry
+    block_height INTEGER,  -- null until sealed
+    leaf_index INTEGER
+);
+CREATE INDEX IF NOT EXISTS log_message ON log_entries (device_id, nonce);
+CREATE INDEX IF NOT EXISTS log_trade ON log_entries (trade_id);
+CREATE INDEX IF NOT EXISTS log_pending ON log_entries (block_height);
+CREATE TABLE IF NOT EXISTS log_blocks (
+    height INTEGER PRIMARY KEY,
+    header TEXT NOT NULL,  -- canonical JSON; its sha256 is the block hash, signed by the authority
+    block_hash TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    entry_count INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settlements (
     trade_id INTEGER PRIMARY KEY REFERENCES trades (trade_id),
     reason TEXT NOT NULL,
@@ -173,6 +197,14 @@ CREATE TABLE IF NOT EXISTS settlements (
     settled_ms INTEGER NOT NULL
 );
 """
+
+
+def _trade_leaf(row: sqlite3.Row) -> bytes:
+    return record.trade_leaf(
+        trade_id=row["trade_id"], market_id=row["market_id"], energy_wh=row["energy_wh"],
+        price_per_kwh_minor=row["price_per_kwh_minor"], seller_device_id=row["seller_device_id"],
+        seller_order_nonce=row["seller_order_nonce"], buyer_device_id=row["buyer_device_id"],
+        buyer_order_nonce=row["buyer_order_nonce"])
 
 
 class Rejection(Exception):
@@ -207,7 +239,8 @@ class LedgerStore:
                  last_market_id: int | None = None, *, clock: Callable[[], int] | None = None,
                  default_sell_capacity_wh: int = DEFAULT_SELL_CAPACITY_WH,
                  max_open_shortfall_wh: int = DEFAULT_MAX_OPEN_SHORTFALL_WH,
-                 max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS) -> None:
+                 max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS, authority: Signer | None = None,
+                 ledger_id: str = "bench", seal_interval_ms: int = SEAL_INTERVAL_MS) -> None:
         if report_deadline_seconds < 0:
             raise ValueError(f"report_deadline_seconds: expected zero or more, got {report_deadline_seconds}")
         if last_market_id is not None and not rules.is_market_id(last_market_id):
@@ -227,6 +260,16 @@ class LedgerStore:
         # another request's sweep ran (issue 10: orders judged open applied after the gate shut).
         self._clock = clock
         self._public_keys: dict[str, bytes] = {}  # device_id -> key; keys never change once registered
+        # The authority key signs the record's blocks (an ephemeral one when none is given: a
+        # throwaway ledger in a test or a simulation still keeps a verifiable record).
+        if authority is None:
+            from firmware.keystore import DeviceKey
+
+            authority = DeviceKey(coincurve.PrivateKey())
+        self._authority = authority
+        self.ledger_id = ledger_id
+        self.seal_interval_ms = seal_interval_ms
+        self._pending_since_ms: int | None = None
         self._lock = threading.Lock()
         path_text = str(path)
         if path_text != ":memory:":
@@ -243,6 +286,12 @@ class LedgerStore:
         if "sell_capacity_wh" not in columns:  # created before the seller qualification existed
             self._conn.execute(f"ALTER TABLE devices ADD COLUMN sell_capacity_wh INTEGER NOT NULL DEFAULT {int(default_sell_capacity_wh)}")
             self._conn.execute("ALTER TABLE devices ADD COLUMN open_shortfall_wh INTEGER NOT NULL DEFAULT 0")
+        if self._one("SELECT 1 FROM log_entries WHERE block_height IS NULL LIMIT 1") is not None:
+            self._pending_since_ms = 0  # entries left unsealed by the last run: seal at the first chance
+
+    @property
+    def authority_public_key(self) -> bytes:
+        return self._authority.public_key
 
     def close(self) -> None:
         with self._lock:
@@ -425,12 +474,14 @@ class LedgerStore:
                     raise ValueError("submit: now_ms is required when the store has no clock")
                 now_ms = self._clock()  # read under the lock: no sweep can run between this and the apply
             self._sweep_locked(now_ms)
+            pending_before = self._pending_since_ms
             self._begin()
             try:
                 outcome = self._submit_locked(fields, payload, signature, digest, now_ms)
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
+                self._pending_since_ms = pending_before
                 raise
         log.debug(
             "message %s nonce %d from %s: %s%s",
@@ -505,7 +556,119 @@ class LedgerStore:
             (device_id, nonce, digest, kind, payload.decode("ascii"), signature.hex(), now_ms,
              outcome.http_status, json.dumps(outcome.body, sort_keys=True)),
         )
+        if outcome.http_status == 200:  # the record: the accepted message, then the trades it made
+            self._append("message", record.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
+            for trade in outcome.body["result"].get("trades", ()) if kind == "order" else ():
+                row = self._one("SELECT * FROM trades WHERE trade_id = ?", (trade["trade_id"],))
+                self._append("trade", _trade_leaf(row), now_ms, trade_id=row["trade_id"])
         return outcome
+
+    # ------------------------------------------------------------- the record
+
+    def _append(self, kind: str, leaf: bytes, now_ms: int, *, device_id: str | None = None, nonce: int | None = None,
+                trade_id: int | None = None) -> None:
+        self._conn.execute("INSERT INTO log_entries (kind, device_id, nonce, trade_id, leaf) VALUES (?, ?, ?, ?, ?)",
+                           (kind, device_id, nonce, trade_id, leaf.decode("ascii")))
+        if self._pending_since_ms is None:
+            self._pending_since_ms = now_ms
+
+    def _seal_locked(self, now_ms: int) -> int:
+        """Seal every unsealed entry into blocks of at most BLOCK_MAX_ENTRIES; returns blocks sealed."""
+        if self._pending_since_ms is None:
+            return 0
+        sealed = 0
+        self._begin()
+        try:
+            while True:
+                rows = self._all("SELECT seq, leaf FROM log_entries WHERE block_height IS NULL ORDER BY seq LIMIT ?",
+                                 (BLOCK_MAX_ENTRIES,))
+                if not rows:
+                    break
+                last = self._one("SELECT height, block_hash FROM log_blocks ORDER BY height DESC LIMIT 1")
+                height = 0 if last is None else last["height"] + 1
+                root = record.merkle_root([record.leaf_hash(r["leaf"].encode("ascii")) for r in rows])
+                header = record.BlockHeader(
+                    ledger_id=self.ledger_id, height=height,
+                    prev_block_hash=record.GENESIS_HASH if last is None else last["block_hash"],
+                    entries_root=root.hex(), entry_count=len(rows), first_seq=rows[0]["seq"], sealed_ms=now_ms)
+                signature = self._authority.sign_digest(hashlib.sha256(header.to_bytes()).digest())
+                self._conn.execute("INSERT INTO log_blocks VALUES (?, ?, ?, ?, ?, ?)",
+                                   (height, header.to_bytes().decode("ascii"), header.block_hash, signature.hex(),
+                                    rows[0]["seq"], len(rows)))
+                self._conn.executemany("UPDATE log_entries SET block_height = ?, leaf_index = ? WHERE seq = ?",
+                                       [(height, i, r["seq"]) for i, r in enumerate(rows)])
+                sealed += 1
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._pending_since_ms = None
+        return sealed
+
+    def seal(self, now_ms: int) -> int:
+        with self._lock:
+            return self._seal_locked(now_ms)
+
+    def _block(self, row: sqlite3.Row, *, with_entries: bool) -> dict:
+        out = {**json.loads(row["header"]), "block_hash": row["block_hash"], "signature": row["signature"]}
+        if with_entries:
+            out["entries"] = [r["leaf"] for r in self._all(
+                "SELECT leaf FROM log_entries WHERE block_height = ? ORDER BY leaf_index", (row["height"],))]
+        return out
+
+    def blocks(self, start: int, limit: int, now_ms: int, *, with_entries: bool = False) -> tuple[list[dict], int]:
+        """Sealed blocks from height ``start`` (sealing what is pending first); and the block count."""
+        with self._lock:
+            self._seal_locked(now_ms)
+            rows = self._all("SELECT * FROM log_blocks WHERE height >= ? ORDER BY height LIMIT ?", (start, limit))
+            count = self._one("SELECT COUNT(*) FROM log_blocks")[0]
+            return [self._block(r, with_entries=with_entries) for r in rows], count
+
+    def _proof(self, entry: sqlite3.Row | None, now_ms: int) -> dict | None:
+        if entry is None:
+            return None
+        if entry["block_height"] is None:
+            self._seal_locked(now_ms)
+            entry = self._one("SELECT * FROM log_entries WHERE seq = ?", (entry["seq"],))
+        block = self._one("SELECT * FROM log_blocks WHERE height = ?", (entry["block_height"],))
+        hashes = [record.leaf_hash(r["leaf"].encode("ascii")) for r in self._all(
+            "SELECT leaf FROM log_entries WHERE block_height = ? ORDER BY leaf_index", (entry["block_height"],))]
+        return {
+            "seq": entry["seq"],
+            "leaf": entry["leaf"],
+            "leaf_index": entry["leaf_index"],
+            "path": [h.hex() for h in record.merkle_path(hashes, entry["leaf_index"])],
+            "block": self._block(block, with_entries=False),
+        }
+
+    def message_proof(self, device_id: str, nonce: int, now_ms: int) -> dict | None:
+        """Inclusion proof of an accepted message in a signed block; None if it is not in the record."""
+        with self._lock:
+            return self._proof(self._one("SELECT * FROM log_entries WHERE kind = 'message' AND device_id = ? AND nonce = ?",
+                                         (device_id, nonce)), now_ms)
+
+    def trade_proof(self, trade_id: int, now_ms: int) -> dict | None:
+        with self._lock:
+            return self._proof(self._one("SELECT * FROM log_entries WHERE kind = 'trade' AND trade_id = ?", (trade_id,)), now_ms)
+
+    def record_completeness(self) -> list[str]:
+        """Problems between the record and the tables: every accepted message and every trade must
+        have exactly its leaf in the log, and nothing else may be there. Empty list: complete."""
+        problems: list[str] = []
+        with self._lock:
+            logged = {(r["device_id"], r["nonce"]): r["leaf"] for r in self._all(
+                "SELECT device_id, nonce, leaf FROM log_entries WHERE kind = 'message'")}
+            for r in self._all("SELECT device_id, nonce, payload, signature FROM messages WHERE http_status = 200"):
+                leaf = record.message_leaf(r["payload"].encode("ascii"), bytes.fromhex(r["signature"])).decode("ascii")
+                if logged.pop((r["device_id"], r["nonce"]), None) != leaf:
+                    problems.append(f"message {r['device_id']}/{r['nonce']}: accepted but not (or not so) in the record")
+            problems += [f"message {d}/{n}: in the record but not accepted" for d, n in logged]
+            trades = {r["trade_id"]: r["leaf"] for r in self._all("SELECT trade_id, leaf FROM log_entries WHERE kind = 'trade'")}
+            for row in self._all("SELECT * FROM trades"):
+                if trades.pop(row["trade_id"], None) != _trade_leaf(row).decode("ascii"):
+                    problems.append(f"trade {row['trade_id']}: not (or not so) in the record")
+            problems += [f"trade {t}: in the record but not in the trades table" for t in trades]
+        return problems
 
     # ------------------------------------------------------------------ orders
 
@@ -826,6 +989,8 @@ class LedgerStore:
             return self._sweep_locked(now_ms)
 
     def _sweep_locked(self, now_ms: int) -> dict:
+        if self._pending_since_ms is not None and now_ms - self._pending_since_ms >= self.seal_interval_ms:
+            self._seal_locked(now_ms)
         now_s = now_ms // 1000
         gate_cutoff = now_s + self.rules.gate_closure_seconds  # market_id <= cutoff means gate closed
         trade_cutoff = now_s - self.rules.slot_seconds - self.report_deadline_seconds
