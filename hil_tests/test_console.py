@@ -61,7 +61,10 @@ def rig(tmp_path_factory):
     receiver.bind(str(notify_path))
     receiver.settimeout(0.5)
     tty, tty_emu = base / "console-tty", base / "console-tty.emu"
+    # 20-s slots: the freeze test below needs a slot longer than its 14-s freeze (2 s before an
+    # edge to 12 s after, beyond the edge job's 10-s grace) so that the next edge runs on time.
     hood = Neighbourhood(base / "hood", [HouseSpec("house", pv_peak_w=3000, load_peak_w=900)],
+                         market_overrides={"slot_seconds": 20}, cadence_overrides={"bid_seconds": 20},
                          config_overrides={"console": {"tty": str(tty), "baudrate": 115200}})
     rig = Rig(hood=hood, house=None, tty=tty, tty_emu=tty_emu)  # type: ignore[arg-type]
     stop = threading.Event()
@@ -156,7 +159,7 @@ def test_dgc_host_console_exits_1_when_nothing_matches(rig):
 def test_console_commands_status_lines_and_hostile_bytes(rig):
     with serial.Serial(str(rig.tty_emu), 115200, timeout=0.2) as port:
         # The daemon's event lines stream to the console. A lone house that has placed its orders
-        # is quiet until the next market enters its horizon (one per 30-s slot) and it bids
+        # is quiet until the next market enters its horizon (one per 20-s slot) and it bids
         # there, so wait a whole slot and a bit: earlier tests may have used up the noisy start.
         streamed = console_lines(port, EVENT_LINE, timeout_s=40)
         assert any(EVENT_LINE.match(line) for line in streamed)

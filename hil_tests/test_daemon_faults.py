@@ -6,65 +6,58 @@ control socket (`host_tools.emulators.bench_control`), the same way `dgc-host be
 them by hand, and the verdicts come from what the daemon wrote (its journal, its status lines),
 what the ledger recorded, and what the emulated router reports about itself.
 
-Slots are 20 s (gate 6 s) so each test sees a trade delivered within about a minute.
+Slots are 12 s (gate 4 s; hil_tests/daemons.py says why that is as short as the bench stays
+honest), so each test sees a trade delivered within about half a minute.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import sqlite3
 import time
 from pathlib import Path
 
-from firmware.scheduler.controller import STALE_READINGS_FACTOR
-from host_tools.neighbourhood import HouseSpec, ManagedProcess, Neighbourhood
+try:  # the metering module of the split controller (issue 7 part 1); the controller before it
+    from firmware.scheduler.metering import STALE_READINGS_FACTOR
+except ImportError:  # pragma: no cover
+    from firmware.scheduler.controller import STALE_READINGS_FACTOR
+from host_tools.neighbourhood import Neighbourhood
 
-FAST_MARKET = {"slot_seconds": 20, "gate_closure_seconds": 6}
+from .daemons import SHORT_CADENCE, SHORT_MARKET, assert_no_crash, journal, seller_and_buyer, wait_for_line
+
 # Physics of the bench, generously: the house model's power stays under 10 kW real, i.e. under
-# 250 counter-Wh per wall second at the 90x time compression of 20-s slots; the router moves
-# 40 kW bench-watts, 11 Wh per second. A counter that jumps faster than this bound was not read
-# from a meter: an injected spike adds 1,000,000 Wh at once.
+# 420 counter-Wh per wall second at the 150x time compression of 12-s slots; the router moves at
+# most 1.5 MW bench-watts, 420 Wh per second. A counter that jumps faster than this bound was
+# not read from a meter: an injected spike adds 1,000,000 Wh at once.
 MAX_COUNTER_WH_PER_S = 1000
 COUNTER_SLACK_WH = 100
 
 
-def seller_and_buyer() -> list[HouseSpec]:
-    return [
-        HouseSpec("seller", pv_peak_w=4000, battery_capacity_wh=0, load_peak_w=900),
-        HouseSpec("buyer", pv_peak_w=0, battery_capacity_wh=0, load_peak_w=2400),
-    ]
+def hood_for(tmp_path: Path) -> Neighbourhood:
+    return Neighbourhood(tmp_path / "hood", seller_and_buyer(), market_overrides=SHORT_MARKET,
+                         cadence_overrides=SHORT_CADENCE)
 
 
-def wait_for_line(process: ManagedProcess, pattern: str, timeout_s: float, *, after: int = 0) -> re.Match:
-    """The first line matching ``pattern`` among the process's lines from index ``after`` on."""
-    regex = re.compile(pattern)
+def wait_for_transfer_moving(hood: Neighbourhood, house: str, trade_id: int, timeout_s: float = 8.0) -> dict:
+    """The house router's status once the trade's transfer is well under way — a tenth of its
+    energy moved, at least 5 Wh, so that the interchange meter (whole Wh) has seen it too — by
+    the router's own counters, not by a sleep."""
     deadline = time.monotonic() + timeout_s
     while True:
-        for line in process.lines[after:]:
-            match = regex.search(line)
-            if match:
-                return match
-        assert process.running, f"{process.name} exited:\n" + "\n".join(process.lines[-20:])
-        assert time.monotonic() < deadline, f"{process.name}: no line matching {pattern!r} within {timeout_s} s"
+        status = hood.bench_status(house)["dgr"]
+        moving = [t for t in status["transfers"]
+                  if t["trade_id"] == trade_id and t["moved_wh"] >= max(5, t["energy_wh"] // 10)]
+        if moving:
+            return status
+        assert time.monotonic() < deadline, f"trade {trade_id}'s transfer moved nothing within {timeout_s} s: {status}"
         time.sleep(0.1)
-
-
-def journal(house) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{house.directory / 'state' / 'journal.sqlite3'}?mode=ro", uri=True)
-
-
-def assert_no_crash(house) -> None:
-    daemon = house.daemon
-    assert daemon.running, f"{house.spec.name} daemon died:\n" + "\n".join(daemon.lines[-20:])
-    tracebacks = [i for i, line in enumerate(daemon.lines) if "Traceback" in line]
-    assert not tracebacks, "\n".join(daemon.lines[tracebacks[0]:tracebacks[0] + 30])
 
 
 def test_flaky_meters_never_crash_the_daemon_nor_reach_the_journal_or_an_order(tmp_path: Path) -> None:
     """Every meter of both houses fails 20 % of its requests in assorted ways (silence, bad CRC,
     Modbus exception, a late answer past the driver's timeout, a counter spike of 1 MWh), from
-    the daemons' first reading on. After about 80 s of trading:
+    the daemons' first reading on. Trading goes on until enough has happened to judge (each
+    house's meters hit by at least 10 faults, 10 readings journalled per meter, and orders placed;
+    about 40 s with 12-s slots, at most 150 s):
 
     * both daemons still run and never printed a traceback;
     * every meter's journalled counters are monotonic and never jump faster than the bench's
@@ -75,7 +68,7 @@ def test_flaky_meters_never_crash_the_daemon_nor_reach_the_journal_or_an_order(t
     * every order was signed with a house reading journalled within the freshness window
       (STALE_READINGS_FACTOR measure periods) before it — none from unavailable data;
     * the faults really happened (the benches count them) and orders really were placed."""
-    hood = Neighbourhood(tmp_path / "hood", seller_and_buyer(), market_overrides=FAST_MARKET)
+    hood = hood_for(tmp_path)
     with hood:
         hood.start(start_daemons=False)
         for index, name in enumerate(hood.houses):
@@ -87,14 +80,30 @@ def test_flaky_meters_never_crash_the_daemon_nor_reach_the_journal_or_an_order(t
                 assert answer["active"]["fail_ratio"]["ratio"] == 0.2
         for name in hood.houses:
             hood.start_daemon(name)
-        started = time.monotonic()
-        while time.monotonic() - started < 80:
-            time.sleep(2)
+        def faults_applied(name: str) -> int:
+            return sum(sum(m["faults_applied"].values()) for m in hood.bench_status(name)["meters"])
+
+        def enough_to_judge() -> bool:
             for house in hood.houses.values():
                 assert_no_crash(house)
+            if any(faults_applied(name) < 10 for name in hood.houses):
+                return False
+            orders = 0
+            for house in hood.houses.values():
+                db = journal(house)
+                try:
+                    counts = [db.execute("SELECT COUNT(*) FROM readings WHERE meter = ?", (m,)).fetchone()[0]
+                              for m in ("house", "interchange")]
+                    orders += db.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'order'").fetchone()[0]
+                finally:
+                    db.close()
+                if min(counts) < 10:
+                    return False
+            return orders > 0
 
-        applied = {name: sum(sum(m["faults_applied"].values()) for m in hood.bench_status(name)["meters"])
-                   for name in hood.houses}
+        assert hood.wait_until(enough_to_judge, timeout_s=150, poll_s=2), "not enough faults, readings or orders in 150 s"
+
+        applied = {name: faults_applied(name) for name in hood.houses}
         for house in hood.houses.values():
             assert house.daemon.stop() == 0, house.daemon.lines[-20:]
             assert not any("Traceback" in line for line in house.daemon.lines)
@@ -114,7 +123,7 @@ def test_flaky_meters_never_crash_the_daemon_nor_reach_the_journal_or_an_order(t
                 for meter in ("house", "interchange"):
                     rows = db.execute("SELECT taken_at_ms, import_energy_wh, export_energy_wh FROM readings "
                                       "WHERE meter = ? ORDER BY taken_at_ms, id", (meter,)).fetchall()
-                    assert len(rows) >= 10, f"{name}/{meter}: only {len(rows)} readings journalled in 80 s"  # about 25 expected
+                    assert len(rows) >= 10, f"{name}/{meter}: only {len(rows)} readings journalled"
                     for (t0, imp0, exp0), (t1, imp1, exp1) in zip(rows, rows[1:]):
                         assert imp1 >= imp0 and exp1 >= exp0, f"{name}/{meter}: counter went backwards at {t1}"
                         bound = MAX_COUNTER_WH_PER_S * (t1 - t0) / 1000 + COUNTER_SLACK_WH
@@ -145,16 +154,25 @@ def test_a_dgr_link_cut_mid_transfer_goes_safe_and_the_delivery_is_reported_fail
     its timeout; the daemon, its heartbeats unanswered after the driver's retries, marks the
     delivery failed, and the ledger receives the seller's signed report with status "failed".
     When the link is restored the daemon lifts the safe state and delivers the next slot."""
-    hood = Neighbourhood(tmp_path / "hood", seller_and_buyer(), market_overrides=FAST_MARKET)
+    hood = hood_for(tmp_path)
     with hood:
         hood.start()
         seller = hood.houses["seller"].daemon
-        started = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=100)
-        trade_id, market_id = int(started.group(1)), int(started.group(2))
-        time.sleep(2)  # the transfer is under way (it is sized to take 95 % of the slot)
-        status = hood.bench_status("seller")["dgr"]
-        assert [t["trade_id"] for t in status["transfers"]] == [trade_id], status
-        assert 0 < status["transfers"][0]["moved_wh"] < status["transfers"][0]["energy_wh"]
+        mark = 0
+        while True:
+            started = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=8 * hood.slot_seconds,
+                                    after=mark)
+            trade_id, market_id = int(started.group(1)), int(started.group(2))
+            mark = len(seller.lines)
+            # The transfer is under way (it is sized to take 95 % of the slot)...
+            status = wait_for_transfer_moving(hood, "seller", trade_id)
+            # ... and the router's watchdog can fire well before it would end by itself: a late
+            # start (a loaded machine) waits for the next slot's delivery.
+            if market_id + hood.slot_seconds - time.time() > status["hb_timeout_ms"] / 1000 + 3:
+                break
+        # (a slot may hold more than one trade: the others run alongside and end the same way)
+        transfer = next(t for t in status["transfers"] if t["trade_id"] == trade_id)
+        assert 0 < transfer["moved_wh"] < transfer["energy_wh"], status
         hb_timeout_s = status["hb_timeout_ms"] / 1000
 
         mark = len(seller.lines)
@@ -204,13 +222,13 @@ def test_a_latched_router_fault_fails_deliveries_until_its_cause_is_gone(tmp_pat
     failed delivery; at the next slot its START is refused (NAK 32), its RESUME cannot clear the
     fault, and that delivery fails too — both reported to the ledger as failed. Once the bench
     clears the cause, the next START's RESUME acknowledges the fault and the delivery runs."""
-    hood = Neighbourhood(tmp_path / "hood", seller_and_buyer(), market_overrides=FAST_MARKET)
+    hood = hood_for(tmp_path)
     with hood:
         hood.start()
         seller = hood.houses["seller"].daemon
-        started = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=100)
+        started = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=8 * hood.slot_seconds)
         first_trade, first_market = int(started.group(1)), int(started.group(2))
-        time.sleep(2)
+        wait_for_transfer_moving(hood, "seller", first_trade)
         mark = len(seller.lines)
         hood.fault("seller", {"target": "dgr", "fault": {"kind": "stuck_in_fault", "code": "overtemp"}})
         wait_for_line(seller, r" alarm\.dgr_fault code=overtemp mode=fault", timeout_s=5, after=mark)

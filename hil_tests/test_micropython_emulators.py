@@ -417,13 +417,23 @@ DGR_SUITE = [
 ]
 
 
+# Under the Unix port these suites run once per `make test`, in its MicroPython rig pass
+# (``--rig hil_tests/rigs/micropython.toml -m rig_portable``: every rig-portable test of
+# test_meter_driver.py and test_dgr_driver.py, not a hand-kept list). Only a real RP2040 board
+# reached through DGC_BENCH_CONSOLE, which no rig file describes yet, still needs the lists.
+_REAL_BOARD_ONLY = pytest.mark.skipif(RIG is None, reason="the MicroPython rig pass of make test runs these suites "
+                                                          "(set DGC_BENCH_CONSOLE for a real RP2040 bench board)")
+
+
+@_REAL_BOARD_ONLY
 @pytest.mark.parametrize("case", METER_SUITE, ids=lambda case: case.__name__)
-def test_meter_driver_suite_against_the_micropython_slave(case, request):
+def test_meter_driver_suite_against_a_real_bench_board(case, request):
     _call_with_fixtures(case, request, {"bench": "mp_meter_bench"})
 
 
+@_REAL_BOARD_ONLY
 @pytest.mark.parametrize("case", DGR_SUITE, ids=lambda case: case.__name__)
-def test_dgr_driver_suite_against_the_micropython_router(case, request):
+def test_dgr_driver_suite_against_a_real_bench_board(case, request):
     _call_with_fixtures(case, request, {"bench": "mp_dgr_bench", "fast_watchdog_bench": "mp_fast_watchdog_bench"})
 
 
