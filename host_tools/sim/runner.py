@@ -157,7 +157,8 @@ class House:
             name=self.name, state_dir=state_dir, ledger_id=LEDGER_ID, ledger_timeout_ms=int(LEDGER_TIMEOUT_S * 1000),
             max_skew_ms=MAX_SKEW_MS, slot_s=SLOT_S, markets_ahead=MARKETS_AHEAD, gate_s=GATE_S, measure_s=MEASURE_S,
             review_s=REVIEW_S, horizon_s=2 * SLOT_S, poll_s=POLL_S, outbox_s=OUTBOX_S, clock_s=CLOCK_S, buy=buy,
-            sell=sell, dgr_timeout_ms=int(DGR_TIMEOUT_S * 1000), dgr_retries=DGR_RETRIES, heartbeat_s=HEARTBEAT_S))
+            sell=sell, dgr_timeout_ms=int(DGR_TIMEOUT_S * 1000), dgr_retries=DGR_RETRIES, heartbeat_s=HEARTBEAT_S),
+            state_dir / "board.toml")
         self.key = DeviceKey(coincurve.PrivateKey(rng.randbytes(32)))
         self.device_id = self.key.device_id
         self.journal_path = state_dir / "journal.sqlite3"
