@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from firmware.bundle import (BUNDLE_FORMAT, FIRMWARE_WHEEL, MANIFEST, NAME_RE, PIP_WHEEL, REVOCATION_DOMAIN,
+from firmware.bundle import (BUNDLE_FORMAT, FIRMWARE_WHEEL, KEYS_PATH, MANIFEST, NAME_RE, PIP_WHEEL, REVOCATION_DOMAIN,
                              REVOCATION_FORMAT, ROTATION_DOMAIN, ROTATION_FORMAT, SIGNATURE, BundleRefused, Manifest,
                              canonical, check_downgrade, manifest_digest, parse_manifest, parse_pubkey, sign_statement,
                              sha256_file, verify_bundle)
@@ -654,12 +654,20 @@ def rollback(target: Target, *, service: str | None = None, systemctl: str = "sy
 def board_status(target: Target) -> dict:
     layout = BoardLayout()
     releases = target.listdir(target.board_path(layout.releases)) or {}
-    pinned = target.read_file(target.board_path(layout.release_pubkey))
+    facts = target.probe(*(target.board_path(p) for p in (layout.release_pubkey, layout.pending, KEYS_PATH)))
+    pinned, pending, keys = (facts[target.board_path(p)]["content"] for p in (layout.release_pubkey, layout.pending, KEYS_PATH))
+    try:
+        keys_record = json.loads(keys) if keys else {}
+        pending_record = json.loads(pending) if pending else None
+    except ValueError:
+        keys_record, pending_record = {}, {"unreadable": True}
     return {
         "current": _current_version(target, layout),
         "releases": sorted(name for name in releases if not name.startswith(".")),
-        "pending": target.exists(target.board_path(layout.pending)),
+        "pending": pending_record,  # candidate, previous, boot_attempts of an install not yet decided
         "release_key": pinned.decode("ascii", "replace").strip() if pinned else None,
+        "release_key_generation": keys_record.get("generation", 0),
+        "revoked_keys": keys_record.get("revoked", []),
         "provisioned": target.exists(target.board_path(layout.identity)),
     }
 
