@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -56,28 +57,38 @@ class SyntheticProfile:
         return value
 
 
-class CommunityProfile:
-    """Replays a community directory's ``slots.csv``; simulated slots map onto the fixture's
-    slots in order from ``first_slot`` (the fixture's time axis, UTC epoch seconds)."""
+@lru_cache(maxsize=2)
+def _load_slots(path: str) -> dict[str, dict[int, tuple[float, float]]]:
+    """slots.csv of a community directory, parsed once per process (a year of 15 houses is ~260k rows)."""
+    rows: dict[str, dict[int, tuple[float, float]]] = {}
+    with open(Path(path) / "slots.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            rows.setdefault(row["house"], {})[int(row["slot_start"])] = (float(row["load_wh"]), float(row["pv_wh"]))
+    return rows
 
-    def __init__(self, directory: Path, sim_t0: int, houses: list[str], first_slot: int | None = None,
+
+class CommunityProfile:
+    """Replays a community directory's ``slots.csv`` (docs/community.md). The seed picks which of
+    the community's houses the simulated ones are, and the simulated time maps onto the same
+    day of the year and time of day in the fixture."""
+
+    def __init__(self, directory: Path, sim_t0: int, houses: list[str], rng: random.Random | None = None,
                  slot_seconds: int = 1800):
-        rows: dict[str, dict[int, tuple[float, float]]] = {}
-        with open(Path(directory) / "slots.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                rows.setdefault(row["house"], {})[int(row["slot_start"])] = (float(row["load_wh"]), float(row["pv_wh"]))
+        rows = _load_slots(str(directory))
         names = sorted(rows)
         if len(names) < len(houses):
             raise ValueError(f"{directory}: {len(names)} houses, the simulation needs {len(houses)}")
-        self.map = dict(zip(houses, names))
+        chosen = (rng or random.Random(0)).sample(names, len(houses))
+        self.map = dict(zip(houses, chosen))
         self.rows = rows
         self.slot_s = slot_seconds
-        self.first = first_slot if first_slot is not None else min(min(v) for v in rows.values())
-        self.sim_t0 = sim_t0
+        first = min(min(v) for v in rows.values())
+        last = max(max(v) for v in rows.values())
+        span = (last - first) // 86_400 * 86_400 or 86_400
+        self.shift = first + (sim_t0 - first) % span - sim_t0  # fixture time = sim time + shift
 
     def has_pv(self, house: str) -> bool:
         return any(pv > 0 for _, pv in self.rows[self.map[house]].values())
 
     def slot_energy(self, house: str, slot_start: int) -> tuple[float, float]:
-        at = self.first + (slot_start - self.sim_t0) // self.slot_s * self.slot_s
-        return self.rows[self.map[house]].get(at, (0.0, 0.0))
+        return self.rows[self.map[house]].get(slot_start + self.shift, (0.0, 0.0))

@@ -270,7 +270,7 @@ class World:
         n = rng.randint(2, 6)
         names = [f"house-{i + 1}" for i in range(n)]
         if profile is None and profile_dir is not None:
-            profile = CommunityProfile(Path(profile_dir), self.t0 - 4 * SLOT_S, names)
+            profile = CommunityProfile(Path(profile_dir), self.t0, names, rng)
         self.profile = profile or SyntheticProfile(rng, names)
         self.houses = [House(self, i, rng, self.profile) for i in range(n)]
         self.house_by_router = {h.router.name: h for h in self.houses}
