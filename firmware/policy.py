@@ -21,8 +21,10 @@ boards whose config names its tariffs:
   forecast is best, at prices that depend on who moved first.
 - *Quantities.* Sell a conservative quantile (``sell_quantile_percent``, the 25% quantile by
   default: there three times in four) of the surplus; buy the median shortfall (the median
-  minimises expected error, and an over- or under-bought kWh costs about the same). Whole
-  lots, at most ``max_order_wh`` and at most what the router's power rating moves in one slot.
+  minimises expected error, and an over- or under-bought kWh costs about the same), rounded
+  to the nearest lot (a household short of 70 Wh at noon is a buyer of one lot; rounding down
+  would leave most small shortages out of the market); sales round down. Whole lots, at most
+  ``max_order_wh`` and at most what the router's power rating moves in one slot.
 - *Battery.* A schedule over the forecast's slots (``battery_schedule``): surplus charges,
   shortage discharges, within state-of-charge and power limits, counting the charge and
   discharge efficiencies; what the battery plans to cover is not traded.
@@ -246,6 +248,7 @@ def desired_orders(
     router_power_w: int = 0,
     battery: Battery | None = None,
     owner_limits: bool = False,
+    markets: Iterable[int] | None = None,
 ) -> dict[int, DesiredOrder]:
     """The order the house wants in each forecast market (markets with nothing to trade are absent).
 
@@ -254,7 +257,8 @@ def desired_orders(
     policy. ``battery`` (tariff policy) overrides the battery derived from ``battery_soc_percent``
     and the settings. The owner's ``buy_limit``/``sell_floor`` apply only with ``owner_limits``:
     their defaults were set for the fixed-limit baseline (a 20.00 floor would keep a seller
-    exporting at 8.50 rather than selling at 19).
+    exporting at 8.50 rather than selling at 19). ``markets`` limits the orders to those markets
+    (a review of the near ones) while the battery is still planned over the whole forecast.
     """
     if tariffs is None:
         return _baseline_orders({m: _point_and_quantile(f, 50)[0] for m, f in forecast_wh.items()},
@@ -270,7 +274,8 @@ def desired_orders(
     points = {m: _point_and_quantile(f, 50)[0] for m, f in forecast_wh.items()}
     plan = battery_schedule(list(points.items()), battery, rules.slot_seconds) if battery else {}
     result: dict[int, DesiredOrder] = {}
-    for market_id in sorted(forecast_wh):
+    wanted = sorted(forecast_wh) if markets is None else sorted(m for m in set(markets) if m in forecast_wh)
+    for market_id in wanted:
         net = points[market_id]
         flow = plan.get(market_id, 0)
         if net > 0:
@@ -285,7 +290,10 @@ def desired_orders(
             energy = max(0, shortage) + flow  # flow <= 0: what the battery plans to cover
         else:
             continue
-        energy = min(cap_wh, rules.whole_lots_wh(energy - policy.min_margin_wh))
+        energy -= policy.min_margin_wh
+        if side == "buy":
+            energy += rules.lot_wh // 2  # nearest lot: a kWh bought too many or too few costs about the same
+        energy = min(cap_wh, rules.whole_lots_wh(energy))
         if energy <= 0:
             continue
         price = ramp_price(side, market_id, now_s, tariffs=tariffs, rules=rules, ramp=ramp,

@@ -153,7 +153,7 @@ def test_orders_are_whole_lots_within_caps_and_never_beyond_the_tariffs(
             assert order.energy_wh <= router_w * 1800 // 3600
         if order.side == "buy":
             assert order.price_per_kwh_minor <= retail  # a buyer never pays above retail
-            assert order.energy_wh <= -forecast.net_wh
+            assert order.energy_wh <= -forecast.net_wh + lot // 2  # the nearest lot
         else:
             assert order.price_per_kwh_minor * mu >= feed_in * 100  # never below feed-in (after the subsidy)
             assert order.energy_wh <= forecast.net_wh  # never sell more than the forecast surplus
