@@ -345,3 +345,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     )
     _common(p)
     p.set_defaults(func=cmd_status)
+
+    from host_tools.community.cli import add_bench_command  # issue 8: the trading benchmark
+
+    add_bench_command(bench_sub)
