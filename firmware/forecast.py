@@ -6,7 +6,9 @@ weeks, so a *robust* statistic over many days beats any smoothing of the last fe
 the community fixture: see docs/community.md). PV follows the sun exactly and the weather
 roughly, so it is a clear-sky curve computed on the board, scaled by how cloudy it has been.
 
-Load (``load_samples``): the same slot of the day on each of the last ``history_days`` days; with
+Load (``load_samples``): the same slot of the day on each of the last ``history_days`` days (42
+by default: on the community fixture 42 days beat 35 and 28, 0.305 / 0.302 / 0.298 skill), and
+the slot either side of it (``pool_slots``: a habit at 07:10 one day is at 07:40 the next); with
 ``weekday_aware`` only days of the same kind (weekday or weekend) when at least
 ``MIN_SAME_KIND`` of them are there. The forecast is their median; quantiles come from the same
 samples. Without any same-slot history, persistence (median of the latest complete slots).
@@ -41,6 +43,7 @@ SLOTS_PER_DAY = 48  # the baseline's fixed day; the new forecast derives the day
 PERSISTENCE_SLOTS = 4
 MIN_SAME_KIND = 4  # fewer same-kind days than this: use every day
 CLOUD_DAYS = 7  # days of cloudiness history behind tomorrow's PV
+PV_HISTORY_DAYS = 28  # the roof's clear-slot scale is learnt over at most these days (the sun moves)
 PV_SCALE_PERCENTILE = 90  # PV / clear-sky ratio that counts as "a clear slot" for this roof
 MIN_CLEAR_SKY_W_M2 = 20.0  # below this the ratio is noise (dawn, dusk)
 NEAR_HOURS = 2.0  # the latest slot's cloudiness matters this far ahead (e-folding, hours)
@@ -361,7 +364,7 @@ def forecast_slots(
     now_s: int,
     slot_seconds: int,
     day_seconds: int = DAY_SECONDS,
-    history_days: int = 28,
+    history_days: int = 42,
     weekday_aware: bool = True,
     pool_slots: int = 1,
     site: Site | None = None,
@@ -381,7 +384,7 @@ def forecast_slots(
     pv_model = None
     if site is not None and pv_history:
         pv_model = _pv_model(pv_history, site=site, now_s=now_s, slot_seconds=slot_seconds,
-                             day_seconds=day_seconds, history_days=history_days)
+                             day_seconds=day_seconds, history_days=min(history_days, PV_HISTORY_DAYS))
         cs_targets = clear_sky_table(site, targets, slot_seconds, day_seconds)
     pv_fallback = _persistence(pv_history) if pv_history else [0]
     result = {}

@@ -37,7 +37,7 @@ from .loader import Community
 from .metrics import Report, SkillCounter, SlotRecord, Tariff, report
 
 FIXTURE_SITE = Site(51.4, 6.97)
-HISTORY_DAYS = 28
+HISTORY_DAYS = 42  # the forecast's default
 BASELINE_BUY = 2600  # the limits of board_configs/*.toml before issue 8
 BASELINE_SELL = 1900
 RESERVE_PERCENT = 10

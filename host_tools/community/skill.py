@@ -50,7 +50,7 @@ def measure(community: Community, *, first_day: int = 28, days: int | None = Non
         net = {s: pv.get(s, 0) - load[s] for s in starts}
         for day in range(first_day, last_day):
             now = starts[day * sd]
-            lo = (day - 29) * sd if day >= 29 else 0
+            lo = max(0, (day - 43) * sd)
             window = starts[lo: day * sd]
             lh = {s: load[s] for s in window}
             ph = {s: pv[s] for s in window} if pv else {}
@@ -80,7 +80,7 @@ def measure(community: Community, *, first_day: int = 28, days: int | None = Non
                 for i, t in enumerate(targets):
                     now_nm = t - slot_s // 2 - slot_s // 2  # gate half a slot ahead, reviewed just before it
                     cut = day * sd + i - 1  # slots before index cut are complete at now_nm
-                    window = starts[max(0, cut - 29 * sd): cut]
+                    window = starts[max(0, cut - 43 * sd): cut]
                     lh = {s: load[s] for s in window}
                     ph = {s: pv[s] for s in window} if pv else {}
                     nh = {s: net[s] for s in window}
