@@ -142,10 +142,14 @@ def _check_device(ledger, key, key_check: Check, config: BoardConfig) -> Check:
 
         account = RestLedger.from_config(config.ledger, signer=key).device_account(key.device_id)  # a signed read
     except LedgerRejected as exc:
-        if exc.code == "not_found":
+        # The same refusals the daemon alarms on once and then retries slowly (issue 7 h): say why.
+        if exc.code in ("not_found", "unknown_device"):
             return Check("device", False, f"device {key.device_id} is not registered at {config.ledger.url} "
-                                          "(register it with dgc-host provision)")
-        return Check("device", False, str(exc))
+                                          f"({exc.code}: {exc.detail}; register it with dgc-host provision)")
+        if exc.code == "revoked":
+            return Check("device", False, f"device {key.device_id} was revoked at the ledger; this key can no longer trade "
+                                          f"({exc.detail}; rotate it with dgc-host provision --rotate)")
+        return Check("device", False, f"device {key.device_id}: {exc}")
     except LedgerError as exc:
         return Check("device", False, str(exc))
     if account.get("revoked_ms") is not None:
