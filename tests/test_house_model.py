@@ -188,3 +188,28 @@ def test_params_from_the_sim_board_config():
 def test_bad_sim_values_name_the_key(sim, message):
     with pytest.raises(ValueError, match=message):
         HouseParams.from_sim(sim)
+
+
+def test_replays_a_fixture_house_slot_by_slot():
+    """Issue 8: the bench house can replay fixture houses (real-looking days for the demo)."""
+    from host_tools.community.loader import load_community
+
+    community = load_community()
+    day = 120
+    params = HouseParams(replay_house="p03", replay_start_day=day, start_hour=0.0, day_seconds=BENCH_DAY_S,
+                         pv_peak_w=0.0)
+    model = HouseModel(params, 0.0)
+    first = day * 48
+    for slot in range(48):
+        before_load, before_pv = model.load_energy_wh, model.pv_energy_wh
+        model.advance((slot + 1) * 30.0)  # one bench slot = one fixture slot
+        assert model.load_energy_wh - before_load == pytest.approx(community.load_wh["p03"][first + slot], abs=1e-6)
+        assert model.pv_energy_wh - before_pv == pytest.approx(community.pv_wh["p03"][first + slot], abs=1e-6)
+    assert model.pv_energy_wh > 5000  # a spring day on 5 kWp
+
+
+def test_replay_refuses_an_unknown_house():
+    with pytest.raises(ValueError, match="replay_house 'zz' is not in"):
+        HouseModel(HouseParams(replay_house="zz"))
+    with pytest.raises(ValueError, match="replay_start_day 999"):
+        HouseModel(HouseParams(replay_house="c01", replay_start_day=999))

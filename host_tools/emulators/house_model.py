@@ -10,6 +10,10 @@ slots uses 30 x 48 = 1440 s), and every wall second advances the simulated clock
 *simulated* time, so one bench slot holds the energy a real half hour would and the market's
 lot sizes keep their meaning.
 
+Load and PV come from analytic daily curves, or (``replay_house`` in [sim]) from a house of a
+community directory (docs/community.md, the committed fixture by default), so the bench and the
+demo show real-looking days: a household's own spikes and a cloudy afternoon.
+
 Two meters, two different clocks:
 
 * the **house meter** measures the house's own net flow, ``load - pv +/- battery`` (positive =
@@ -47,11 +51,20 @@ class HouseParams:
     start_hour: float = 9.0
     voltage_v: float = 230.0
     frequency_hz: float = 50.0
+    # Replay a community house (docs/community.md) instead of the analytic curves: its load and
+    # PV of each slot, starting at ``replay_start_day`` (0 = the community's first day) at
+    # ``start_hour``. "" = the analytic house. ``replay_dir`` "" = the committed fixture.
+    replay_house: str = ""
+    replay_dir: str = ""
+    replay_start_day: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("replay_house", "replay_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"house model: {name} must be a string, found {getattr(self, name)!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or f.name in ("replay_house", "replay_dir"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"house model: {f.name} must be a finite number, found {value!r}")
@@ -101,11 +114,37 @@ def pv_w(params: HouseParams, hour: float) -> float:
     return params.pv_peak_w * math.sin(math.pi * (hour - 6.0) / 12.0) ** 2
 
 
+class _Replay:
+    """A community house's slots, as powers: what the fixture says the house used and made."""
+
+    def __init__(self, params: HouseParams):
+        from host_tools.community.loader import load_community
+
+        community = load_community(params.replay_dir or None)
+        if params.replay_house not in community.houses:
+            raise ValueError(f"house model: replay_house {params.replay_house!r} is not in {community.path} "
+                             f"(houses: {', '.join(sorted(community.houses))})")
+        if params.replay_start_day >= community.days:
+            raise ValueError(f"house model: replay_start_day {params.replay_start_day} is beyond the community's "
+                             f"{community.days} days")
+        self.slot_s = community.slot_seconds
+        to_w = 3600.0 / self.slot_s
+        self.load_w = [wh * to_w for wh in community.load_wh[params.replay_house]]
+        self.pv_w = [wh * to_w for wh in community.pv_wh[params.replay_house]]
+        self.origin_s = params.replay_start_day * SECONDS_PER_DAY
+
+    def powers(self, sim_s: float) -> tuple[float, float]:
+        """(load, PV) in W at ``sim_s`` simulated seconds since the community's first midnight."""
+        i = int((self.origin_s + sim_s) // self.slot_s) % len(self.load_w)
+        return self.load_w[i], self.pv_w[i]
+
+
 class HouseModel:
     """The state of one bench house; see the module docstring for the two meters' semantics."""
 
     def __init__(self, params: HouseParams, start_s: float = 0.0):
         self.params = params
+        self._replay = _Replay(params) if params.replay_house else None
         self._start_s = start_s
         self._last_s = start_s
         self.sim_elapsed_s = 0.0
@@ -145,15 +184,18 @@ class HouseModel:
         available_wh = max(self.soc_percent - p.battery_min_soc_percent, 0.0) / 100.0 * p.battery_capacity_wh
         return -min(-surplus_w, max_power, available_wh / dt_h)
 
-    def _set_instant(self, hour: float, dt_h: float) -> None:
-        self.load_w = load_w(self.params, hour)
-        self.pv_w = pv_w(self.params, hour)
+    def _set_instant(self, hour: float, dt_h: float, elapsed_s: float) -> None:
+        if self._replay is not None:
+            self.load_w, self.pv_w = self._replay.powers(self.params.start_hour * 3600.0 + elapsed_s)
+        else:
+            self.load_w = load_w(self.params, hour)
+            self.pv_w = pv_w(self.params, hour)
         self.battery_w = self._battery_power(self.pv_w - self.load_w, dt_h)
 
     def _refresh_instant(self) -> None:
         """Instantaneous powers at the present simulated hour (what the meter's power register
         shows between advances); the battery's limit is judged over one integration step."""
-        self._set_instant(self.hour, MAX_STEP_SIM_S / 3600.0)
+        self._set_instant(self.hour, MAX_STEP_SIM_S / 3600.0, self.sim_elapsed_s)
 
     def advance(self, now_s: float) -> None:
         """Run the house up to wall time ``now_s`` (same clock as ``start_s``).
@@ -170,7 +212,7 @@ class HouseModel:
             step = sim_dt / steps
             mid_hour = (self.params.start_hour + (self.sim_elapsed_s + step / 2) / 3600.0) % 24.0
             dt_h = step / 3600.0
-            self._set_instant(mid_hour, dt_h)
+            self._set_instant(mid_hour, dt_h, self.sim_elapsed_s + step / 2)
             net_wh = self.house_power_w * dt_h
             self.pv_energy_wh += self.pv_w * dt_h
             self.load_energy_wh += self.load_w * dt_h
