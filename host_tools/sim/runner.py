@@ -109,9 +109,16 @@ retries = {dgr_retries}
 heartbeat_seconds = {heartbeat_s}
 """
 
-# job name -> interval (seconds); slot_edge is aligned to the board's slot edges
-JOBS = (("measure", MEASURE_S), ("bid", SLOT_S), ("review", REVIEW_S), ("poll_trades", POLL_S),
-        ("flush_outbox", OUTBOX_S), ("deliveries_tick", POLL_S), ("heartbeat", HEARTBEAT_S), ("check_clock", CLOCK_S))
+
+
+def jobs_of(config) -> tuple[tuple[str, int], ...]:
+    """The jobs `dgc run` schedules (firmware/scheduler/daemon.py) and their intervals from the
+    board config; slot_edge is aligned to the board's slot edges and not listed."""
+    c = config.cadence
+    return (("measure", c.measure_seconds), ("bid", c.bid_seconds), ("review", c.review_seconds),
+            ("poll_trades", c.poll_trades_seconds), ("flush_outbox", c.outbox_seconds),
+            ("deliveries_tick", max(1, c.poll_trades_seconds)), ("heartbeat", max(1, config.dgr.heartbeat_seconds)),
+            ("check_clock", c.clock_check_seconds))
 
 
 @dataclass
@@ -159,6 +166,7 @@ class House:
             review_s=REVIEW_S, horizon_s=2 * SLOT_S, poll_s=POLL_S, outbox_s=OUTBOX_S, clock_s=CLOCK_S, buy=buy,
             sell=sell, dgr_timeout_ms=int(DGR_TIMEOUT_S * 1000), dgr_retries=DGR_RETRIES, heartbeat_s=HEARTBEAT_S),
             state_dir / "board.toml")
+        self.jobs = dict(jobs_of(self.config))
         self.key = DeviceKey(coincurve.PrivateKey(rng.randbytes(32)))
         self.device_id = self.key.device_id
         self.journal_path = state_dir / "journal.sqlite3"
@@ -352,7 +360,7 @@ class World:
         off = house.offset_at(now)
         board_now = now + off
         self.schedule(house.config.market.next_slot_start(int(board_now)) - off, house, "slot_edge")
-        for job, interval in JOBS:
+        for job, interval in house.jobs.items():
             self.schedule(now if job == "bid" else now + interval, house, job)
 
     def kill_house(self, house: House, why: str) -> None:
@@ -375,7 +383,7 @@ class World:
             nxt = house.config.market.next_slot_start(int(self.now + off + 0.5)) - off
             self.schedule(max(nxt, self.now + 1), house, job)
             return
-        interval = dict(JOBS)[job]
+        interval = house.jobs[job]
         nxt = t + interval
         if nxt <= self.now:  # coalesce missed runs, like APScheduler
             nxt = self.now + interval - (self.now - t) % interval
