@@ -12,7 +12,7 @@ from host_tools.evm.solc import compile_market
 from host_tools.relay.core import Answer, Relay
 from host_tools.relay.server import running_relay
 
-from .evm_helpers import block_time, next_market, start_chain
+from .evm_helpers import Device, block_time, next_market, start_chain
 
 FUNDS = 10**12
 
@@ -220,3 +220,22 @@ def test_relay_rejection_body_is_a_permanent_answer(hostile):
     message = device.sign("cancel", issued_at=1, market_id=1800, order_nonce=1)
     result = RelayClient(hostile.url).submit(message)
     assert (result.status, result.code, result.duplicate) == ("rejected", "gate_closed", True)
+
+
+def test_direct_submission_device_pays_its_gas(chain):
+    me = chain.device(credit=FUNDS)
+    chain.market.rpc.call("anvil_setBalance", "0x" + me.address.hex(), hex(10**20))
+    ledger = EvmLedger(chain.node.url, chain_id=chain.market.chain_id, contract=chain.market.address_hex, gas_signer=me.key, retries=0)
+    market_id = next_market(chain)
+    order = me.order(market_id, "buy", 200, 2000)
+    result = ledger.submit(order)
+    assert result.accepted and not result.duplicate and result.result["landed_block"] >= 1
+    assert ledger.submit(order).duplicate
+    assert ledger.market_book(market_id)["bids"][0]["remaining_wh"] == 200
+    late = ledger.submit(me.order(block_time(chain.market) // 1800 * 1800, "sell", 100, 2000))
+    assert (late.status, late.code) == ("rejected", "gate_closed")
+    stranger = Device(chain.market)
+    chain.market.rpc.call("anvil_setBalance", "0x" + stranger.address.hex(), hex(10**20))
+    theirs = EvmLedger(chain.node.url, chain_id=chain.market.chain_id, contract=chain.market.address_hex, gas_signer=stranger.key, retries=0)
+    refused = theirs.submit(stranger.order(market_id, "sell", 100, 2000))
+    assert (refused.status, refused.code) == ("rejected", "unknown_device")

@@ -35,7 +35,8 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from firmware import eip712
-from firmware.ledger.evm_abi import AbiError, decode_args, encode_call, event_topic, hex_bytes
+from firmware.ledger.evm_abi import AbiError, decode_args, encode_call, event_topic, hex_bytes, message_calldata, selector
+from firmware.ledger.evm_tx import Eip1559Tx
 
 from .base import LedgerUnavailable, SubmitResult, TradeRecord
 
@@ -61,6 +62,18 @@ VIEWS = {
     "orders": ("orders(uint256)", ["address", "uint64", "uint8", "uint8", "uint16", "uint40", "uint32", "uint64", "uint56", "uint56"]),
     "trades": ("trades(uint256)", ["address", "uint40", "uint32", "uint8", "address", "uint64", "uint64", "uint64"]),
 }
+DIRECT_RECEIPT_TIMEOUT_S = 60.0
+# custom errors raised before the rules -> the bench ledger's codes (NonceUsed is a duplicate: see landed())
+PRE_RULE_ERRORS = {
+    "UnknownDevice(address)": "unknown_device",
+    "BadSignature()": "bad_signature",
+    "DeviceRevokedError(address)": "revoked",
+    "MessageExpired(uint256,uint256)": "expired",
+    "NotYetValid(uint256,uint256)": "not_yet_valid",
+    "NonceBelowMinimum(address,uint256,uint256)": "nonce_cancelled",
+    "NonceOutOfRange(uint256)": "malformed",
+}
+PRE_RULE_SELECTORS = {selector(sig).hex(): code for sig, code in PRE_RULE_ERRORS.items()}
 REJECTION_CODES = {
     1: "unknown_market", 2: "gate_closed", 3: "price_out_of_band", 4: "not_whole_lots", 5: "energy_too_large",
     6: "insufficient_funds", 7: "too_many_open_orders", 8: "unknown_order", 9: "order_closed", 10: "unknown_trade",
@@ -220,6 +233,7 @@ class EvmLedger:
         chain_id: int,
         contract: str,
         relay: Any = None,
+        gas_signer: Any = None,
         confirmations: int = 0,
         from_block: int = 0,
         timeout_ms: int = 5000,
@@ -233,6 +247,7 @@ class EvmLedger:
         self.domain = eip712.Domain(chain_id=chain_id, verifying_contract=eip712.address_bytes(contract))
         self.contract = "0x" + self.domain.verifying_contract.hex()
         self.relay = relay
+        self.gas_signer = gas_signer  # direct submission: the device key signs and pays for its own transactions
         self.confirmations = confirmations
         self.from_block = from_block
         self.timeout_s = timeout_ms / 1000
@@ -259,7 +274,8 @@ class EvmLedger:
         if answer.get("error") is not None:
             err = answer["error"]
             message = err.get("message") if isinstance(err, dict) else str(err)
-            raise _Transient(f"node error: {str(message)[:200]}")
+            data = err.get("data") if isinstance(err, dict) else None
+            raise _Transient(f"node error: {str(message)[:200]}" + (f" data={str(data)[:80]}" if isinstance(data, str) else ""))
         return answer.get("result")
 
     def _rpc(self, method: str, *params: Any) -> Any:
@@ -403,11 +419,13 @@ class EvmLedger:
         return None
 
     def submit(self, message: eip712.TypedMessage) -> SubmitResult:
-        """Send through the relay, then confirm on chain that the outcome it reports is the real one."""
-        if self.relay is None:
-            raise ValueError("submit: no relay configured for this EvmLedger")
+        """Send through the relay (or directly), then confirm on chain that the outcome reported is the real one."""
         if not isinstance(message, eip712.TypedMessage):
             raise ValueError("submit: expected a firmware.eip712.TypedMessage")
+        if self.relay is None:
+            if self.gas_signer is None:
+                raise ValueError("submit: no relay and no gas_signer configured for this EvmLedger")
+            return self._submit_direct(message)
         device = message.signer(self.domain)
         result = self.relay.submit(message)
         if result.code in ("malformed", "bad_signature", "unknown_device", "revoked", "expired", "not_yet_valid",
@@ -421,6 +439,59 @@ class EvmLedger:
                                     f"but the chain says {outcome['status']} {outcome.get('code', '')}")
         return SubmitResult(status=result.status, duplicate=result.duplicate, code=result.code, detail=result.detail,
                             result={**result.result, "landed_block": outcome["block"]})
+
+    def _submit_direct(self, message: eip712.TypedMessage) -> SubmitResult:
+        """The device sends its own transaction and pays the gas (no relay): estimate, sign, send, wait."""
+        device = message.signer(self.domain)
+        sender = eip712.address_from_public_key(self.gas_signer.public_key)
+        outcome = self.landed(message, device)
+        if outcome is not None:  # a resend of a message that already landed
+            return self._from_outcome(outcome, duplicate=True)
+        data = message_calldata(message)
+        call = {"from": "0x" + sender.hex(), "to": self.contract, "data": "0x" + data.hex()}
+        try:
+            gas = _quantity(self._once("eth_estimateGas", [call]), "eth_estimateGas")
+        except _Transient as exc:
+            refused = self._pre_rule_error(str(exc))
+            if refused is not None:
+                return refused
+            raise LedgerUnavailable(f"eth_estimateGas: {exc}") from None
+        block = self._block("latest")
+        base_fee = self._checked(lambda: _quantity(block.get("baseFeePerGas", "0x0"), "baseFeePerGas"), "latest block")
+        tip = 10**9 if base_fee else 0
+        nonce = self._checked(lambda: _quantity(self._rpc("eth_getTransactionCount", "0x" + sender.hex(), "pending"), "nonce"), "nonce")
+        tx = Eip1559Tx(chain_id=self.domain.chain_id, nonce=nonce, max_priority_fee_per_gas=tip, max_fee_per_gas=2 * base_fee + tip,
+                       gas=gas * 5 // 4, to=self.domain.verifying_contract, value=0, data=data)
+        tx_hash = self._rpc("eth_sendRawTransaction", "0x" + tx.sign(self.gas_signer).hex())
+        deadline = time.monotonic() + DIRECT_RECEIPT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            receipt = self._rpc("eth_getTransactionReceipt", tx_hash)
+            if isinstance(receipt, dict):
+                if receipt.get("status") != "0x1":
+                    raise LedgerUnavailable(f"transaction {tx_hash} reverted; the message will be sent again")
+                break
+            self._sleep(0.1)
+        else:
+            raise LedgerUnavailable(f"no receipt for {tx_hash} within {DIRECT_RECEIPT_TIMEOUT_S} s")
+        outcome = self.landed(message, device)
+        if outcome is None:
+            raise LedgerUnavailable(f"transaction {tx_hash} was mined but the message is not in its logs")
+        return self._from_outcome(outcome, duplicate=False)
+
+    @staticmethod
+    def _from_outcome(outcome: dict, *, duplicate: bool) -> SubmitResult:
+        extra = {"landed_block": outcome["block"], "tx_hash": outcome.get("tx_hash")}
+        if outcome["status"] == "accepted":
+            return SubmitResult(status="accepted", duplicate=duplicate, code=None, detail="", result=extra)
+        return SubmitResult(status="rejected", duplicate=duplicate, code=outcome["code"],
+                            detail=f"refused by the market contract's rules ({outcome['code']})", result=extra)
+
+    def _pre_rule_error(self, text: str) -> SubmitResult | None:
+        """A contract error raised before the rules (seen in an estimate's revert) as a rejection, else None."""
+        for selector_hex, code in PRE_RULE_SELECTORS.items():
+            if selector_hex in text:
+                return SubmitResult(status="rejected", duplicate=False, code=code, detail=f"the market contract refused it ({code})")
+        return None
 
     def trades_since(self, device_id: str, cursor: int) -> tuple[list[TradeRecord], int]:
         """The device's trades after ``cursor`` in confirmed blocks; the cursor never passes the confirmed head."""
