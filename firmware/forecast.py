@@ -191,9 +191,20 @@ def clear_sky_table(site: Site, slots, slot_seconds: int, day_seconds: int = DAY
         if sun is None:
             doy, _ = _day_and_hour(day_index * day_seconds, day_seconds)
             sin_d, cos_d, eq_min = _sun_of_day(doy + 0.5)
-            sun = days[day_index] = (sin_lat * sin_d, cos_lat * cos_d, eq_min + lon_min)
-        a, b, shift = sun
+            a, b = sin_lat * sin_d, cos_lat * cos_d
+            # hour angles (degrees) where the sun is above cz = 0.01: beyond them a slot is night
+            c = (0.01 - a) / b if b > 1e-9 else (-2.0 if a > 0.01 else 2.0)
+            half_day = 180.0 if c <= -1 else (0.0 if c >= 1 else math.degrees(math.acos(c)))
+            sun = days[day_index] = (a, b, eq_min + lon_min, half_day)
+        a, b, shift, half_day = sun
         hour0 = (slot - day_index * day_seconds) / day_seconds * 24.0
+        if half_day < 180.0:
+            # hour angle of the slot's start and end (degrees), wrapped to -180..180 around noon
+            ha0 = ((hour0 * 60.0 + shift) / 4.0 - 180.0 + 180.0) % 360.0 - 180.0
+            ha1 = ha0 + step_h * samples * 15.0
+            if half_day == 0.0 or (ha1 < -half_day or ha0 > half_day) and not (ha1 > 180.0 and ha1 - 360.0 > -half_day):
+                out[slot] = 0.0
+                continue
         total = 0.0
         for i in range(samples):
             cz = a + b * math.cos(math.radians(((hour0 + (i + 0.5) * step_h) * 60.0 + shift) / 4.0 - 180.0))

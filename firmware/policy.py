@@ -261,7 +261,7 @@ def desired_orders(
     (a review of the near ones) while the battery is still planned over the whole forecast.
     """
     if tariffs is None:
-        return _baseline_orders({m: _point_and_quantile(f, 50)[0] for m, f in forecast_wh.items()},
+        return _baseline_orders({m: (f if isinstance(f, int) else f.net_wh) for m, f in forecast_wh.items()},
                                 rules, policy, battery_soc_percent)
     if now_s is None:
         raise ValueError("the tariff policy needs now_s (the ramp depends on the time to the gate)")
@@ -271,7 +271,7 @@ def desired_orders(
     if battery is None and policy.battery_capacity_wh > 0 and battery_soc_percent is not None:
         battery = Battery(policy.battery_capacity_wh, policy.battery_capacity_wh * battery_soc_percent // 100,
                           reserve_wh=policy.battery_capacity_wh * policy.battery_reserve_percent // 100)
-    points = {m: _point_and_quantile(f, 50)[0] for m, f in forecast_wh.items()}
+    points = {m: (f if isinstance(f, int) else f.net_wh) for m, f in forecast_wh.items()}
     plan = battery_schedule(list(points.items()), battery, rules.slot_seconds) if battery else {}
     result: dict[int, DesiredOrder] = {}
     wanted = sorted(forecast_wh) if markets is None else sorted(m for m in set(markets) if m in forecast_wh)

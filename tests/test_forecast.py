@@ -187,3 +187,14 @@ def test_baseline_is_the_old_method():
     assert forecast_net_wh(hist, [target], slot_seconds=30, history_days=7, smoothing_percent=50) == {
         target: round((0.5 * 400 + 0.25 * 200 + 0.125 * 100) / 0.875)}
     assert forecast_net_wh({}, [target], slot_seconds=30, history_days=7, smoothing_percent=50) == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(lat=st.floats(-89.0, 89.0), lon=st.floats(-180.0, 180.0), day=st.integers(0, 20_000),
+       slot_seconds=st.sampled_from([300, 900, 1800, 3600]))
+def test_clear_sky_table_matches_the_slot_by_slot_model_everywhere(lat, lon, day, slot_seconds):
+    """The table skips night slots by the sunrise hour angle: it must agree with the plain model."""
+    site = Site(lat, lon)
+    slots = [day * DAY_SECONDS + i * slot_seconds for i in range(2 * DAY_SECONDS // slot_seconds)]
+    table = clear_sky_table(site, slots, slot_seconds)
+    assert all(abs(table[s] - clear_sky_slot_w_m2(site, s, slot_seconds)) < 1e-6 for s in slots)
