@@ -4,6 +4,7 @@ across restarts, and the `dgc-host relay` commands run as processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 import coincurve
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from firmware import eip712
 from firmware.keystore import DeviceKey, load_key_file
@@ -238,3 +241,24 @@ def test_reorg_dropping_relay_transactions_does_not_stall_it(chain, relay):
     assert after.status_code == 200, after.text
     resent = post(relay, dropped)  # the board's outbox resends: the message is not on chain any more, so it lands again
     assert resent.status_code == 200 and resent.json()["duplicate"] is False
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+                           max_leaves=12)
+field_names = st.sampled_from(["type", "market_id", "side", "energy_wh", "price_per_kwh_minor", "nonce", "issued_at",
+                               "expires_at", "order_nonce", "trade_id", "role", "status", "min_nonce", "x"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(
+    st.binary(max_size=300),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.builds(lambda fields, sig: json.dumps({"payload": json.dumps(fields), "signature": sig}).encode(),
+              st.dictionaries(field_names, st.one_of(st.integers(-5, 2**65), st.sampled_from(["order", "cancel", "bulk_cancel", "delivery_report"])), max_size=9),
+              st.one_of(st.text(alphabet="0123456789abcdef", min_size=128, max_size=128), st.text(max_size=130))),
+))
+def test_hostile_bodies_never_crash_the_relay(relay, body):
+    answer = requests.post(relay.url + "/v1/messages", data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert answer.status_code in (400, 401, 403, 409, 422), answer.text
+    assert answer.json()["status"] == "rejected"
