@@ -4,4 +4,4 @@
 the default is hil_tests/rigs/default.toml (the CPython emulators on socat ptys).
 """
 
-from .rig import *  # noqa: F401,F403 - the plugin's hooks and fixtures (rig.__all__)
+from .rig.plugin import *  # noqa: F401,F403 - the plugin's hooks and fixtures (rig/plugin.py __all__)

@@ -28,6 +28,9 @@ from firmware.scheduler.control import request
 from host_tools.emulators.virtual_serial import VirtualSerialLine
 from host_tools.neighbourhood import House, HouseSpec, Neighbourhood, REPO_ROOT
 
+# Whole emulated houses (dgc-host bench house) of its own: not a rig-portable test.
+pytestmark = pytest.mark.rig_features("house-emulator")
+
 BIN = Path(sys.executable).parent
 DGC = [str(BIN / "dgc")] if (BIN / "dgc").exists() else [sys.executable, "-m", "firmware.cli"]
 DGC_HOST = [str(BIN / "dgc-host")] if (BIN / "dgc-host").exists() else [sys.executable, "-m", "host_tools.cli"]
@@ -36,7 +39,10 @@ EVENT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z house \S+")
 
 
 @dataclass
-class Rig:
+class ConsoleSession:
+    """The module's one house and daemon, its console pty and the systemd notifications (not a
+    rig: the rig is hil_tests/rig, which this module does not use; it needs a whole bench house)."""
+
     hood: Neighbourhood
     house: House
     tty: Path
@@ -66,7 +72,7 @@ def rig(tmp_path_factory):
     hood = Neighbourhood(base / "hood", [HouseSpec("house", pv_peak_w=3000, load_peak_w=900)],
                          market_overrides={"slot_seconds": 20}, cadence_overrides={"bid_seconds": 20},
                          config_overrides={"console": {"tty": str(tty), "baudrate": 115200}})
-    rig = Rig(hood=hood, house=None, tty=tty, tty_emu=tty_emu)  # type: ignore[arg-type]
+    rig = ConsoleSession(hood=hood, house=None, tty=tty, tty_emu=tty_emu)  # type: ignore[arg-type]
     stop = threading.Event()
 
     def receive() -> None:

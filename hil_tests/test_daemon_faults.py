@@ -20,6 +20,8 @@ try:  # the metering module of the split controller (issue 7 part 1); the contro
     from firmware.scheduler.metering import STALE_READINGS_FACTOR
 except ImportError:  # pragma: no cover
     from firmware.scheduler.controller import STALE_READINGS_FACTOR
+import pytest
+
 from host_tools.neighbourhood import Neighbourhood
 
 from .daemons import SHORT_CADENCE, SHORT_MARKET, assert_no_crash, journal, seller_and_buyer, wait_for_line
@@ -30,6 +32,10 @@ from .daemons import SHORT_CADENCE, SHORT_MARKET, assert_no_crash, journal, sell
 # not read from a meter: an injected spike adds 1,000,000 Wh at once.
 MAX_COUNTER_WH_PER_S = 1000
 COUNTER_SLACK_WH = 100
+
+
+# Whole emulated houses (dgc-host bench house) of its own: not a rig-portable test.
+pytestmark = pytest.mark.rig_features("house-emulator")
 
 
 def hood_for(tmp_path: Path) -> Neighbourhood:

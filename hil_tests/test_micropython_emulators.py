@@ -50,11 +50,9 @@ from firmware.drivers.meter import MeterBus, MeterReadError, MeterSet
 from firmware.drivers.meter_maps import METER_MAPS
 from hil_tests import test_dgr_driver as dgr_suite
 from hil_tests import test_meter_driver as meter_suite
+from hil_tests.rig import BoardRouterControl
 from host_tools.emulators import mpy_build as mb
-from host_tools.emulators.dgr_emulator import (
-    ENERGY_QUANTUM_PER_WH,
-    DgrEmulatorState,
-)
+from host_tools.emulators.dgr_emulator import ENERGY_QUANTUM_PER_WH
 from host_tools.emulators.virtual_serial import VirtualSerialLine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,14 +90,14 @@ def mpy_build(tmp_path_factory) -> mb.Build:
 # its UARTs. The other tests in this module keep using the Unix port.
 
 
-class Rig:
+class RealBoard:
     """Real boards: the board's console and the DGC-side ends of its two serial links."""
 
     def __init__(self, console: str, meter_port: str | None, dgr_port: str | None):
         self.console, self.meter_port, self.dgr_port = console, meter_port, dgr_port
 
     @classmethod
-    def from_environment(cls) -> "Rig | None":
+    def from_environment(cls) -> "RealBoard | None":
         console = os.environ.get("DGC_BENCH_CONSOLE")
         if not console:
             return None
@@ -126,7 +124,7 @@ class FixedLine:
         pass
 
 
-RIG = Rig.from_environment()
+RIG = RealBoard.from_environment()
 
 
 # --- a bench whose meters are a MicroPython board ----------------------------------------------
@@ -191,7 +189,7 @@ class MicroPythonMeterBench(meter_suite.Bench):
     console (``meter units``)."""
 
     def __init__(self, tmp_path: Path, build: mb.Build | None, baudrate: int = 115200, units=None,
-                 rig: Rig | None = None):
+                 rig: RealBoard | None = None):
         if units is None:
             units = (mb.meter_unit(1, "sdm630", meter_suite.HOUSE_VALUES),
                      mb.meter_unit(2, "sdm120", meter_suite.INTERCHANGE_VALUES))
@@ -235,41 +233,6 @@ class MicroPythonMeterBench(meter_suite.Bench):
 # --- a bench whose router is a MicroPython board -----------------------------------------------
 
 
-class BoardRouter:
-    """The ``DgrEmulator`` surface the DGR suite uses, driving the board's console: state by
-    ``snapshot()``, fault injection by assignment, as on the CPython emulator."""
-
-    _COUNTERS = {"drop_next_requests": "drop_requests", "drop_next_replies": "drop_replies",
-                 "corrupt_next_checksums": "corrupt"}
-
-    def __init__(self, board: mb.BoardProcess):
-        object.__setattr__(self, "board", board)
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in self._COUNTERS:
-            self.board.command(f"dgr {self._COUNTERS[name]} {int(value)}")
-        elif name == "reply_delay_s":
-            self.board.command(f"dgr delay_ms {round(value * 1000)}")
-        else:
-            raise AttributeError(f"the MicroPython router has no setting {name!r}")
-
-    def snapshot(self) -> DgrEmulatorState:
-        return mb.dgr_state_from_board(json.loads(self.board.command("dgr snapshot")))
-
-    @property
-    def mode(self) -> str:
-        return self.board.command("dgr mode")
-
-    def reboot(self) -> None:
-        self.board.command("dgr reboot")
-
-    def inject_raw(self, data: bytes) -> None:
-        self.board.command("dgr inject " + bytes(data).hex(), timeout_s=10)
-
-    def inject_fault(self, code: str) -> None:
-        self.board.command(f"dgr fault {code}")
-
-
 class MicroPythonDgrBench(dgr_suite.Bench):
     """The DGR suite's ``Bench`` (same driver config, ``client``, ``sink_total``) with the
     router served by a MicroPython board; ``sink`` is rebuilt from ``@dgr sink`` trace lines.
@@ -277,7 +240,7 @@ class MicroPythonDgrBench(dgr_suite.Bench):
     (``dgr config``)."""
 
     def __init__(self, tmp_path: Path, build: mb.Build | None, heartbeat_timeout_s: float = 10.0,
-                 rig: Rig | None = None):
+                 rig: RealBoard | None = None):
         self._sink: list[tuple[str, float]] = []
         self.returncode: int | None = None
         settings = dict(heartbeat_timeout_ms=round(heartbeat_timeout_s * 1000), command_log=300)
@@ -298,7 +261,7 @@ class MicroPythonDgrBench(dgr_suite.Bench):
             self.board.stop()
             self.line.stop()
             raise
-        self.emu = BoardRouter(self.board)
+        self.emu = BoardRouterControl(self.board)  # the rig's own console driver of the router
         self.config = DgrConfig(port=str(self.line.device_end), timeout_ms=150, retries=2, heartbeat_seconds=1)
 
     def _on_trace(self, line: str) -> None:
@@ -390,7 +353,7 @@ METER_SUITE = [
 ]
 
 # All 22 tests of the DGR suite as of this module; a test added there later that needs more of
-# the CPython emulator's surface than BoardRouter offers is not picked up by itself.
+# the CPython emulator's surface than BoardRouterControl offers is not picked up by itself.
 DGR_SUITE = [
     dgr_suite.test_hello_reports_identity_clock_limits_and_opens_a_session,
     dgr_suite.test_status_round_trip_time_over_the_pty,
@@ -448,7 +411,7 @@ def test_the_suites_drive_a_board_through_its_serial_console(mpy_build, tmp_path
         cfg["dgr"]["port"] = str(link.emulator_end)
         board = mb.BoardProcess(mpy_build, cfg, tmp_path, micropython=MICROPYTHON, name="usb-board",
                                 console_tty=console.emulator_end).start()
-        rig = Rig(str(console.device_end), str(bus.device_end), str(link.device_end))
+        rig = RealBoard(str(console.device_end), str(bus.device_end), str(link.device_end))
         try:
             for i, case in enumerate((meter_suite.test_two_meters_on_one_bus_read_exact_values,
                                       meter_suite.test_sdm630_read_takes_the_planned_number_of_requests,
@@ -897,7 +860,7 @@ def test_a_router_power_cut_is_detected_and_the_session_reopened(mpy_build, tmp_
             bench.board.kill()
             bench.board = mb.BoardProcess(mpy_build, bench.board.config, tmp_path, micropython=MICROPYTHON,
                                           name="dgr-board-rebooted").start()
-            bench.emu = BoardRouter(bench.board)
+            bench.emu = BoardRouterControl(bench.board)
             status = dgr.status()
             assert status.mode == "idle" and status.transfers == ()
             assert "BOOT" in [e.kind for e in dgr.drain_events()]

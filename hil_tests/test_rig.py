@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -62,18 +63,20 @@ def junit_cases(path: Path) -> dict[str, dict]:
 def test_the_rig_files_in_the_repository_load_and_say_what_they_are():
     default = load_rig(DEFAULT_RIG)
     assert (default.name, default.emulators, default.path) == ("default", "cpython", DEFAULT_RIG.resolve())
-    assert default.features == {"emulator-control", "fault-injection", "modbus-fault-injection", "power-cycle"}
+    assert default.features == {"emulator-control", "fault-injection", "modbus-fault-injection", "power-cycle",
+                                "house-emulator"}
     assert [(m.name, m.unit_id, m.model, m.role) for m in default.meter_bus.meters] == [
         ("house", 1, "sdm630", "house"), ("interchange", 2, "sdm120", "interchange")]
     assert default.meter_bus.meters[0].values["voltage_mv"] == 230_000.0 and default.ledger_url == "start"
     micropython = load_rig(RIGS_DIR / "micropython.toml")
     assert micropython.emulators == "micropython"
-    assert micropython.features == default.features - {"modbus-fault-injection"}  # declared honestly
+    assert micropython.features == default.features - {"modbus-fault-injection", "house-emulator"}  # declared honestly
     assert micropython.meter_bus == default.meter_bus and micropython.dgr == default.dgr
     bench = load_rig(RIGS_DIR / "bench-example.toml")
     assert (bench.emulators, bench.features) == ("none", {"rs485-timing", "power-cycle"})
     assert bench.meter_bus.port.startswith("/dev/serial/by-id/") and bench.dgr.port.startswith("/dev/serial/by-id/")
     assert (bench.meter_bus.baudrate, bench.meter_bus.parity) == (9600, "N") and set(bench.power) == {"dgr", "meter_bus"}
+    assert bench.place == "bench-example"
 
 
 GOOD = """
@@ -116,8 +119,18 @@ GOOD = """
      "values = { watts = 5 }\n", r"\[meter_bus.meter #1\] values: expected quantities from import_energy_wh"),
     ("[rig]\nname = 't'\n[ledger]\nurl = 'ftp://x'\n", r"\[ledger\] url: expected \"start\" .*found 'ftp://x'"),
     ("[rig]\nname = 't'\nfeatures = ['power-cycle']\n[emulators]\nkind = 'none'\n",
-     r"power-cycle on a real bench needs a \[power\] table"),
-    ("[rig]\nname = 't'\n[power]\ndgr = 'uhubctl'\n", r"\[power\]: commands are for a real bench"),
+     r"power-cycle on a real bench needs a \[power.meter_bus\] and/or \[power.dgr\] table"),
+    ("[rig]\nname = 't'\n[power.dgr]\ndriver = 'uhubctl'\nlocation = '1-1'\nports = 3\n",
+     r"\[power\]: power drivers are for a real bench"),
+    ("[rig]\nname = 't'\n[emulators]\nkind = 'none'\n[power]\ndgr = 'uhubctl -a cycle'\n",
+     r"\[power.dgr\]: expected a table with driver = 'uhubctl' or 'command', found 'uhubctl -a cycle' \(a shell string"),
+    ("[rig]\nname = 't'\n[emulators]\nkind = 'none'\n[power.dgr]\ndriver = 'relay'\n",
+     r"\[power.dgr\] driver: expected one of uhubctl, command, found 'relay'"),
+    ("[rig]\nname = 't'\n[emulators]\nkind = 'none'\n[power.dgr]\ndriver = 'command'\noff = 'rly 0'\non = ['rly', '1']\n",
+     r"\[power.dgr\] off: expected a program and its arguments as a list of strings"),
+    ("[rig]\nname = 't'\n[emulators]\nkind = 'none'\n[power.dgr]\ndriver = 'uhubctl'\nlocation = '1-1'\nports = 'x'\n",
+     r"\[power.dgr\] ports: expected a port number"),
+    ("[rig]\nname = 't'\n[place]\nname = 'bench 2'\n", r"\[place\] name: expected the bench's name"),
     ("[rig]\nname = 't'\n[meter_bus]\nport = 'b'\n[[meter_bus.meter]]\nname = 'house'\nunit_id = 1\nmodel = 'sdm120'\n",
      r"role: expected exactly one meter with role = 'interchange', found 0"),
     ("[rig\nname = 't'\n", r"not valid TOML"),
@@ -170,8 +183,12 @@ def test_the_board_config_for_a_bench_rig_carries_its_ports_format_meters_and_le
         url = "http://192.0.2.10:8750"
         ledger_id = "field-trial"
         [power]
-        dgr = "touch {cycled}"
         settle_s = 0
+        [power.dgr]
+        driver = "command"
+        off = ["touch", "{cycled}.off"]
+        on = ["touch", "{cycled}.on"]
+        off_s = 0
     """.replace("{cycled}", str(tmp_path / "cycled")))
     rig = Rig(load_rig(rig_file), tmp_path / "work")
     config = load_config(rig.board_config())
@@ -191,9 +208,9 @@ def test_the_board_config_for_a_bench_rig_carries_its_ports_format_meters_and_le
     assert rig.dgr().control is None and rig.ledger_url() == "http://192.0.2.10:8750"
     with pytest.raises(RigError, match="needs the feature emulator-control"):
         Rig(load_rig(rig_file), tmp_path / "work2").dgr(heartbeat_timeout_s=0.4)
-    rig.power_cycle("dgr")  # the bench's [power] command
-    assert (tmp_path / "cycled").exists()
-    with pytest.raises(RigError, match=r"\[power\] has no command for meter_bus"):
+    rig.power_cycle("dgr")  # the bench's [power.dgr] driver: off, then on
+    assert (tmp_path / "cycled.off").stat().st_mtime_ns <= (tmp_path / "cycled.on").stat().st_mtime_ns
+    with pytest.raises(RigError, match=r"no \[power.meter_bus\] driver"):
         rig.power_cycle("meter_bus")
     assert rig.close() == []
     assert rig.console_log().startswith("not captured on this rig")
@@ -225,7 +242,7 @@ PLUGIN_TESTS = """
 def test_features_skip_with_a_reason_and_the_report_carries_the_rig(tmp_path):
     tests = write(tmp_path / "test_plugin.py", PLUGIN_TESTS)
     report = tmp_path / "report.xml"
-    result = run_pytest("-p", "hil_tests.rig", "--rootdir", str(tmp_path), str(tests), "-rs", "--junitxml",
+    result = run_pytest("-p", "hil_tests.rig.plugin", "--rootdir", str(tmp_path), str(tests), "-rs", "--junitxml",
                         str(report), "--rig", str(DEFAULT_RIG), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"rig 'default' ({DEFAULT_RIG.resolve()}): emulators cpython" in result.stdout  # the report header
@@ -247,7 +264,7 @@ def test_features_skip_with_a_reason_and_the_report_carries_the_rig(tmp_path):
     assert {p.get("name") for p in suite} == {"rig_file", "rig_name", "rig_config"}
 
     # -m rig_portable selects the tests that take their devices from the rig
-    result = run_pytest("-p", "hil_tests.rig", "--rootdir", str(tmp_path), str(tests), "-m", "rig_portable", "-q",
+    result = run_pytest("-p", "hil_tests.rig.plugin", "--rootdir", str(tmp_path), str(tests), "-m", "rig_portable", "-q",
                         cwd=tmp_path)
     assert result.returncode == 0 and "1 passed, 3 deselected" in result.stdout, result.stdout
 
@@ -255,16 +272,16 @@ def test_features_skip_with_a_reason_and_the_report_carries_the_rig(tmp_path):
 def test_the_rig_comes_from_dgc_rig_unless_rig_is_given_and_mistakes_are_usage_errors(tmp_path):
     tests = write(tmp_path / "test_plugin.py", PLUGIN_TESTS)
     bare = write(tmp_path / "bare.toml", '[rig]\nname = "bare"\nfeatures = ["fault-injection"]\n')
-    result = run_pytest("-p", "hil_tests.rig", "--rootdir", str(tmp_path), str(tests), "-q", "-rs",
+    result = run_pytest("-p", "hil_tests.rig.plugin", "--rootdir", str(tmp_path), str(tests), "-q", "-rs",
                         "-k", "needs", cwd=tmp_path, env={"DGC_RIG": str(bare)})
     assert result.returncode == 0 and "1 passed, 1 skipped" in result.stdout, result.stdout
     assert "rig 'bare'" in result.stdout and "lacks feature(s) rs485-timing" in result.stdout
-    result = run_pytest("-p", "hil_tests.rig", "--rootdir", str(tmp_path), str(tests), "-q", "-rs", "-k", "needs",
+    result = run_pytest("-p", "hil_tests.rig.plugin", "--rootdir", str(tmp_path), str(tests), "-q", "-rs", "-k", "needs",
                         "--rig", str(RIGS_DIR / "bench-example.toml"), cwd=tmp_path, env={"DGC_RIG": str(bare)})
     assert result.returncode == 0 and "2 skipped" in result.stdout, result.stdout  # --rig wins over DGC_RIG
     assert "rig 'bench-example'" in result.stdout and "lacks feature(s) fault-injection" in result.stdout
 
-    result = run_pytest("-p", "hil_tests.rig", "--rootdir", str(tmp_path), str(tests), "-q",
+    result = run_pytest("-p", "hil_tests.rig.plugin", "--rootdir", str(tmp_path), str(tests), "-q",
                         "--rig", str(tmp_path / "missing.toml"), cwd=tmp_path)
     assert result.returncode == 4 and f"cannot read rig file {tmp_path / 'missing.toml'}" in result.stderr
     typo = write(tmp_path / "test_typo.py", """
@@ -274,7 +291,7 @@ def test_the_rig_comes_from_dgc_rig_unless_rig_is_given_and_mistakes_are_usage_e
         def test_typo():
             pass
     """)
-    result = run_pytest("-p", "hil_tests.rig", "--rootdir", str(tmp_path), str(typo), "-q", cwd=tmp_path)
+    result = run_pytest("-p", "hil_tests.rig.plugin", "--rootdir", str(tmp_path), str(typo), "-q", cwd=tmp_path)
     assert result.returncode == 4, result.stdout + result.stderr
     assert "test_typo.py::test_typo: rig_features('fault-injecton'): expected feature names from" in result.stderr
 
@@ -374,3 +391,104 @@ def test_rig_ledger_answers_the_firmware_adapter_with_a_sane_clock_and_its_id(hi
     after = time.time() * 1000
     assert before - config.ledger.max_clock_skew_ms <= server_ms <= after + config.ledger.max_clock_skew_ms
     assert ledger.info()["ledger_id"] == config.ledger.ledger_id
+
+
+# --- power drivers and place locking ------------------------------------------------------------------
+
+
+def test_the_example_bench_powers_its_board_with_uhubctl_argument_lists_never_a_shell(tmp_path):
+    """The uhubctl driver's off/on are argument lists (a rig file cannot smuggle a second command
+    through a shell), a cycle is off, off_s, on, settle_s, and a failing switch says which program
+    failed, how and what it printed."""
+    from hil_tests.rig import PowerError
+
+    bench = load_rig(RIGS_DIR / "bench-example.toml")
+    driver = bench.power["dgr"]
+    calls, sleeps = [], []
+
+    def run(argv, timeout_s):
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    driver.cycle(run=run, sleep=sleeps.append)
+    assert calls == [["uhubctl", "--location", "1-1", "--ports", "3", "--action", "off"],
+                     ["uhubctl", "--location", "1-1", "--ports", "3", "--action", "on"]]
+    assert sleeps == [2.0, 3.0]  # off_s, then the [power] settle_s
+
+    def failing(argv, timeout_s):
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, 1, "", "No compatible devices detected!\n")
+
+    calls.clear()
+    with pytest.raises(PowerError, match=r"power off of dgr: uhubctl .* exited 1: No compatible devices detected!"):
+        driver.cycle(run=failing, sleep=sleeps.append)
+    rig_file = write(tmp_path / "rig.toml", """
+        [rig]
+        name = "t"
+        features = ["power-cycle"]
+        [emulators]
+        kind = "none"
+        [power.dgr]
+        driver = "command"
+        off = ["/nonexistent/relay-tool; rm -rf /", "0"]
+        on = ["true"]
+        off_s = 0
+    """)
+    with pytest.raises(RigError, match=r"'/nonexistent/relay-tool; rm -rf /' not found"):
+        Rig(load_rig(rig_file), tmp_path / "work").power_cycle("dgr")
+
+
+def test_a_bench_place_is_held_by_one_run_and_a_second_run_is_told_who_holds_it(tmp_path):
+    """Two engineers, one bench: a pytest run on a rig with [place] holds the place's lock for the
+    whole session; a second run stops at once with a usage error naming the holder, or waits for
+    the place with --place-wait. The kernel's flock goes with the holder, even on SIGKILL."""
+    from hil_tests.rig import PlaceBusy, PlaceLock
+
+    rig_file = write(tmp_path / "rig.toml", f"""
+        [rig]
+        name = "shared-bench"
+        [emulators]
+        kind = "none"
+        [place]
+        name = "lab-bench-2"
+        lock_dir = "{tmp_path / 'locks'}"
+    """)
+    config = load_rig(rig_file)
+    assert (config.place, config.lock_dir) == ("lab-bench-2", tmp_path / "locks")
+    holder = PlaceLock(config.place, config.lock_dir)
+    assert holder.holder() is None
+    with holder:
+        seen = PlaceLock(config.place, config.lock_dir).holder()
+        assert seen["pid"] == os.getpid() and seen["user"]
+        with pytest.raises(PlaceBusy, match=rf"bench place 'lab-bench-2' .* is held by .*pid {os.getpid()} since "):
+            PlaceLock(config.place, config.lock_dir).acquire(wait_s=0.3, poll_s=0.1)
+        (tmp_path / "t").mkdir()
+        tests = write(tmp_path / "t" / "test_one.py", "def test_one():\n    pass\n")
+        result = run_pytest("-p", "hil_tests.rig.plugin", "--rootdir", str(tmp_path / "t"), str(tests), "-q",
+                            "--rig", str(rig_file), cwd=tmp_path)
+        assert result.returncode == 4, result.stdout + result.stderr  # a usage error: nothing ran
+        assert "bench place 'lab-bench-2'" in result.stderr and f"pid {os.getpid()}" in result.stderr
+    # Free again: a run takes the place, and a holder killed with SIGKILL leaves no stale lock.
+    result = run_pytest("-p", "hil_tests.rig.plugin", "--rootdir", str(tmp_path / "t"), str(tests), "-q",
+                        "--rig", str(rig_file), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    child = subprocess.Popen([sys.executable, "-m", "hil_tests.rig.place", "hold", str(rig_file), "--", "sleep", "30"],
+                             cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while holder.holder() is None:
+            assert time.monotonic() < deadline, "the hold command never took the place"
+            time.sleep(0.1)
+        status = subprocess.run([sys.executable, "-m", "hil_tests.rig.place", "status", str(rig_file)], cwd=REPO,
+                                capture_output=True, text=True, timeout=30)
+        assert status.stdout.startswith("lab-bench-2: held by ") and f"pid {child.pid} " in status.stdout, status.stdout
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # its own group: the `sleep` it started goes too
+        except ProcessLookupError:
+            pass
+        child.wait()
+    with PlaceLock(config.place, config.lock_dir).acquire(wait_s=5):
+        pass
