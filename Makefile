@@ -6,23 +6,35 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit hil bench clean venv system-deps evm-tools
+.PHONY: demo test unit hil bench clean venv system-deps demo-deps evm-tools
 
-# Debian packages the tests and the demo use: socat joins the emulators' pseudo-terminals into
-# virtual serial lines; OpenSSH (client and a loopback server) is the provisioning/flashing target;
-# systemd-analyze verifies the unit files (nothing is started).
-system-deps:
+# Debian packages, as command:package pairs (an absolute path must be executable; "+" joins
+# two packages). The demo needs only socat, which joins the emulators' pseudo-terminals into
+# virtual serial lines. The tests also need OpenSSH (client and a loopback server: the
+# provisioning/flashing target), systemd-analyze (verifies the unit files; nothing is started)
+# and npm (the EVM toolchain).
+DEMO_NEEDS := socat:socat
+TEST_NEEDS := $(DEMO_NEEDS) ssh:openssh-client /usr/sbin/sshd:openssh-server systemd-analyze:systemd npm:nodejs+npm
+
+define apt_install
 	@missing=""; \
-	command -v socat >/dev/null 2>&1 || missing="$$missing socat"; \
-	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
-	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
-	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
-	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+	for pair in $(1); do \
+	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  case "$$cmd" in /*) test -x "$$cmd" && continue;; *) command -v "$$cmd" >/dev/null 2>&1 && continue;; esac; \
+	  missing="$$missing $$(echo "$$pkg" | tr + ' ')"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (install them with apt-get)" >&2; exit 1; fi; \
 	fi
+endef
+
+demo-deps:
+	$(call apt_install,$(DEMO_NEEDS))
+
+system-deps:
+	$(call apt_install,$(TEST_NEEDS))
 
 $(STAMP): pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +53,16 @@ $(EVM_STAMP): contracts/package.json contracts/package-lock.json | system-deps
 
 evm-tools: $(EVM_STAMP)
 
-demo: system-deps $(STAMP)
+# The demo installs only what it runs: the board's dependencies and the host extra (the bench
+# ledger's HTTP server), and only socat from Debian; `make test` adds the rest.
+DEMO_STAMP := $(VENV)/.installed-demo
+$(DEMO_STAMP): pyproject.toml | demo-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[host]'
+	touch $(DEMO_STAMP)
+
+demo: demo-deps $(DEMO_STAMP)
 	$(VENV)/bin/dgc-host demo
 
 # The whole suite on the default rig (emulators on ptys), then the rig-portable device tests
