@@ -321,6 +321,29 @@ def sign_typed(domain: Domain, kind: str, fields: Mapping[str, object], signer: 
     return TypedMessage(kind=kind, fields={n: fields[n] for n in field_names(kind)}, signature=compact)
 
 
+def from_canonical_fields(fields: Mapping[str, object]) -> tuple[str, dict]:
+    """The EIP-712 (kind, fields) of a message built for the REST backend (firmware.messages schema).
+
+    Lets the daemon build every message one way (``messages.new_fields``) and leave the encoding to
+    the backend: ``v``, ``ledger_id`` and ``device_id`` are dropped (the domain and the recovered
+    signer take their place) and the string enumerations become their integer codes.
+    """
+    kind = fields.get("type")
+    if kind not in ("order", "cancel", "delivery_report"):
+        raise MessageError(f"type: expected order, cancel or delivery_report, got {kind!r}")
+    out = {name: fields.get(name) for name in field_names(str(kind))}
+    try:
+        if kind == "order":
+            out["side"] = SIDES[fields["side"]]  # type: ignore[index]
+        elif kind == "delivery_report":
+            out["role"] = ROLES[fields["role"]]  # type: ignore[index]
+            out["status"] = STATUSES[fields["status"]]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise MessageError(f"{kind}: side, role or status is not one of the known values") from None
+    validate_fields(str(kind), out)
+    return str(kind), out
+
+
 def new_fields(kind: str, *, nonce: int, issued_at: int, ttl_s: int, **body: object) -> dict:
     """Assemble a typed message's fields; validated here so a bad value fails where it was made."""
     fields = {**body, "nonce": nonce, "issued_at": issued_at, "expires_at": issued_at + ttl_s}

@@ -153,3 +153,19 @@ def test_bad_fields_name_the_field(kind, change, match):
 def test_from_wire_refuses_bad_envelopes(envelope, match):
     with pytest.raises(MessageError, match=match):
         eip712.TypedMessage.from_wire(envelope)
+
+
+def test_rest_fields_convert_to_typed_fields():
+    from firmware import messages
+
+    key = DeviceKey(coincurve.PrivateKey(SECRET))
+    order = messages.new_fields("order", ledger_id="x", device_id=key.device_id, nonce=3, issued_at=100, ttl_s=60,
+                                market_id=1800, side="sell", energy_wh=300, price_per_kwh_minor=2450)
+    assert eip712.from_canonical_fields(order) == ("order", {"market_id": 1800, "side": 2, "energy_wh": 300, "price_per_kwh_minor": 2450,
+                                                              "nonce": 3, "issued_at": 100, "expires_at": 160})
+    report = messages.new_fields("delivery_report", ledger_id="x", device_id=key.device_id, nonce=4, issued_at=100, ttl_s=60,
+                                 trade_id=7, market_id=1800, role="buyer", energy_wh=0, status="failed")
+    assert eip712.from_canonical_fields(report)[1] == {"trade_id": 7, "market_id": 1800, "role": 2, "energy_wh": 0, "status": 2,
+                                                        "nonce": 4, "issued_at": 100, "expires_at": 160}
+    with pytest.raises(MessageError, match="side"):
+        eip712.from_canonical_fields({**order, "side": "hold"})

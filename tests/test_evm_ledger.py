@@ -239,3 +239,17 @@ def test_direct_submission_device_pays_its_gas(chain):
     theirs = EvmLedger(chain.node.url, chain_id=chain.market.chain_id, contract=chain.market.address_hex, gas_signer=stranger.key, retries=0)
     refused = theirs.submit(stranger.order(market_id, "sell", 100, 2000))
     assert (refused.status, refused.code) == ("rejected", "unknown_device")
+
+
+def test_daemon_built_fields_are_signed_as_typed_data_by_the_backend(chain, relay_url):
+    from firmware import messages
+
+    me = chain.device()
+    ledger = board_ledger(chain, relay_url)
+    fields = messages.new_fields("order", ledger_id="unused-on-evm", device_id=me.key.device_id, nonce=41,
+                                 issued_at=block_time(chain.market), ttl_s=600, market_id=next_market(chain), side="sell",
+                                 energy_wh=200, price_per_kwh_minor=2200)
+    message = ledger.sign(fields, me.key)
+    assert message.signer(ledger.domain) == me.address
+    result = ledger.submit(message)
+    assert result.accepted and result.result["resting_wh"] == 200

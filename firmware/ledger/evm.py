@@ -31,7 +31,7 @@ import itertools
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from firmware import eip712
@@ -417,6 +417,15 @@ class EvmLedger:
                     outcome["code"] = REJECTION_CODES.get(log_["data"][2], f"code_{log_['data'][2]}")
                 return outcome
         return None
+
+    def sign(self, fields: Mapping[str, Any], signer: Any) -> eip712.TypedMessage:
+        """Sign a message built with ``messages.new_fields`` as EIP-712 for this contract's domain.
+
+        The daemon can build messages one way and let the backend choose the encoding (REST signs
+        the canonical JSON, this backend the typed data).
+        """
+        kind, typed = eip712.from_canonical_fields(fields)
+        return eip712.sign_typed(self.domain, kind, typed, signer)
 
     def submit(self, message: eip712.TypedMessage) -> SubmitResult:
         """Send through the relay (or directly), then confirm on chain that the outcome reported is the real one."""
