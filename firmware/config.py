@@ -101,12 +101,33 @@ class PolicyConfig:
     prefer_renewables: bool = _spec("true or false", default=True)
     max_order_wh: int = _between(1, MAX_ENERGY_WH, default=10_000)
     min_margin_wh: int = _between(0, MAX_ENERGY_WH, default=0)
+    # Issue 8 (firmware/policy.py): reservation prices from the grid's tariffs, price ramps.
+    strategy: str = _spec('"tariff" (prices from the tariffs, ramped over the reviews) or "baseline" (fixed limits, as before)',
+                          lambda v: v in ("tariff", "baseline"), default="tariff")
+    retail_per_kwh_minor: int = _between(1, MAX_PRICE_PER_KWH_MINOR, " (the grid's import price)", default=3000)
+    feed_in_per_kwh_minor: int = _between(1, MAX_PRICE_PER_KWH_MINOR, " (the grid's export price)", default=850)
+    band_min_per_kwh_minor: int = _between(0, MAX_PRICE_PER_KWH_MINOR, " (F_min; 0 = none)", default=0)
+    band_max_per_kwh_minor: int = _between(0, MAX_PRICE_PER_KWH_MINOR, " (F_max; 0 = none)", default=0)
+    subsidy_percent: int = _between(1, 1000, " (the renewable subsidy factor mu x 100)", default=100)
+    price_ramp_seconds: int = _between(0, DAY_SECONDS, default=900)
+    sell_quantile_percent: int = _between(0, 50, default=40)
+    buy_quantile_percent: int = _between(50, 100, default=50)
+    battery_power_w: int = _between(0, 1_000_000, " (0 = half the capacity per hour)", default=0)
+    battery_efficiency_percent: int = _between(50, 100, " (each way)", default=95)
 
 
 @dataclass(frozen=True)
 class ForecastConfig:
-    history_days: int = _between(1, 60, default=7)
+    history_days: int = _between(1, 60, default=28)
     smoothing_percent: int = _between(1, 100, default=50)
+    # Issue 8 (firmware/forecast.py): robust load statistics and a clear-sky PV model.
+    method: str = _spec('"robust" (median of many days, clear-sky PV) or "baseline" (smoothed same slot, as before)',
+                        lambda v: v in ("robust", "baseline"), default="robust")
+    day_seconds: int = _between(0, DAY_SECONDS, " (0 = a real day; a multiple of [market] slot_seconds)", default=0)
+    weekday_aware: bool = _spec("true or false", default=True)
+    clear_sky_pv: bool = _spec("true or false", default=False)
+    site_latitude_millideg: int = _between(-90_000, 90_000, default=0)
+    site_longitude_millideg: int = _between(-180_000, 180_000, default=0)
 
 
 @dataclass(frozen=True)
@@ -349,6 +370,20 @@ def _market_rules(raw: Any, file: Path) -> MarketRules:
 TOP_LEVEL_TABLES = ("board", "ledger", "market", "cadence", "policy", "forecast", "bus", "meter", "dgr", "sim", "console")
 
 
+def _check_trading(file: Path, market: MarketRules, policy: "PolicyConfig", forecast: "ForecastConfig") -> None:
+    """Keys of [policy] and [forecast] that must agree with each other or with [market]."""
+    if policy.feed_in_per_kwh_minor > policy.retail_per_kwh_minor:
+        raise ConfigError(file, "policy", "feed_in_per_kwh_minor",
+                          f"at most retail_per_kwh_minor ({policy.retail_per_kwh_minor})", policy.feed_in_per_kwh_minor)
+    if policy.band_max_per_kwh_minor and policy.band_min_per_kwh_minor > policy.band_max_per_kwh_minor:
+        raise ConfigError(file, "policy", "band_min_per_kwh_minor",
+                          f"at most band_max_per_kwh_minor ({policy.band_max_per_kwh_minor})", policy.band_min_per_kwh_minor)
+    day = forecast.day_seconds or DAY_SECONDS
+    if day % market.slot_seconds:
+        raise ConfigError(file, "forecast", "day_seconds",
+                          f"a whole number of [market] slot_seconds ({market.slot_seconds})", forecast.day_seconds)
+
+
 def parse_config(text: str, file: Path | str = "<config>") -> BoardConfig:
     file = Path(file)
     base_dir = file.resolve().parent if file.name != "<config>" else Path.cwd()
@@ -368,6 +403,7 @@ def parse_config(text: str, file: Path | str = "<config>") -> BoardConfig:
     cadence = _build(CadenceConfig, "cadence", raw.get("cadence", {}), file, base_dir)
     policy = _build(PolicyConfig, "policy", raw.get("policy", {}), file, base_dir)
     forecast = _build(ForecastConfig, "forecast", raw.get("forecast", {}), file, base_dir)
+    _check_trading(file, market, policy, forecast)
     dgr = _build(DgrConfig, "dgr", raw["dgr"], file, base_dir)
     buses_raw, meters_raw = raw["bus"], raw["meter"]
     if not isinstance(buses_raw, list) or not buses_raw:
