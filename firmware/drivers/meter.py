@@ -155,6 +155,9 @@ class MeterReading:
     power_w: int | None = None
     voltage_mv: int | None = None
     frequency_mhz: int | None = None
+    # The energy counters at the register's own resolution (mWh), when the map has them.
+    import_energy_mwh: int | None = None
+    export_energy_mwh: int | None = None
 
     def as_dict(self) -> dict[str, int | str | None]:
         return dataclasses.asdict(self)
@@ -387,7 +390,7 @@ class MeterBus:
             try:
                 for block in blocks:
                     words = self._request(unit_id, block.function_code, block.address, block.count, meter=name)
-                    values.update(decode_block(block, words))
+                    values.update(decode_block(block, words, fine=True))
             except DecodeError as exc:
                 raise MeterReadError(f"meter {name} (unit {unit_id} on {self.port}): implausible value: {exc}",
                                      kind="decode", meter=name, port=self.port) from None

@@ -264,8 +264,15 @@ def _divide_half_away(numerator: int, divisor: int) -> int:
     return magnitude if numerator >= 0 else -magnitude
 
 
-def decode_block(block: Block, words: Sequence[int]) -> dict[str, int]:
-    """One block's registers -> {quantity: integer value} for every register in the block."""
+FINE_ENERGY = {"import_energy_wh": "import_energy_mwh", "export_energy_wh": "export_energy_mwh"}
+
+
+def decode_block(block: Block, words: Sequence[int], *, fine: bool = False) -> dict[str, int]:
+    """One block's registers -> {quantity: integer value} for every register in the block.
+
+    ``fine=True`` adds each energy counter in mWh too (``import_energy_mwh``...): a float32 kWh
+    register holds far more than whole Wh, and delivery metering needs it (issue 7 s: a
+    transfer that ended exactly at 100 Wh read 99 Wh as the difference of two rounded ends)."""
     if len(words) != block.count:
         raise DecodeError(
             f"block 0x{block.address:04X}+{block.count} (function {block.function_code}): "
@@ -274,7 +281,10 @@ def decode_block(block: Block, words: Sequence[int]) -> dict[str, int]:
     values: dict[str, int] = {}
     for reg in block.registers:
         offset = reg.address - block.address
-        values[reg.quantity] = scale_value(reg, decode_raw(reg, words[offset:offset + reg.words]))
+        raw = decode_raw(reg, words[offset:offset + reg.words])
+        values[reg.quantity] = scale_value(reg, raw)
+        if fine and reg.quantity in FINE_ENERGY:
+            values[FINE_ENERGY[reg.quantity]] = scale_value(dataclasses.replace(reg, scale=reg.scale * 1000), raw)
     return values
 
 

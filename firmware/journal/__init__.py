@@ -10,13 +10,13 @@ See core.py for why it is built the way it is (exactly-once effect, source of tr
 
 from __future__ import annotations
 
-from .core import JournalCore
+from .core import JournalCore, JournalSchemaError, read_schema_version
 from .deliveries import DeliveriesMixin, DeliveryRow
 from .orders import OrderRow, OrdersMixin, OutboxEntry
 from .readings import ReadingsMixin
 from .schema import SCHEMA_VERSION
 
-__all__ = ["Journal", "DeliveryRow", "OrderRow", "OutboxEntry", "SCHEMA_VERSION"]
+__all__ = ["Journal", "DeliveryRow", "OrderRow", "OutboxEntry", "SCHEMA_VERSION", "JournalSchemaError", "read_schema_version"]
 
 
 class Journal(JournalCore, ReadingsMixin, OrdersMixin, DeliveriesMixin):

@@ -26,6 +26,7 @@ from typing import Callable
 
 from ..config import BoardConfig
 from ..journal import Journal
+from .. import delivery_states as ds
 from .clock_guard import ClockGuard
 from .context import Context, Health
 from .deliveries import Deliveries
@@ -86,6 +87,11 @@ class Controller:
 
     # -- start-up -----------------------------------------------------------------------
 
+    def greet_router(self) -> None:
+        """Talk to the router before anything else after a (re)start (issue 7 o): the daemon
+        calls this first, so the router's watchdog never cuts a transfer across a restart."""
+        self.router.greet()
+
     def recover(self) -> None:
         """Rebuild from the journal: nonce floor from the ledger, resend the outbox, finish deliveries."""
         from ..ledger.base import LedgerUnavailable
@@ -99,7 +105,7 @@ class Controller:
         except LedgerUnavailable as exc:
             ctx.events.emit("ledger.unavailable", detail=str(exc))
         pending = journal.pending_outbox(limit=10_000)
-        running = journal.deliveries(states=("scheduled", "running", "metered"))
+        running = journal.deliveries(states=(*ds.OPEN, ds.METERED))
         ctx.events.emit("recovered", outbox_pending=len(pending), deliveries_open=len(running), next_nonce=journal.next_nonce())
         self.check_clock()
         self.flush_outbox()
@@ -137,6 +143,9 @@ class Controller:
 
     def operator_safe_state(self) -> tuple[bool, str]:
         return self.router.operator_safe_state()
+
+    def operator_resume(self) -> tuple[bool, str]:
+        return self.router.operator_resume()
 
     # -- metering views the HIL tests inspect ------------------------------------------------
 

@@ -1,24 +1,34 @@
-"""Deliveries: start each trade's transfer at its slot, stop the ended ones, meter the slot on
-the certified interchange meter, and sign the delivery report.
+"""Deliveries: start each trade's transfer at its slot, stop the ended ones, meter each slot on
+the certified interchange meter, and sign the delivery reports.
 
-Delivery accounting: at each slot edge the job (1) starts the new slot's transfers, then
-(2) takes ONE reading of the certified interchange meter, which is both the end reading of the
-slot that just ended and the start reading of the one that began. The router stops each
-transfer by itself at its energy target or end time, so a reading a few milliseconds after the
-edge attributes at most those milliseconds to the wrong side of the edge, and energy is
-conserved across slots.
+Every step is a transition of the lifecycle declared in firmware/delivery_states.py, each one
+journal transaction; an illegal one is logged and alarmed (``alarm.delivery_transition``) and
+changes nothing. The rules of metering (one counter value per slot edge, late edge readings,
+allocation, net-only meters) are pure, in firmware/slot_metering.py; docs/delivery.md tells the
+whole story.
+
+At each slot edge the job (1) STARTs the new slot's transfers, then (2) reads the interchange
+meter once: that reading is the edge between the slot that ended and the one that began, and
+(3) meters every ended slot in ONE transaction. The intent to START is journalled before the
+command goes out (``starting``), so after a kill between the router's acknowledgement and the
+journal the router is asked about the trade, and the transfer is never started twice.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
+from .. import delivery_states as ds
 from ..journal import DeliveryRow
+from ..journal.deliveries import EdgeValue, MeteredDelivery
 from ..market import transfer_power_w
-from ..policy import allocate_delivered
+from ..slot_metering import Counters, Edge, SlotRow, allocate_slot, edge_value
 from .context import Context
 from .metering import Metering
 from .router_link import RouterLink
+
+log = logging.getLogger(__name__)
 
 REPORT_TTL_SECONDS = 86_400  # a report may wait out a long network outage; expired ones are re-signed
 MIN_START_SECONDS = 2  # a late start with less than this left in the slot is not attempted
@@ -32,6 +42,12 @@ class Deliveries:
         self.metering = metering
         self.router = router
         self._flush_outbox = flush_outbox
+        meter = next(m for m in ctx.config.meters if m.name == metering.interchange)
+        self.net_only = bool(getattr(meter, "net_only", False))
+        self.tolerance_wh = int(getattr(meter, "tolerance_wh", 0))
+        self._deferred: set[int] = set()  # trades whose start the clock guard deferred (announced once)
+
+    # -- the job ------------------------------------------------------------------------------
 
     def tick(self) -> None:
         ctx = self.ctx
@@ -39,48 +55,104 @@ class Deliveries:
         with ctx.delivery_lock:
             now = ctx.now()
             current = ctx.rules.slot_start(now)
+            self._resolve_starting(current)
             started = self._start_due(current, now)
             self._stop_ended(current)
-            open_rows = journal.deliveries(states=("running",))
-            needs_meter = [d for d in open_rows if d.start_meter_wh is None or d.market_id < current]
-            if started or needs_meter:
-                self._meter_deliveries(current)
-            for row in journal.deliveries(states=("metered",)):
-                self.report(row)
+            ended = journal.deliveries(states=ds.OPEN, before_market=current)
+            if started or ended:
+                self._read_edge()
+            for market_id in sorted({row.market_id for row in ended}):
+                self._meter_slot(market_id)
+            # A report goes out only once its slot has ended on the ledger's clock too: a board
+            # clock ahead by less than the skew bound would otherwise send it "too early", and
+            # the ledger's refusal is final.
+            report_after_s = -(-ctx.config.ledger.max_clock_skew_ms // 1000) + 1
+            for row in journal.deliveries(states=(ds.METERED,)):
+                if now >= ctx.rules.slot_end(row.market_id) + report_after_s:
+                    self.report(row)
         self._flush_outbox()
 
+    # -- transitions --------------------------------------------------------------------------
+
+    def _move(self, row: DeliveryRow, to_state: str, detail: str | None = None) -> bool:
+        """One transition (one journal transaction). An illegal one is logged and alarmed,
+        and nothing changes: the journal stays the truth, never silently rewritten."""
+        from ..delivery_states import IllegalTransition
+
+        try:
+            self.ctx.journal.transition(row.trade_id, to_state, detail)
+            return True
+        except IllegalTransition as exc:
+            log.error("%s", exc)
+            self.ctx.events.emit("alarm.delivery_transition", trade=row.trade_id, wanted=to_state, detail=str(exc))
+            return False
+
+    # -- starting -----------------------------------------------------------------------------
+
+    def _resolve_starting(self, current: int) -> None:
+        """Deliveries left ``starting`` (the process died between journalling the intent and
+        the router's answer, or the answer never came): ask the router about each trade first.
+        Active there: running. Not active: it may have run and ended, so it is never started
+        a second time; it is metered like an interrupted transfer (the meter says what flowed).
+        A router that cannot be asked now is asked again at the next tick."""
+        from ..drivers.dgr import DgrError
+
+        rows = self.ctx.journal.deliveries(states=(ds.STARTING,), before_market=current + 1)
+        if not rows:
+            return
+        try:
+            status = self.ctx.dgr.status()
+        except DgrError as exc:
+            self.ctx.events.emit("alarm.dgr", detail=f"transfers being started not confirmed: {exc}")
+            return
+        active = {t.trade_id for t in status.transfers}
+        for row in rows:
+            if row.trade_id in active:
+                if self._move(row, ds.RUNNING, "running at the router after a restart"):
+                    self.ctx.events.emit("delivery.resumed", trade=row.trade_id, market=row.market_id)
+            elif self._move(row, ds.INTERRUPTED, "start not confirmed and not active at the router: not started again"):
+                self.ctx.events.emit("delivery.failed", trade=row.trade_id, detail="start not confirmed; not started again")
+
     def _start_due(self, current: int, now: int) -> int:
-        """START the transfers of the slot that began; fail those that can no longer start.
+        """START the transfers of the slot that began; refuse those that can no longer start.
 
         A router with a latched hardware fault refuses with NAK 32: it is sent RESUME once — the
         router acknowledges only faults whose cause has gone, so a persisting one refuses again —
-        and the START once more. Safe mode (NAK 31) is not lifted here: the DGC's own link-loss
-        handling lifts it when the link is back (``heartbeat``), and one an operator commanded
-        must stay until the operator resumes. A lost link fails the row it
+        and the START once more. Safe mode (NAK 31) is not lifted here (router_link decides
+        when safe mode may be lifted; an operator's never). A lost link interrupts the row it
         happened on (the driver has already sent its best-effort SAFE; if that was lost, the
         router's watchdog makes it safe) and ends this round: the other rows stay scheduled and
-        the next tick, two seconds on, tries them again instead of waiting out the retries of a
-        dead line for each of them now.
+        the next tick tries them again, with the power recomputed for the time left. While the
+        clock guard says the clock is bad a start is deferred, not refused: it is tried again
+        when the clock is good, as long as its slot leaves time for it.
         """
         from ..drivers.dgr import DgrError, DgrLinkError, DgrNak
 
         ctx = self.ctx
         journal, dgr, events = ctx.journal, ctx.dgr, ctx.events
         started = 0
-        for row in journal.deliveries(states=("scheduled",), before_market=current + 1):
+        for row in journal.deliveries(states=(ds.SCHEDULED,), before_market=current + 1):
             end_at = ctx.rules.slot_end(row.market_id)
             if row.market_id < current or end_at - now < MIN_START_SECONDS:
-                journal.mark_failed_start(row.trade_id, "slot passed before the transfer could start")
-                events.emit("delivery.missed", trade=row.trade_id, market=row.market_id)
+                reason = "slot passed before the transfer could start"
+                if row.trade_id in self._deferred:
+                    reason += " (deferred by the clock guard)"
+                if self._move(row, ds.REFUSED, reason):
+                    events.emit("delivery.missed", trade=row.trade_id, market=row.market_id)
+                self._deferred.discard(row.trade_id)
                 continue
             if not ctx.health.clock_ok:
-                journal.mark_failed_start(row.trade_id, "clock skew beyond bound: delivery not started")
-                events.emit("delivery.refused", trade=row.trade_id, reason="clock skew")
+                if row.trade_id not in self._deferred:
+                    self._deferred.add(row.trade_id)
+                    events.emit("delivery.deferred", trade=row.trade_id, reason="clock skew")
                 continue
+            self._deferred.discard(row.trade_id)
             # Aim to finish a little before the slot ends: the router stops at the energy target,
             # so the contracted energy is delivered in full even if the start was a few ms late.
             usable_s = max(1, int((end_at - ctx.clock()) * (100 - DELIVERY_MARGIN_PERCENT) / 100))
             power_w = transfer_power_w(row.energy_wh, usable_s)
+            if not self._move(row, ds.STARTING):  # the intent, journalled before the command
+                continue
             try:
                 try:
                     dgr.start_transfer(row.trade_id, row.direction, power_w, end_at, row.energy_wh)
@@ -96,27 +168,28 @@ class Deliveries:
             except DgrNak as exc:
                 if exc.code == TRADE_ACTIVE:
                     # Started before a crash that came between the router's ACK and our journal.
-                    journal.mark_running(row.trade_id, None, "already running at the router after a restart")
-                    events.emit("delivery.resumed", trade=row.trade_id, market=row.market_id)
-                    started += 1
+                    if self._move(row, ds.RUNNING, "already running at the router after a restart"):
+                        events.emit("delivery.resumed", trade=row.trade_id, market=row.market_id)
+                        started += 1
                     continue
-                journal.mark_failed_start(row.trade_id, f"router: {exc}")
-                events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
+                if self._move(row, ds.REFUSED, f"router: {exc}"):
+                    events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
                 continue
             except DgrLinkError as exc:
-                journal.mark_failed_start(row.trade_id, f"router link lost: {exc}")
-                events.emit("delivery.failed", trade=row.trade_id, detail="router link lost",
-                            safe_confirmed=exc.safe_confirmed)
+                if self._move(row, ds.INTERRUPTED, f"router link lost: {exc}"):
+                    events.emit("delivery.failed", trade=row.trade_id, detail="router link lost",
+                                safe_confirmed=exc.safe_confirmed)
                 break
             except DgrError as exc:
-                journal.mark_failed_start(row.trade_id, f"router: {exc}")
-                events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
-                self.router.safe_state()
+                # An answer that contradicts the START (or a malformed one): it may be running.
+                if self._move(row, ds.INTERRUPTED, f"router: {exc}"):
+                    events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
+                self.router.safe_state(cause="daemon")
                 continue
-            journal.mark_running(row.trade_id, None)
-            started += 1
-            events.emit("delivery.started", trade=row.trade_id, market=row.market_id, direction=row.direction,
-                        power_w=power_w, energy_wh=row.energy_wh, lateness_ms=ctx.now_ms() - row.market_id * 1000)
+            if self._move(row, ds.RUNNING):
+                started += 1
+                events.emit("delivery.started", trade=row.trade_id, market=row.market_id, direction=row.direction,
+                            power_w=power_w, energy_wh=row.energy_wh, lateness_ms=ctx.now_ms() - row.market_id * 1000)
         return started
 
     def _stop_ended(self, current: int) -> None:
@@ -126,79 +199,119 @@ class Deliveries:
         from ..drivers.dgr import DgrError
 
         ctx = self.ctx
-        for row in ctx.journal.deliveries(states=("running",), before_market=current):
-            if row.outcome == "failed" or row.end_meter_wh is not None:
-                continue
+        for row in ctx.journal.deliveries(states=(ds.RUNNING,), before_market=current):
             try:
                 ctx.dgr.stop_transfer(row.trade_id)
             except DgrError as exc:
                 ctx.events.emit("alarm.dgr", detail=f"stop of trade {row.trade_id} not confirmed: {exc}")
 
-    def _meter_deliveries(self, current: int) -> None:
+    # -- metering -------------------------------------------------------------------------------
+
+    def _read_edge(self) -> None:
+        """Read the interchange meter once and journal the reading (the slot edges are taken
+        from journalled readings). A failed read postpones metering: the next tick reads again
+        and the late reading is bracketed (slot_metering.edge_value), never used as the edge."""
         from ..drivers.meter import MeterReadError
 
+        try:
+            self.metering.read_interchange()
+        except MeterReadError as exc:
+            self.ctx.events.emit("alarm.meter", meter=self.metering.interchange, detail=f"delivery metering postponed: {exc}")
+
+    def _ran(self, market_id: int) -> dict[str, bool]:
+        """Per direction: did a transfer of this slot run (or may it have)?"""
+        ran = {"export": False, "import": False}
+        every = ds.STATES
+        for row in self.ctx.journal.deliveries(states=every, market_id=market_id):
+            if row.state in (ds.STARTING, *ds.FLOWING) or (row.state in (ds.METERED, ds.REPORTED) and (row.delivered_mwh or row.delivered_wh)):
+                ran[row.direction] = True
+        return ran
+
+    def _edge(self, edge_s: int) -> tuple[Edge | None, bool]:
+        """The counters at a slot edge: the stored value, else computed from the journalled
+        readings that bracket it. (edge, newly computed)."""
+        journal = self.ctx.journal
+        stored = journal.meter_edge(edge_s)
+        if stored is not None:
+            return Edge(stored.edge_s, stored.import_energy_mwh, stored.export_energy_mwh, stored.method, stored.detail), False
+        name = self.metering.interchange
+        before = journal.reading_before(name, edge_s * 1000)
+        after = journal.reading_after(name, edge_s * 1000)
+        slot_s = self.ctx.rules.slot_seconds
+        edge = edge_value(edge_s, Counters(*before) if before else None, Counters(*after) if after else None,
+                          active_before=self._ran(edge_s - slot_s), active_after=self._ran(edge_s))
+        return edge, True
+
+    def _meter_slot(self, market_id: int) -> None:
+        """Meter one ended slot: every delivery of it, and the edge values used, in ONE journal
+        transaction. Rows that never got going are first resolved (scheduled -> refused;
+        starting -> interrupted: it may have run)."""
         ctx = self.ctx
         journal, events = ctx.journal, ctx.events
-        interchange = self.metering.interchange
-        try:
-            reading = self.metering.read_plausible(interchange)
-        except MeterReadError as exc:
-            events.emit("alarm.meter", meter=interchange, detail=f"delivery metering postponed: {exc}")
+        rows = journal.deliveries(states=ds.OPEN, market_id=market_id)
+        for row in rows:
+            if row.state == ds.SCHEDULED:
+                if self._move(row, ds.REFUSED, "slot passed before the transfer could start"):
+                    events.emit("delivery.missed", trade=row.trade_id, market=row.market_id)
+            elif row.state == ds.STARTING:
+                self._move(row, ds.INTERRUPTED, "start never confirmed by the router")
+        rows = journal.deliveries(states=ds.METERABLE, market_id=market_id)
+        if not rows:
             return
-        counters = {"export": reading.export_energy_wh, "import": reading.import_energy_wh}
-        running = journal.deliveries(states=("running",))
-        for row in running:
-            if row.start_meter_wh is None and row.outcome != "failed":
-                journal.set_start_meter(row.trade_id, self._start_counter(row, reading, counters[row.direction]))
-        ended = [d for d in journal.deliveries(states=("running",)) if d.market_id < current]
-        groups: dict[tuple[int, str], list[DeliveryRow]] = {}
-        for row in ended:
-            groups.setdefault((row.market_id, row.direction), []).append(row)
-        for (market_id, direction), rows in groups.items():
-            flowing = [r for r in rows if r.outcome != "failed" or r.start_meter_wh is not None]
-            start = min((r.start_meter_wh for r in flowing if r.start_meter_wh is not None), default=counters[direction])
-            total = counters[direction] - start
-            shares = allocate_delivered(total, [r.energy_wh for r in rows])
-            for row, share in zip(rows, shares):
-                outcome = "delivered" if share >= row.energy_wh and row.outcome != "failed" else "failed"
-                journal.mark_metered(row.trade_id, counters[direction], share, outcome, None)
-                events.emit("delivery.metered", trade=row.trade_id, market=market_id, direction=direction,
-                            contracted_wh=row.energy_wh, delivered_wh=share, outcome=outcome)
+        slot_end = ctx.rules.slot_end(market_id)
+        start, start_new = self._edge(market_id)
+        end, end_new = self._edge(slot_end)
+        if start is None or end is None:
+            return  # no reading at or after an edge yet: metered at a later tick
+        delta = {d: max(0, end.get(d) - start.get(d)) for d in ("export", "import")}
+        shares = allocate_slot([SlotRow(r.trade_id, r.direction, r.energy_wh, r.state) for r in rows],
+                               delta["export"], delta["import"], net_only=self.net_only, tolerance_wh=self.tolerance_wh)
+        estimated = next((e for e in (start, end) if e.method == "interpolated"), None)
+        verdicts = [
+            MeteredDelivery(s.trade_id, s.delivered_wh, s.delivered_mwh, s.outcome,
+                            detail=(f"slot edge interpolated: {estimated.detail}" if estimated else None),
+                            start_meter_mwh=start.get(r.direction), end_meter_mwh=end.get(r.direction))
+            for r, s in zip(rows, shares)
+        ]
+        new_edges = [EdgeValue(e.edge_s, e.import_mwh, e.export_mwh, e.method, e.detail)
+                     for e, new in ((start, start_new), (end, end_new)) if new]
+        from ..delivery_states import IllegalTransition
 
-    def _start_counter(self, row: DeliveryRow, reading, counter_now: int) -> int:
-        """The interchange counter at the start of a delivery.
+        try:
+            journal.meter_slot(verdicts, new_edges)
+        except IllegalTransition as exc:
+            log.error("%s", exc)
+            events.emit("alarm.delivery_transition", market=market_id, wanted=ds.METERED, detail=str(exc))
+            return
+        for row, share in zip(rows, shares):
+            events.emit("delivery.metered", trade=row.trade_id, market=market_id, direction=row.direction,
+                        contracted_wh=row.energy_wh, delivered_wh=share.delivered_wh, outcome=share.outcome,
+                        edges=f"{start.method},{end.method}")
 
-        Normally the reading taken right after the edge's START commands. After a restart in the
-        middle of a slot that reading is late, so the last reading the measure job journalled
-        at or before the slot's start is used instead: transfers are sized to finish within the
-        first 95 % of their slot, so nothing flows between that reading and the edge unless the
-        measure period is longer than that margin.
-        """
-        late_ms = reading.taken_at_ms - row.market_id * 1000
-        if late_ms <= 1000:
-            return counter_now
-        history = self.ctx.journal.readings(self.metering.interchange, (row.market_id - self.ctx.rules.slot_seconds) * 1000)
-        before = [r for r in history if r[0] <= row.market_id * 1000]
-        if not before:
-            return counter_now
-        _, import_wh, export_wh = before[-1]
-        return export_wh if row.direction == "export" else import_wh
+    # -- reports --------------------------------------------------------------------------------
 
     def report(self, row: DeliveryRow) -> None:
         """Sign the delivery report and mark the delivery reported (one journal transaction)."""
+        from ..delivery_states import IllegalTransition
+
         ctx = self.ctx
         delivered = row.delivered_wh or 0
-        status = "delivered" if row.outcome == "delivered" else "failed"
+        status = "delivered" if row.outcome == ds.DELIVERED else "failed"
 
         def build(nonce: int) -> dict:
             return ctx.fields("delivery_report", nonce, REPORT_TTL_SECONDS, trade_id=row.trade_id, market_id=row.market_id,
                               role="seller" if row.direction == "export" else "buyer", energy_wh=delivered, status=status)
 
-        message = ctx.journal.enqueue_report(row.trade_id, build, ctx.key)
+        try:
+            message = ctx.journal.enqueue_report(row.trade_id, build, ctx.key)
+        except IllegalTransition as exc:
+            log.error("%s", exc)
+            ctx.events.emit("alarm.delivery_transition", trade=row.trade_id, wanted=ds.REPORTED, detail=str(exc))
+            return
         ctx.events.emit("report.signed", nonce=message.fields["nonce"], trade=row.trade_id, energy_wh=delivered, status=status)
 
     def resign_report(self, trade_id: int) -> None:
         """The ledger rejected a report as expired: sign it again, if the delivery is still reported."""
-        row = next((d for d in self.ctx.journal.deliveries(states=("reported",)) if d.trade_id == trade_id), None)
-        if row is not None:
+        row = self.ctx.journal.delivery(trade_id)
+        if row is not None and row.state == ds.REPORTED:
             self.report(row)

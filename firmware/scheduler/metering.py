@@ -50,7 +50,21 @@ class Metering:
                 ctx.events.emit("meter.back", meter=name)
             health.meters_ok[name] = True
             health.last_reading_ms[name] = stored.taken_at_ms
-            ctx.journal.add_reading(name, stored.taken_at_ms, stored.import_energy_wh, stored.export_energy_wh, stored.power_w)
+            self._journal(name, stored)
+
+    def _journal(self, name: str, stored) -> None:
+        self.ctx.journal.add_reading(name, stored.taken_at_ms, stored.import_energy_wh, stored.export_energy_wh,
+                                     stored.power_w, import_energy_mwh=stored.import_energy_mwh,
+                                     export_energy_mwh=stored.export_energy_mwh)
+
+    def read_interchange(self):
+        """One plausible reading of the interchange meter, journalled (delivery metering takes
+        its slot-edge counters from journalled readings, so every one it reads is kept), or
+        MeterReadError. Counters in mWh at ``import_energy_mwh`` / ``export_energy_mwh``."""
+        stored = self.read_plausible(self.interchange)
+        self.ctx.health.last_reading_ms[self.interchange] = stored.taken_at_ms
+        self._journal(self.interchange, stored)
+        return stored
 
     def read_plausible(self, name: str):
         """Read one meter and judge the reading: the reading as it may be stored (re-baselined
@@ -97,8 +111,15 @@ class Metering:
             events.emit("alarm.meter_implausible", meter=name, detail=verdict.reason)
             return None
         stored = verdict.stored
+        # The fine (mWh) counters take the same whole-Wh offsets as the stored Wh counters.
+        fine = {}
+        for quantity in ("import_energy", "export_energy"):
+            raw_mwh = getattr(reading, f"{quantity}_mwh", None)
+            offset_wh = getattr(stored, f"{quantity}_wh") - getattr(reading, f"{quantity}_wh")
+            fine[f"{quantity}_mwh"] = (getattr(stored, f"{quantity}_wh") * 1000 if raw_mwh is None
+                                       else raw_mwh + offset_wh * 1000)
         return replace(reading, taken_at_ms=stored.taken_at_ms, import_energy_wh=stored.import_energy_wh,
-                       export_energy_wh=stored.export_energy_wh)
+                       export_energy_wh=stored.export_energy_wh, **fine)
 
     def _judged(self, name: str, verdict) -> None:
         """Keep a meter's new plausibility state; announce availability transitions once."""

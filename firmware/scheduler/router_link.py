@@ -8,12 +8,40 @@ router's unsolicited events into status lines.
 
 from __future__ import annotations
 
+from .. import delivery_states as ds
 from .context import Context
 
 
 class RouterLink:
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        # Safe mode the daemon itself commanded (an answer that contradicted a START): lifted
+        # by the next heartbeat that finds the link sane, so one bad answer does not leave the
+        # router safe for the rest of the day. An operator's SAFE is persisted in the journal
+        # instead and is never lifted by the daemon.
+        self._daemon_safe = False
+
+    def greet(self) -> None:
+        """The first thing a (re)started daemon does: talk to the router, so its heartbeat
+        watchdog sees the new process at once and a transfer running across the restart is
+        not cut short (issue 7 o; docs/delivery.md has the watchdog vs RestartSec rule). An
+        operator's SAFE from before the restart is commanded again: it survives restarts."""
+        from ..drivers.dgr import DgrError
+
+        ctx = self.ctx
+        try:
+            ctx.dgr.heartbeat()
+            ctx.health.dgr_ok = True
+        except DgrError as exc:
+            ctx.health.dgr_ok = False
+            ctx.events.emit("alarm.dgr", detail=f"router not answering at start: {exc}")
+            return
+        if ctx.journal.operator_safe():
+            try:
+                status = ctx.dgr.safe_state()
+                ctx.events.emit("dgr.safe_state", mode=status.mode, by="operator", detail="kept across the restart")
+            except DgrError as exc:
+                ctx.events.emit("alarm.dgr", detail=f"operator's safe state not confirmed after the restart: {exc}")
 
     def heartbeat(self) -> None:
         """Feed the router's watchdog from the scheduler's own cycle (a hung scheduler lets the
@@ -29,8 +57,9 @@ class RouterLink:
         Link back: the router may still run a transfer that no healthy delivery owns (a START
         whose read-back was lost on the failing line); it is stopped, so nothing flows that the
         journal does not expect. The safe mode the lost link caused (the driver's SAFE or the
-        watchdog) is then lifted with RESUME, or every later delivery would be refused. Until
-        both succeed the link counts as down and the next heartbeat tries again.
+        watchdog) is then lifted with RESUME, or every later delivery would be refused — but
+        never an operator's SAFE (persisted in the journal). Until both succeed the link counts
+        as down and the next heartbeat tries again.
         """
         from ..drivers.dgr import DgrError, DgrLinkError
 
@@ -45,34 +74,65 @@ class RouterLink:
             current = ctx.rules.slot_start(ctx.now())
             failed = []
             with ctx.delivery_lock:
-                for row in journal.deliveries(states=("running",), market_id=current):
+                for row in journal.deliveries(states=(ds.RUNNING,), market_id=current):
                     end = dgr.transfer_end(row.trade_id)
-                    if row.outcome == "failed" or (end is not None and end.args.get("reason") == "target"):
+                    if end is not None and end.args.get("reason") == "target":
                         continue
-                    journal.mark_failed_start(row.trade_id, f"router link lost: {exc}")
-                    events.emit("delivery.failed", trade=row.trade_id, detail="router link lost")
-                    failed.append(row.trade_id)
+                    if self._interrupt(row.trade_id, f"router link lost: {exc}"):
+                        events.emit("delivery.failed", trade=row.trade_id, detail="router link lost")
+                        failed.append(row.trade_id)
             if failed and not (isinstance(exc, DgrLinkError) and exc.safe_confirmed):
-                self.safe_state()
+                self.safe_state(cause="link")
             return
         if health.dgr_ok is False:
             with ctx.delivery_lock:
-                expected = {d.trade_id for d in journal.deliveries(states=("scheduled", "running"))
-                            if d.outcome != "failed"}
+                expected = {d.trade_id for d in journal.deliveries(states=(ds.SCHEDULED, ds.STARTING, ds.RUNNING))}
                 try:
                     status = dgr.status()
                     orphans = [t.trade_id for t in status.transfers if t.trade_id not in expected]
                     for trade_id in orphans:
                         status = dgr.stop_transfer(trade_id)
-                    if status.mode == "safe":
+                    if status.mode == "safe" and not journal.operator_safe():
                         status = dgr.resume()
+                        self._daemon_safe = False
                 except DgrError as exc:
                     events.emit("alarm.dgr", detail=f"link back but the router's transfers not checked: {exc}")
                     return
             events.emit("dgr.back", mode=status.mode, faults=",".join(status.faults) or "-",
                         stopped=",".join(map(str, orphans)) or "-")
         health.dgr_ok = True
+        if self._daemon_safe:
+            self._lift_daemon_safe()
         self.router_events()
+
+    def _lift_daemon_safe(self) -> None:
+        """The link answers sanely again after a safe state the daemon commanded: RESUME,
+        unless an operator has commanded SAFE meanwhile (that one stays)."""
+        from ..drivers.dgr import DgrError
+
+        ctx = self.ctx
+        if ctx.journal.operator_safe():
+            self._daemon_safe = False
+            return
+        try:
+            status = ctx.dgr.status()
+            if status.mode == "safe":
+                status = ctx.dgr.resume()
+            self._daemon_safe = False
+            ctx.events.emit("dgr.resumed", was="daemon_safe", mode=status.mode, faults=",".join(status.faults) or "-")
+        except DgrError as exc:
+            ctx.events.emit("alarm.dgr", detail=f"RESUME after the daemon's safe state failed: {exc}")
+
+    def _interrupt(self, trade_id: int, detail: str) -> bool:
+        """running -> interrupted (one journal transaction); an illegal one alarmed, not applied."""
+        from ..delivery_states import IllegalTransition
+
+        try:
+            self.ctx.journal.transition(trade_id, ds.INTERRUPTED, detail)
+            return True
+        except IllegalTransition as exc:
+            self.ctx.events.emit("alarm.delivery_transition", trade=trade_id, wanted=ds.INTERRUPTED, detail=str(exc))
+            return False
 
     def router_events(self) -> None:
         """Turn the router's unsolicited events into status lines (faults as alarms).
@@ -91,7 +151,7 @@ class RouterLink:
             args = {k: v for k, v in event.args.items() if k in ("trade_id", "reason", "moved_wh", "code", "mode", "was")}
             if event.kind == "FAULT":
                 events.emit("alarm.dgr_fault", **args)
-                if event.args.get("code") == "heartbeat_lost":
+                if event.args.get("code") == "heartbeat_lost" and not journal.operator_safe():
                     try:
                         status = dgr.resume()
                         events.emit("dgr.resumed", was="heartbeat_lost", mode=status.mode,
@@ -103,18 +163,21 @@ class RouterLink:
                 reason, trade = event.args.get("reason"), event.args.get("trade_id", "")
                 if reason in ("safe", "fault", "heartbeat") and trade.isdigit():
                     with ctx.delivery_lock:
-                        row = next((d for d in journal.deliveries(states=("running",))
-                                    if d.trade_id == int(trade) and d.outcome != "failed"), None)
-                        if row is not None:
-                            journal.mark_failed_start(row.trade_id, f"router ended the transfer: {reason}")
-                            events.emit("delivery.failed", trade=row.trade_id, detail=f"router ended the transfer: {reason}")
+                        row = journal.delivery(int(trade))
+                        if row is not None and row.state == ds.RUNNING:
+                            if self._interrupt(row.trade_id, f"router ended the transfer: {reason}"):
+                                events.emit("delivery.failed", trade=row.trade_id, detail=f"router ended the transfer: {reason}")
             elif event.kind == "BOOT":
                 events.emit("dgr.rebooted")
 
-    def safe_state(self) -> None:
+    def safe_state(self, *, cause: str) -> None:
+        """Command SAFE for the daemon's own reason: ``daemon`` (an answer that contradicted a
+        command: lifted by the next sane heartbeat) or ``link`` (lifted when the link is back)."""
         from ..drivers.dgr import DgrError
 
         ctx = self.ctx
+        if cause == "daemon":
+            self._daemon_safe = True
         try:
             status = ctx.dgr.safe_state()
             ctx.events.emit("dgr.safe_state", mode=status.mode)
@@ -133,6 +196,7 @@ class RouterLink:
 
         ctx = self.ctx
         ctx.events.emit("dgr.safe_requested", by="operator")
+        ctx.journal.set_operator_safe(True)  # first: a restart right now must keep it safe
         try:
             status = ctx.dgr.safe_state()
         except DgrError as exc:
@@ -140,3 +204,18 @@ class RouterLink:
             return False, str(exc)
         ctx.events.emit("dgr.safe_state", mode=status.mode)
         return True, f"router mode {status.mode}, {len(status.transfers)} transfers active"
+
+    def operator_resume(self) -> tuple[bool, str]:
+        """The operator lifts their SAFE: the persisted flag is cleared and the router RESUMEd."""
+        from ..drivers.dgr import DgrError
+
+        ctx = self.ctx
+        ctx.events.emit("dgr.resume_requested", by="operator")
+        ctx.journal.set_operator_safe(False)
+        try:
+            status = ctx.dgr.resume()
+        except DgrError as exc:
+            ctx.events.emit("alarm.dgr", detail=f"resume not confirmed: {exc}")
+            return False, str(exc)
+        ctx.events.emit("dgr.resumed", was="operator_safe", mode=status.mode, faults=",".join(status.faults) or "-")
+        return True, f"router mode {status.mode}"

@@ -1,0 +1,149 @@
+"""Pure rules of delivery metering: the interchange counters at a slot edge, and how one slot's
+metered energy is shared among its deliveries. No I/O; docs/delivery.md explains the choices.
+
+**One value per edge.** The counters at a slot edge are both the end of the slot before and the
+start of the slot after, and are stored once (journal ``meter_edges``): whatever happens to
+the meter, no Wh can count in two slots, and the slots' totals add up to what the meter moved.
+
+**An edge reading that is late** (the interchange meter could not be read at the edge: CRC
+errors, the driver's back-off) is never used as it is: it may hold the next slot's energy. The
+edge value comes from the journalled readings that bracket the edge, ``before`` (at or before
+it) and ``after`` (the first at or after it), per direction:
+
+- nothing moved between them: the value is exact;
+- only one side of the edge had a transfer in that direction: everything that moved belongs
+  to that side (the router moves energy for trades only, and each transfer is bounded by its
+  slot: it carries ``end_at`` = the slot's end and starts at the slot's start);
+- both sides had one: linear interpolation in time between the two readings. This is the one
+  estimate; it is marked ``interpolated`` in the journal and the delivery's detail.
+
+We decided for interpolation over "report unmetered" because both trades did run and an
+unmetered report would settle them as 0 Wh; the interpolated split conserves the energy the
+meter measured across the two slots, so neither side can be paid twice.
+
+**Allocation.** A slot's metered energy in a direction goes to the deliveries that ran
+(``running``/``interrupted``), in trade order, each up to its contract; a refused one gets 0 Wh
+whatever the meter says. A net-only meter (a real bidirectional meter) sees export minus
+import: when a slot has both, the net is split so that export - import credited equals the
+net measured (see ``allocate_slot``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from . import delivery_states as ds
+
+DIRECTIONS = ("export", "import")
+EDGE_ON_TIME_MS = 1_000  # a reading this soon after the edge is the edge (STARTs go out first)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """One journalled interchange reading: time and counters in mWh."""
+
+    taken_at_ms: int
+    import_mwh: int
+    export_mwh: int
+
+    def get(self, direction: str) -> int:
+        return self.export_mwh if direction == "export" else self.import_mwh
+
+
+@dataclass(frozen=True)
+class Edge:
+    edge_s: int
+    import_mwh: int
+    export_mwh: int
+    method: str  # reading | bracket | interpolated | first
+    detail: str | None = None
+
+    def get(self, direction: str) -> int:
+        return self.export_mwh if direction == "export" else self.import_mwh
+
+
+def edge_value(edge_s: int, before: Counters | None, after: Counters | None, *,
+               active_before: dict[str, bool], active_after: dict[str, bool],
+               on_time_ms: int = EDGE_ON_TIME_MS) -> Edge | None:
+    """The interchange counters at ``edge_s`` (see the module docstring), or None when there is
+    no reading at or after the edge yet (the slot before cannot be metered yet)."""
+    edge_ms = edge_s * 1000
+    if after is None:
+        return None
+    if after.taken_at_ms - edge_ms <= on_time_ms or before is None:
+        method = "reading" if after.taken_at_ms - edge_ms <= on_time_ms else "first"
+        return Edge(edge_s, after.import_mwh, after.export_mwh, method)
+    values, methods = {}, set()
+    for d in DIRECTIONS:
+        lo, hi = before.get(d), after.get(d)
+        if hi == lo or not active_after.get(d, False):
+            values[d], method = hi, "bracket"
+        elif not active_before.get(d, False):
+            values[d], method = lo, "bracket"
+        else:
+            span = max(1, after.taken_at_ms - before.taken_at_ms)
+            values[d] = lo + (hi - lo) * (edge_ms - before.taken_at_ms) // span
+            method = "interpolated"
+        methods.add(method)
+    method = "interpolated" if "interpolated" in methods else "bracket"
+    detail = (f"edge reading late: readings at {before.taken_at_ms - edge_ms:+d} ms and "
+              f"{after.taken_at_ms - edge_ms:+d} ms around the edge")
+    return Edge(edge_s, values["import"], values["export"], method, detail)
+
+
+@dataclass(frozen=True)
+class SlotRow:
+    trade_id: int
+    direction: str
+    contracted_wh: int
+    state: str
+
+
+@dataclass(frozen=True)
+class Share:
+    trade_id: int
+    delivered_mwh: int
+    delivered_wh: int
+    outcome: str
+
+
+def mwh_to_wh(mwh: int) -> int:
+    """Whole Wh, rounded half up (what a report carries; integers on the wire)."""
+    return (max(0, mwh) + 500) // 1000
+
+
+def allocate_slot(rows: Sequence[SlotRow], delta_export_mwh: int, delta_import_mwh: int, *,
+                  net_only: bool, tolerance_wh: int) -> list[Share]:
+    """Share one slot's metered energy among its deliveries (same order as ``rows``).
+
+    Invariants (tests/test_slot_metering.py, property tests): each share is between 0 and the
+    contract; a refused delivery gets 0; per direction the shares never add up to more than
+    was metered (gross meter), and on a net meter export minus import credited never exceeds
+    the net measured.
+    """
+    ran = [r for r in rows if r.state in ds.FLOWING]
+    if net_only:
+        net = delta_export_mwh - delta_import_mwh
+        contract = {d: 1000 * sum(r.contracted_wh for r in ran if r.direction == d) for d in DIRECTIONS}
+        if contract["export"] and contract["import"]:
+            # export credited E and import credited I with E - I = net (as far as the contracts
+            # allow): a shortfall is put on the export side first, an import cut short shows as
+            # a larger net. Ambiguous only when both were cut short (documented in delivery.md).
+            export_total = min(contract["export"], max(0, net + contract["import"]))
+            import_total = min(contract["import"], max(0, export_total - net))
+        else:
+            export_total, import_total = max(0, net), max(0, -net)
+    else:
+        export_total, import_total = max(0, delta_export_mwh), max(0, delta_import_mwh)
+    remaining = {"export": export_total, "import": import_total}
+    shares = []
+    for row in rows:
+        if row.state in ds.FLOWING:
+            mwh = min(row.contracted_wh * 1000, remaining[row.direction])
+            remaining[row.direction] -= mwh
+        else:
+            mwh = 0
+        wh = min(row.contracted_wh, mwh_to_wh(mwh))
+        shares.append(Share(row.trade_id, mwh, wh, ds.outcome(row.state, wh, row.contracted_wh, tolerance_wh)))
+    return shares
