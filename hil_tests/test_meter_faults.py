@@ -17,7 +17,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,40 +50,41 @@ class LiveCounters:
                 "power_w": IMPORT_RATE_WH_PER_S * 3600, "voltage_mv": 230_000.0, "frequency_mhz": 50_000.0}
 
 
-class Rig:
-    """One bus: unit 1 an SDM630 (house), unit 2 an SDM120 (interchange)."""
+def board_config_text(tmp_path: Path, port: str | Path) -> str:
+    """A whole board config on the meter bus at ``port`` (state in tmp_path; the router port is
+    never opened)."""
+    text = (REPO / "board_configs" / "sim.toml").read_text()
+    text = re.sub(r'(?m)^state_dir = ".*"$', f'state_dir = "{tmp_path / "state"}"', text)
+    text = re.sub(r'(?m)^key_file = ".*"$', f'key_file = "{tmp_path / "state" / "device.key"}"', text)
+    text = re.sub(r'(?m)(^\[\[bus\]\]\n(?:.*\n)*?)port = ".*"$', rf'\g<1>port = "{port}"', text, count=1)
+    text = re.sub(r'(?m)(^\[\[bus\]\]\n(?:.*\n)*?)timeout_ms = \d+$', rf'\g<1>timeout_ms = {TIMEOUT_MS}', text, count=1)
+    text = re.sub(r'(?m)(^\[dgr\]\n(?:.*\n)*?)port = ".*"$', rf'\g<1>port = "{tmp_path / "dgr-not-opened"}"',
+                  text, count=1)
+    return text
 
-    def __init__(self, tmp_path: Path, baudrate: int = 115200):
+
+class FaultBench:
+    """The rig's meter bus (the hil_rig fixture) as these tests use it: unit 1 an SDM630 (house),
+    unit 2 an SDM120 (interchange), counters growing with time, and the CPython emulator's
+    line-level fault injection (features emulator-control, modbus-fault-injection)."""
+
+    def __init__(self, hil_rig, tmp_path: Path):
         self.tmp_path = tmp_path
-        self.baudrate = baudrate
+        self.bus = hil_rig.meter_bus()
+        for unit_id, model in ((1, "sdm630"), (2, "sdm120")):
+            if self.bus.find(unit_id=unit_id, model=model) is None:
+                pytest.skip(f"{hil_rig.config.describe()}: these tests need unit {unit_id} = {model} on [meter_bus]")
         self.house, self.interchange = LiveCounters(), LiveCounters(import_wh=300.0, export_wh=1_500.0)
-        self.line = VirtualSerialLine(tmp_path / "meter-bus")
-        self.emulator: MeterEmulator | None = None
-        self._thread: MeterEmulatorThread | None = None
-
-    def __enter__(self) -> "Rig":
-        self.line.start()
-        try:
-            self.emulator = MeterEmulator(self.line.emulator_end, self.baudrate, {
-                1: EmulatedMeter("sdm630", self.house), 2: EmulatedMeter("sdm120", self.interchange)})
-            self._thread = MeterEmulatorThread(self.emulator).start()
-        except BaseException:
-            self.line.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if self._thread is not None:
-                self._thread.stop()
-        finally:
-            self.line.stop()
+        self.bus.control.follow(1, self.house)
+        self.bus.control.follow(2, self.interchange)
+        self.emulator = self.bus.control.emulator  # the MeterEmulator: inject, requests, answers, faults_applied
+        self.baudrate = self.bus.baudrate
+        self.port = self.bus.device_end
 
     def bus_config(self, **overrides) -> BusConfig:
-        values = dict(name="rs485", port=str(self.line.device_end), baudrate=self.baudrate, timeout_ms=TIMEOUT_MS,
-                      request_gap_ms=2)
+        values = dict(timeout_ms=TIMEOUT_MS, request_gap_ms=2)
         values.update(overrides)
-        return BusConfig(**values)
+        return self.bus.bus_config(**values)
 
     def meter_set(self, meters: tuple[MeterConfig, ...] | None = None, *, bus: BusConfig | None = None,
                   **options) -> MeterSet:
@@ -92,15 +92,7 @@ class Rig:
         return MeterSet({"rs485": MeterBus(bus or self.bus_config())}, meters, **options)
 
     def board_config_text(self, **meter_extra: str) -> str:
-        """A whole board config for this rig (state in tmp_path; the router port is never opened)."""
-        text = (REPO / "board_configs" / "sim.toml").read_text()
-        text = re.sub(r'(?m)^state_dir = ".*"$', f'state_dir = "{self.tmp_path / "state"}"', text)
-        text = re.sub(r'(?m)^key_file = ".*"$', f'key_file = "{self.tmp_path / "state" / "device.key"}"', text)
-        text = re.sub(r'(?m)(^\[\[bus\]\]\n(?:.*\n)*?)port = ".*"$', rf'\g<1>port = "{self.line.device_end}"', text, count=1)
-        text = re.sub(r'(?m)(^\[\[bus\]\]\n(?:.*\n)*?)timeout_ms = \d+$', rf'\g<1>timeout_ms = {TIMEOUT_MS}', text, count=1)
-        text = re.sub(r'(?m)(^\[dgr\]\n(?:.*\n)*?)port = ".*"$', rf'\g<1>port = "{self.tmp_path / "dgr-not-opened"}"',
-                      text, count=1)
-        return text
+        return board_config_text(self.tmp_path, self.port)
 
 
 HOUSE = MeterConfig(name="house", bus="rs485", unit_id=1, model="sdm630", role="house")
@@ -108,12 +100,14 @@ INTERCHANGE = MeterConfig(name="interchange", bus="rs485", unit_id=2, model="sdm
 GHOST = MeterConfig(name="ghost", bus="rs485", unit_id=9, model="sdm120", role="pv")
 
 
+NEEDS_FAULTS = pytest.mark.rig_features("emulator-control", "modbus-fault-injection")
+
+
 @pytest.fixture
-def rig(tmp_path):
-    with Rig(tmp_path) as r:
-        yield r
-    assert not any(t.name.startswith("meter-emulator") for t in threading.enumerate())
-    assert not r.line.device_end.exists()
+def rig(hil_rig, tmp_path):
+    """The tests' bench on the rig (its teardown checks that no emulator thread, socat process
+    or link is left behind)."""
+    return FaultBench(hil_rig, tmp_path)
 
 
 def _sample(reading) -> Sample:
@@ -142,6 +136,7 @@ def _timed_read(meters: MeterSet, name: str):
 
 # --- each fault kind -> the driver's MeterReadError ------------------------------------------------
 
+@NEEDS_FAULTS
 def test_no_reply_is_a_timeout_with_nothing_received(rig):
     rig.emulator.inject(1, "no_reply", count=1)
     with rig.meter_set() as meters:
@@ -154,6 +149,7 @@ def test_no_reply_is_a_timeout_with_nothing_received(rig):
     assert rig.emulator.faults_applied[(1, "no_reply")] == 1
 
 
+@NEEDS_FAULTS
 def test_bad_crc_is_never_accepted(rig):
     """The meter answers, the frame is whole but its CRC is wrong: the driver rejects it and says
     that bytes came (noise), not silence."""
@@ -172,6 +168,7 @@ def test_bad_crc_is_never_accepted(rig):
 
 @pytest.mark.parametrize("code, name", [(1, "illegal function"), (2, "illegal data address"),
                                         (3, "illegal data value"), (4, "device failure")])
+@NEEDS_FAULTS
 def test_exception_codes_reach_the_driver(rig, code, name):
     rig.emulator.inject(1, "exception", code=code)
     with rig.meter_set() as meters:
@@ -182,6 +179,7 @@ def test_exception_codes_reach_the_driver(rig, code, name):
         assert meters.read("house").voltage_mv == 230_000
 
 
+@NEEDS_FAULTS
 def test_slow_reply_within_the_timeout_is_read_late_but_read(rig):
     rig.emulator.inject(2, "slow_reply", delay_ms=120)
     with rig.meter_set() as meters:
@@ -190,6 +188,7 @@ def test_slow_reply_within_the_timeout_is_read_late_but_read(rig):
     assert reading.export_energy_wh == 1_500 and elapsed >= 0.120
 
 
+@NEEDS_FAULTS
 def test_slow_reply_beyond_the_timeout_is_a_timeout_and_its_late_answer_is_discarded(rig):
     rig.emulator.inject(2, "slow_reply", delay_ms=TIMEOUT_MS + 150)
     with rig.meter_set() as meters:
@@ -202,6 +201,7 @@ def test_slow_reply_beyond_the_timeout_is_a_timeout_and_its_late_answer_is_disca
     assert rig.emulator.answers[2] == 3  # the late one and the two of the good read
 
 
+@NEEDS_FAULTS
 def test_counter_spike_is_read_as_sent_and_rejected_by_plausibility(rig):
     limits = Limits(max_power_w=100_000)
     with rig.meter_set() as meters:
@@ -216,6 +216,7 @@ def test_counter_spike_is_read_as_sent_and_rejected_by_plausibility(rig):
     assert rig.emulator.faults_applied[(1, "counter_spike")] == 1  # counted once: the voltage block has no counter
 
 
+@NEEDS_FAULTS
 def test_counter_reset_restarts_from_zero_and_is_rebaselined(rig):
     limits = Limits(max_power_w=100_000)
     with rig.meter_set() as meters:
@@ -240,6 +241,7 @@ def test_counter_reset_restarts_from_zero_and_is_rebaselined(rig):
 
 # --- a mix of everything ----------------------------------------------------------------------------
 
+@NEEDS_FAULTS
 def test_fail_ratio_over_200_reads_no_exception_escapes_and_every_stored_value_is_plausible(rig):
     """20 % of requests fail in assorted ways (seeded): no exception but MeterReadError comes out
     of the driver, CRC-damaged answers are never decoded, spikes are read but never stored, and
@@ -279,6 +281,7 @@ def test_fail_ratio_over_200_reads_no_exception_escapes_and_every_stored_value_i
 
 # --- one owner per bus, back-off, order --------------------------------------------------------------
 
+@NEEDS_FAULTS
 def test_a_dead_meter_does_not_delay_the_live_ones_after_its_first_failures(rig):
     """The dead meter is configured first. Cycle 1 pays its timeout before the live reads; from
     cycle 2 on the live meters are read first, and from cycle 3 on it is backed off, so a cycle
@@ -305,6 +308,7 @@ def test_a_dead_meter_does_not_delay_the_live_ones_after_its_first_failures(rig)
     assert ghost_requests == 2  # tried twice, then left alone for the back-off period
 
 
+@NEEDS_FAULTS
 def test_back_off_grows_two_seconds_per_failure_up_to_the_cap(rig):
     """A dead meter (real timeouts on the real bus; only the back-off's clock is ours): the first
     failure is not backed off, then each failure adds 2 s, up to the cap (5 s here, 5 min by
@@ -329,7 +333,7 @@ def test_back_off_grows_two_seconds_per_failure_up_to_the_cap(rig):
 # --- the daemon's measuring job ----------------------------------------------------------------------
 
 class _Board:
-    def __init__(self, rig: Rig, **meter_keys: int):
+    def __init__(self, rig: FaultBench, **meter_keys: int):
         text = rig.board_config_text()
         for key, value in meter_keys.items():
             text = text.replace('role = "house"\nmax_power_w = 2000000', f'role = "house"\nmax_power_w = 2000000\n{key} = {value}')
@@ -368,6 +372,7 @@ class _Board:
         self.journal.close()
 
 
+@NEEDS_FAULTS
 def test_daemon_measure_stores_only_plausible_readings_and_goes_unavailable(rig):
     board = _Board(rig)
     try:
@@ -400,6 +405,7 @@ def test_daemon_measure_stores_only_plausible_readings_and_goes_unavailable(rig)
         board.close()
 
 
+@NEEDS_FAULTS
 def test_daemon_rebaselines_a_reset_meter_with_an_alarm_and_keeps_the_journal_continuous(rig):
     board = _Board(rig)
     try:
@@ -424,6 +430,7 @@ def test_daemon_rebaselines_a_reset_meter_with_an_alarm_and_keeps_the_journal_co
         board.close()
 
 
+@NEEDS_FAULTS
 def test_daemon_freshness_honours_max_failures_from_the_config(rig):
     board = _Board(rig, max_failures=1)
     try:
@@ -484,15 +491,15 @@ scale_divisor = 10
 def test_custom_and_sdm72dm_maps_from_the_config_are_read_over_the_wire(tmp_path):
     """The emulator serves the maps the board config declares (a custom holding-register meter
     and an SDM72D-M); the driver plans, reads and decodes them to the exact integers."""
-    rig = Rig(tmp_path)  # not entered: only its line and config text are used, with other meters
-    text = rig.board_config_text()
+    line = VirtualSerialLine(tmp_path / "meter-bus")  # its own line and emulator: other meters than the rig's
+    text = board_config_text(tmp_path, line.device_end)
     text = re.sub(r'(?ms)^\[\[meter\]\]\nname = "house".*?max_power_w = 2000000\n', CUSTOM_HOUSE, text, count=1)
     text = text.replace('model = "sdm120"', 'model = "sdm72dm"')
     config = parse_config(text, tmp_path / "board.toml")
     values = {"import_energy_wh": 987_654.0, "export_energy_wh": 43_210.0, "power_w": -1234.5,
               "voltage_mv": 231_400.0, "frequency_mhz": 50_010.0}
-    with rig.line:
-        emulator = MeterEmulator(rig.line.emulator_end, 115200, {
+    with line:
+        emulator = MeterEmulator(line.emulator_end, 115200, {
             1: EmulatedMeter("custom", lambda: values, config.meter_map("house")),
             2: EmulatedMeter("sdm72dm", lambda: values, config.meter_map("interchange"))})
         with MeterEmulatorThread(emulator), MeterSet.from_config(config) as meters:
@@ -508,6 +515,7 @@ def test_custom_and_sdm72dm_maps_from_the_config_are_read_over_the_wire(tmp_path
 
 # --- RS-485 mode on a pty -----------------------------------------------------------------------------
 
+@NEEDS_FAULTS
 def test_rs485_mode_on_a_pty_warns_once_and_the_bus_still_works(rig, caplog):
     bus = MeterBus(rig.bus_config(rs485=True, rs485_delay_before_tx_ms=1, rs485_delay_after_tx_ms=1))
     try:
@@ -519,13 +527,14 @@ def test_rs485_mode_on_a_pty_warns_once_and_the_bus_still_works(rig, caplog):
         assert bus.rs485_active is False
         warnings = [r for r in caplog.records if "RS-485 mode" in r.getMessage()]
         assert len(warnings) == 1
-        assert str(rig.line.device_end) in warnings[0].getMessage() and "plain serial port" in warnings[0].getMessage()
+        assert str(rig.port) in warnings[0].getMessage() and "plain serial port" in warnings[0].getMessage()
     finally:
         bus.close()
 
 
 # --- the emulator's fault API -------------------------------------------------------------------------
 
+@NEEDS_FAULTS
 def test_fault_commands_are_json_and_checked(rig):
     emulator = rig.emulator
     answer = emulator.command(json.loads('{"op": "inject", "unit_id": 2, "kind": "no_reply", "count": 3}'))
@@ -568,6 +577,7 @@ def _hex(frame: bytes) -> str:
     return frame.hex(" ").upper()
 
 
+@NEEDS_FAULTS
 def test_dgc_meter_read_raw_shows_frames_in_hex_with_timings(rig):
     board = rig.tmp_path / "board.toml"
     board.write_text(rig.board_config_text())
@@ -599,6 +609,7 @@ def test_dgc_meter_read_raw_shows_frames_in_hex_with_timings(rig):
     assert "interchange: unavailable" in result.stderr and "33 byte(s) received, no valid frame" in result.stderr
 
 
+@NEEDS_FAULTS
 def test_dgc_meter_read_raw_json_frames(rig):
     board = rig.tmp_path / "board.toml"
     board.write_text(rig.board_config_text())

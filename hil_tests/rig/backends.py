@@ -30,6 +30,13 @@ class LiveValues:
     def __init__(self, values: Mapping[str, float]):
         self._lock = threading.Lock()
         self._values = dict(values)
+        self._source: Callable[[], Mapping[str, float]] | None = None
+
+    def follow(self, source: Callable[[], Mapping[str, float]] | None) -> None:
+        """Serve what ``source()`` returns on each read (counters that grow with time, say);
+        values set afterwards override it. None: back to the set values."""
+        with self._lock:
+            self._source, self._values = source, ({} if source is not None else self._values)
 
     def set(self, **quantities: float) -> None:
         with self._lock:
@@ -41,7 +48,8 @@ class LiveValues:
 
     def __call__(self) -> dict[str, float]:
         with self._lock:
-            return dict(self._values)
+            source, values = self._source, dict(self._values)
+        return {**source(), **values} if source is not None else values
 
 
 class MeterControl:
@@ -65,6 +73,10 @@ class MeterControl:
     def inject(self, unit_id: int | None, kind: str, count: int = 1, **params: Any) -> None:
         """Line-level Modbus faults (feature ``modbus-fault-injection``)."""
         raise RigError(f"{type(self).__name__}: no line-level Modbus fault injection on this rig")
+
+    def follow(self, unit_id: int, source: Callable[[], Mapping[str, float]]) -> None:
+        """The meter serves ``source()`` on every read (a counter growing with time)."""
+        raise RigError(f"{type(self).__name__}: the meters' values are set, not computed per read, on this rig")
 
     def power_cycle(self) -> None:
         raise NotImplementedError
@@ -111,6 +123,9 @@ class _CpythonMeters(MeterControl):
 
     def inject(self, unit_id: int | None, kind: str, count: int = 1, **params: Any) -> None:
         self.emulator.inject(unit_id, kind, count, **params)
+
+    def follow(self, unit_id: int, source: Callable[[], Mapping[str, float]]) -> None:
+        self.values[unit_id].follow(source)
 
     def power_cycle(self) -> None:
         """The emulator goes away and a new one starts (fresh request counters and faults; the
