@@ -11,6 +11,13 @@ from __future__ import annotations
 from .. import delivery_states as ds
 from .context import Context
 
+# The restart rule (issue 7 o; docs/delivery.md): a transfer running across a daemon restart is
+# not cut short only if the router hears from the new process before its heartbeat watchdog
+# trips: RestartSec + FIRST_FRAME_BOUND_S + HEARTBEAT_MARGIN_S <= the router's hb_timeout.
+MIN_ROUTER_WATCHDOG_S = 6  # the smallest router heartbeat watchdog the firmware supports
+FIRST_FRAME_BOUND_S = 2  # process start -> first DGR frame (greet_router is the daemon's first act)
+HEARTBEAT_MARGIN_S = 1  # one lost frame's retry time on the line
+
 
 class RouterLink:
     def __init__(self, ctx: Context):
