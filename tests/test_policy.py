@@ -232,3 +232,15 @@ def test_baseline_policy_is_unchanged():
 def test_allocate_delivered():
     assert allocate_delivered(250, [100, 100, 100]) == [100, 100, 50]
     assert allocate_delivered(-5, [100]) == [0]
+
+
+def test_a_battery_backs_a_sale_of_the_median_surplus():
+    forecast = {MARKET: fc(1000, 500)}
+    alone = desired_orders(forecast, RULES, POLICY, tariffs=TARIFFS, now_s=at(60))
+    full = Battery(capacity_wh=7000, soc_wh=7000, reserve_wh=700, power_w=3000)
+    backed = desired_orders(forecast, RULES, POLICY, tariffs=TARIFFS, now_s=at(60), battery=full)
+    empty = Battery(capacity_wh=7000, soc_wh=700, reserve_wh=700, power_w=3000)
+    charging = desired_orders(forecast, RULES, POLICY, tariffs=TARIFFS, now_s=at(60), battery=empty)
+    assert alone[MARKET].energy_wh == 700  # the 25% quantile, rounded down
+    assert backed[MARKET].energy_wh == 1000  # the point: the full battery covers a cloud
+    assert MARKET not in charging  # an empty battery stores the whole surplus
