@@ -102,6 +102,85 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_devchain(args: argparse.Namespace) -> int:
+    """A throwaway chain for benches and demos: anvil + market + relay, until SIGTERM/Ctrl-C."""
+    import os
+
+    import coincurve
+
+    from firmware.keystore import DeviceKey
+    from host_tools.evm.anvil import start_anvil
+    from host_tools.evm.market import Market, MarketRules, funded_account
+
+    from .core import Relay
+    from .server import make_server
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    node = start_anvil(block_time_s=args.block_time or None)
+    try:
+        rpc = node.rpc()
+        # the operator's and the relay's keys live only in this process: a dev chain is thrown away
+        operator = funded_account(rpc, DeviceKey(coincurve.PrivateKey(os.urandom(32))))
+        relay_account = funded_account(rpc, DeviceKey(coincurve.PrivateKey(os.urandom(32))))
+        rules = MarketRules(args.slot_seconds, args.gate_closure_seconds, args.markets_ahead, args.lot_wh,
+                            args.price_min_per_kwh_minor, args.price_max_per_kwh_minor, args.report_deadline_seconds)
+        market, _ = Market.deploy(rpc, operator, rules)
+        for path in args.register or []:
+            device = eip712.address_from_public_key(load_key_file(Path(path)).public_key)
+            market.transact(operator, "registerDevice", device)
+            if args.credit_milli_minor:
+                market.transact(operator, "credit", device, args.credit_milli_minor)
+            rpc.call("anvil_setBalance", "0x" + device.hex(), hex(10**20))  # gas for direct submission
+        server = make_server(Relay(market, relay_account), args.host, args.port)
+        worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        worker.start()
+        host, port = server.server_address[:2]
+        print(f"devchain rpc={node.url} contract={market.address_hex} chain_id={market.chain_id} relay=http://{host}:{port}", flush=True)
+        stop.wait()
+        server.shutdown()
+        server.server_close()
+    finally:
+        node.stop()
+    return 0
+
+
+def cmd_order(args: argparse.Namespace) -> int:
+    """Sign an order with a key file and send it through a relay; print the relay's answer."""
+    import json
+    import time
+
+    from firmware.ledger.evm import JsonHttp
+
+    base = args.relay.rstrip("/")
+    _, info = JsonHttp(base + "/v1/info", timeout_s=30).exchange("GET")
+    _, now = JsonHttp(base + "/v1/time", timeout_s=30).exchange("GET")
+    now_s = now["time_ms"] // 1000
+    market_id = args.market_id if args.market_id is not None else (now_s // info["slot_seconds"] + 2) * info["slot_seconds"]
+    domain = eip712.Domain.from_hex(info["chain_id"], info["contract"])
+    # unordered nonces: any unused value works; milliseconds keep hand-sent ones distinct
+    nonce = args.nonce or int(time.time() * 1000)
+    fields = eip712.new_fields("order", nonce=nonce, issued_at=now_s, ttl_s=args.ttl_seconds, market_id=market_id,
+                               side=eip712.SIDES[args.side], energy_wh=args.energy_wh, price_per_kwh_minor=args.price)
+    message = eip712.sign_typed(domain, "order", fields, load_key_file(Path(args.key_file)))
+    status, answer = JsonHttp(base + "/v1/messages", timeout_s=60).exchange("POST", message.to_wire())
+    print(json.dumps(answer, indent=1, sort_keys=True))
+    return 0 if status == 200 else 1
+
+
+def cmd_book(args: argparse.Namespace) -> int:
+    """Print a market's book as the board's adapter reads it from the chain."""
+    import json
+
+    from firmware.ledger.evm import EvmLedger, JsonHttp
+
+    _, info = JsonHttp(args.relay.rstrip("/") + "/v1/info", timeout_s=30).exchange("GET")
+    ledger = EvmLedger(args.rpc, chain_id=info["chain_id"], contract=info["contract"])
+    print(json.dumps(ledger.market_book(args.market_id), indent=1, sort_keys=True))
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     relay = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
     sub = relay.add_subparsers(dest="relay_command", metavar="COMMAND", required=True)
@@ -118,9 +197,6 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
 
     p = sub.add_parser("deploy", help="compile (pinned solc-js) and deploy DgcMarket; the key's account becomes the operator")
     chain_args(p, contract=False)
-    for flag, default in (("slot-seconds", 1800), ("gate-closure-seconds", 900), ("markets-ahead", 48), ("lot-wh", 100),
-                          ("price-min-per-kwh-minor", 1000), ("price-max-per-kwh-minor", 4000), ("report-deadline-seconds", 3600)):
-        p.add_argument(f"--{flag}", type=_non_negative, default=default, help=f"market rule (default {default})")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("register", help="operator: register a device address (and optionally credit it)")
@@ -137,6 +213,39 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     p.add_argument("--port", type=_non_negative, default=8760, help="port (default 8760; 0 = any free port, printed when ready)")
     p.add_argument("--from-block", type=_non_negative, default=0, help="block the contract was deployed in (log searches start there)")
     p.set_defaults(func=cmd_serve)
+
+    def rule_args(p: argparse.ArgumentParser) -> None:
+        for flag, default in (("slot-seconds", 1800), ("gate-closure-seconds", 900), ("markets-ahead", 48), ("lot-wh", 100),
+                              ("price-min-per-kwh-minor", 1000), ("price-max-per-kwh-minor", 4000), ("report-deadline-seconds", 3600)):
+            p.add_argument(f"--{flag}", type=_non_negative, default=default, help=f"market rule (default {default})")
+
+    rule_args(sub.choices["deploy"])
+
+    p = sub.add_parser("devchain", help="throwaway chain for benches and demos: anvil + deployed market + relay, until SIGTERM")
+    p.add_argument("--block-time", type=_non_negative, default=0, help="seconds between blocks (default 0: a block per transaction)")
+    p.add_argument("--register", action="append", metavar="KEY_FILE", help="register (and fund) this device key file; repeatable")
+    p.add_argument("--credit-milli-minor", type=_non_negative, default=10**12, help="credit each registered device (default 10^12)")
+    p.add_argument("--host", default="127.0.0.1", help="relay address (default 127.0.0.1)")
+    p.add_argument("--port", type=_non_negative, default=0, help="relay port (default 0: any free port, printed)")
+    rule_args(p)
+    p.set_defaults(func=cmd_devchain)
+
+    p = sub.add_parser("order", help="sign an order with a device key file and send it through a relay")
+    p.add_argument("--relay", required=True, help="the relay's URL")
+    p.add_argument("--key-file", required=True)
+    p.add_argument("--market-id", type=_non_negative, help="slot start (default: the market after the next)")
+    p.add_argument("--side", choices=("buy", "sell"), required=True)
+    p.add_argument("--energy-wh", type=_non_negative, required=True)
+    p.add_argument("--price", type=_non_negative, required=True, help="limit price, minor units per kWh")
+    p.add_argument("--nonce", type=_non_negative, help="message nonce (default: the current time in ms)")
+    p.add_argument("--ttl-seconds", type=_non_negative, default=600)
+    p.set_defaults(func=cmd_order)
+
+    p = sub.add_parser("book", help="print a market's book, read from the chain as a board reads it")
+    p.add_argument("--rpc", required=True, help="the node's JSON-RPC URL")
+    p.add_argument("--relay", required=True, help="the relay's URL (for the chain id and contract)")
+    p.add_argument("--market-id", type=_non_negative, required=True)
+    p.set_defaults(func=cmd_book)
 
     def run(args: argparse.Namespace) -> int:
         try:
