@@ -1,8 +1,8 @@
 """Soak of the deterministic simulation: at least 10,000 seeds (issue 7 part 3), both cores.
 
-    .venv/bin/python bench/sim_soak.py [--seeds 10000] [--start-seed 0] [--jobs 2] [--max-seconds 5400]
+    .venv/bin/python bench/sim_soak.py [--seeds 10000] [--start-seed 0] [--slots 3] [--jobs 2] [--max-seconds 5400]
 
-Prints every violating seed (invariant, detail, end of its trace, replay command), then a
+Prints every violating seed (invariant, detail, replay command; --trace-tail N adds its trace's end), then a
 throughput line, and last exactly `sim: seeds=N steps=N kills=N faults=N violations=N`.
 Bounded: it stops after --max-seconds even if seeds remain (and says so). Exit 1 on violations.
 """
@@ -26,10 +26,11 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=5400.0)
+    parser.add_argument("--trace-tail", type=int, default=0, help="trace lines printed per violating seed (a replay each)")
     args = parser.parse_args()
     started = time.monotonic()
     totals = run_seeds(list(range(args.start_seed, args.start_seed + args.seeds)), slots=args.slots, jobs=args.jobs,
-                       deadline_s=args.max_seconds, trace_tail=30)
+                       deadline_s=args.max_seconds, trace_tail=args.trace_tail)
     elapsed = time.monotonic() - started
     print(f"sim_soak: {totals.trades} trades in {elapsed:.0f} s, {totals.seeds / elapsed:.1f} seeds/s "
           f"({args.jobs} processes, {args.slots} trading slots per seed)")

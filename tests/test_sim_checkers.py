@@ -2,12 +2,14 @@
 
 A checker that cannot fail is a defect, so every one is shown failing here. The breakage is put
 into the simulated world (a rogue router, a forgetful journal, a lying clock, ...) wherever
-that can show the checker working whatever the firmware does; two scenarios break a firmware
-function on purpose (monkeypatch) because only the firmware can commit that fault. A calm seed
+that can show the checker working whatever the firmware does; one scenario breaks a firmware
+function on purpose (monkeypatch: the freshness rule) because only the firmware can commit it. A calm seed
 (no faults, no kills) is the control: it must pass, or the breakage proves nothing.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
@@ -17,7 +19,18 @@ SEED = 5  # a calm run of this seed has six houses and trades in every market
 
 
 def violations(mutate=None, seed: int = SEED):
-    result = run_seed(seed, calm=True, mutate=mutate)
+    restore = []
+
+    def prepare(world):
+        world.restore = restore
+        if mutate is not None:
+            mutate(world)
+
+    try:
+        result = run_seed(seed, calm=True, mutate=prepare)
+    finally:
+        for undo in restore:
+            undo()
     return [v.invariant for v in result.violations], result
 
 
@@ -46,11 +59,23 @@ def test_exactly_once_fires_when_the_journal_forgets_a_message_it_sent():
     assert found == ["exactly_once"]
 
 
-def test_delivered_le_contracted_fires_when_metering_credits_more_than_contracted(monkeypatch):
-    import firmware.scheduler.deliveries as deliveries
+def test_delivered_le_contracted_fires_when_a_board_reports_more_than_the_ledger_contracted():
+    def inflate(world):
+        # the ledger's answer to the trade poll says one lot more than the ledger recorded (a
+        # partial fill, so the board's order still covers it): the board delivers and reports it
+        from host_tools.sim import ledger as sim_ledger
 
-    monkeypatch.setattr(deliveries, "allocate_delivered", lambda total, contracted: [c + 100 for c in contracted])
-    found, _ = violations()
+        original = sim_ledger.SimLedgerClient.trades_since
+
+        def inflated(self, device_id, cursor):
+            trades, new_cursor = original(self, device_id, cursor)
+            return [replace(t, energy_wh=t.energy_wh + 100) for t in trades], new_cursor
+
+        world.restore.append(lambda: setattr(sim_ledger.SimLedgerClient, "trades_since", original))
+        sim_ledger.SimLedgerClient.trades_since = inflated
+        world.checker.transfer_started = lambda *args: None  # isolate this checker: START checks fire first
+
+    found, _ = violations(inflate)
     assert found[:1] == ["delivered_le_contracted"]
 
 
@@ -182,16 +207,10 @@ def test_trade_closed_fires_when_a_board_never_learns_of_its_trades():
             trades, new_cursor = original(self, device_id, cursor)
             return ([] if device_id == target else trades), new_cursor
 
-        world._restore = original
+        world.restore.append(lambda: setattr(sim_ledger.SimLedgerClient, "trades_since", original))
         sim_ledger.SimLedgerClient.trades_since = hidden
 
-    from host_tools.sim import ledger as sim_ledger
-
-    original = sim_ledger.SimLedgerClient.trades_since
-    try:
-        found, _ = violations(hide_trades)
-    finally:
-        sim_ledger.SimLedgerClient.trades_since = original
+    found, _ = violations(hide_trades)
     assert found == ["trade_closed"]
 
 
