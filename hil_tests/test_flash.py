@@ -483,3 +483,10 @@ def test_a_release_that_cannot_read_the_journal_is_refused(rig: Rig):
     assert rig.running() == "1.0.0" and not (rig.root / "opt/dgc/releases/1.1.0").exists()
     state = json.loads((rig.root / "opt/dgc/state.json").read_text())
     assert state["journal"] == f"{rig.root}/var/lib/dgc/journal.sqlite3"  # the rollback unit reads it from here
+
+    # A forced downgrade goes through (this machine and the board both accept --force-downgrade).
+    built, older = rig.build("0.9.0", "--config", str(rig.config("good.toml")))
+    r = rig.install(older)
+    assert r.returncode == 2 and "a downgrade" in r.stderr
+    r = rig.install(older, "--force-downgrade")
+    assert r.returncode == 0 and "board verified bundle 0.9.0" in r.stdout and rig.running() == "0.9.0", r.stdout + r.stderr

@@ -625,7 +625,8 @@ def _unit_notes(target: Target, manifest: Manifest) -> list[str]:
 
 def rollback(target: Target, *, service: str | None = None, systemctl: str = "systemctl") -> str:
     """Finish an interrupted install (pending.json: back to its previous release), or go back from
-    the running release to the one installed before it. Returns a sentence saying what was done."""
+    the running release to the previous good one (the board's rollback.py). Returns a sentence
+    saying what was done."""
     layout = BoardLayout()
     pending_path = target.board_path(layout.pending)
     if service:
@@ -636,7 +637,15 @@ def rollback(target: Target, *, service: str | None = None, systemctl: str = "sy
             raise FlashError(f"the board could not undo the interrupted install: {decided['reason']}")
         message = (f"interrupted install of {decided.get('candidate')} undone ({decided.get('reason')}); "
                    f"running {decided.get('running') or 'no release'}")
-    else:
+    elif target.exists(target.board_path(f"{BOOT_DIR}/rollback.py")):
+        # The board's own rollback (what dgc-rollback.service runs): it never switches to a
+        # release that cannot read the journal, and records the one left as failed.
+        result = target.run([target.python, "-I", target.board_path(f"{BOOT_DIR}/rollback.py"), "--root", target.root],
+                            check=False, what="rollback.py (the board's rollback)")
+        if result.returncode != 0:
+            raise FlashError(f"the board did not roll back: {result.last_lines(1)}")
+        message = result.text.strip()
+    else:  # a board installed before the boot scripts existed
         current = _current_version(target, layout)
         if current is None:
             raise FlashError(f"{target.describe()} has no installed release to roll back from")
