@@ -253,3 +253,20 @@ def test_daemon_built_fields_are_signed_as_typed_data_by_the_backend(chain, rela
     assert message.signer(ledger.domain) == me.address
     result = ledger.submit(message)
     assert result.accepted and result.result["resting_wh"] == 200
+
+
+def test_landing_counts_only_at_the_confirmation_depth_and_survives_a_reorg(chain, relay_url):
+    me = chain.device()
+    ledger = board_ledger(chain, relay_url, confirmations=2)
+    message = me.order(next_market(chain), "sell", 100, 2000)
+    with pytest.raises(LedgerUnavailable, match="waiting for 2 confirmation"):
+        ledger.submit(message)
+    chain.market.rpc.call("anvil_reorg", 1, [])  # the block holding it is replaced before it was deep enough
+    assert ledger.landed(message, me.address) is None
+    with pytest.raises(LedgerUnavailable, match="waiting for 2 confirmation"):
+        ledger.submit(message)  # the outbox's resend lands it again
+    for _ in range(2):
+        chain.market.rpc.call("evm_mine")
+    result = ledger.submit(message)
+    assert result.accepted and result.duplicate  # answered from the chain, applied once
+    assert len(chain.market.logs("OrderPlaced", "0x" + (bytes(12) + me.address).hex())) == 1

@@ -9,6 +9,9 @@ Why this shape:
   that the outcome the relay reported is the one in the logs. A relay that lies is
   ``LedgerUnavailable``: the signed message stays in the outbox and is sent again (the contract
   deduplicates on (device, nonce)).
+- **Landing to the same depth.** An answer counts only once the block holding the message is
+  ``confirmations`` deep; before that ``submit`` says LedgerUnavailable, the outbox resends,
+  and the resend is answered from the chain (or lands the message again after a reorg).
 - **Trades up to a confirmation depth.** ``trades_since`` reads ``TradeMade`` logs only in blocks
   at least ``confirmations`` below the head, skips logs marked ``removed``, and its cursor
   (block << 32 | log index) never passes that confirmed head. On a PoA chain with immediate
@@ -446,6 +449,7 @@ class EvmLedger:
         if outcome["status"] != result.status or (result.status == "rejected" and outcome.get("code") != result.code):
             raise LedgerUnavailable(f"the relay answered {result.status} {result.code or ''} for nonce {message.nonce}, "
                                     f"but the chain says {outcome['status']} {outcome.get('code', '')}")
+        self._require_confirmed(outcome, message)
         return SubmitResult(status=result.status, duplicate=result.duplicate, code=result.code, detail=result.detail,
                             result={**result.result, "landed_block": outcome["block"]})
 
@@ -455,6 +459,7 @@ class EvmLedger:
         sender = eip712.address_from_public_key(self.gas_signer.public_key)
         outcome = self.landed(message, device)
         if outcome is not None:  # a resend of a message that already landed
+            self._require_confirmed(outcome, message)
             return self._from_outcome(outcome, duplicate=True)
         data = message_calldata(message)
         call = {"from": "0x" + sender.hex(), "to": self.contract, "data": "0x" + data.hex()}
@@ -485,7 +490,18 @@ class EvmLedger:
         outcome = self.landed(message, device)
         if outcome is None:
             raise LedgerUnavailable(f"transaction {tx_hash} was mined but the message is not in its logs")
+        self._require_confirmed(outcome, message)
         return self._from_outcome(outcome, duplicate=False)
+
+    def _require_confirmed(self, outcome: dict, message: eip712.TypedMessage) -> None:
+        """Not an answer yet until the block holding it is ``confirmations`` deep.
+
+        Raising LedgerUnavailable keeps the signed message in the outbox; its resend is answered
+        from the chain (a duplicate) once deep enough, or lands it again if a reorg dropped it.
+        """
+        if self.confirmations and outcome["block"] > self.confirmed_head():
+            raise LedgerUnavailable(f"nonce {message.nonce} landed in block {outcome['block']}; "
+                                    f"waiting for {self.confirmations} confirmation(s) before the outbox may forget it")
 
     @staticmethod
     def _from_outcome(outcome: dict, *, duplicate: bool) -> SubmitResult:
