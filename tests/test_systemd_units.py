@@ -69,6 +69,10 @@ def test_dgc_service_is_a_notify_service_with_a_watchdog_restart_and_rollback():
     # The limit must be reachable by a crash loop AND by a watchdog-kill loop, or the rollback never comes.
     assert burst * (restart + watchdog) < interval, (burst, restart, watchdog, interval)
     assert one(u, "Unit", "OnFailure") == "dgc-rollback.service"
+    # Issue 7 o: a crash restart reaches the router before its heartbeat watchdog cuts a transfer.
+    from firmware.scheduler.router_link import FIRST_FRAME_BOUND_S, HEARTBEAT_MARGIN_S, MIN_ROUTER_WATCHDOG_S
+
+    assert restart + FIRST_FRAME_BOUND_S + HEARTBEAT_MARGIN_S <= MIN_ROUTER_WATCHDOG_S, (restart, MIN_ROUTER_WATCHDOG_S)
     assert seconds(one(u, "Service", "TimeoutStartSec")) > 90  # recovery with the ledger down takes a while
     assert one(u, "Install", "WantedBy") == "multi-user.target"
 
