@@ -354,6 +354,8 @@ class World:
                                             ledger=SimLedgerClient(self.ledger, house.hooks, house.board_ms), events=events,
                                             clock=house.board_s)
         house.alive = True
+        if hasattr(house.controller, "greet_router"):  # daemon.py: the router first (issue 7 o)
+            house.controller.greet_router()
         house.controller.measure()
         house.controller.recover()
         now = self.now
