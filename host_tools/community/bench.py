@@ -166,6 +166,8 @@ class CommunityBench:
         self.skill_load, self.skill_net, self.skill_next = SkillCounter(), SkillCounter(), SkillCounter()
         self.forecast_ms: list[float] = []
         self.prices: dict[int, list[tuple[int, int]]] = {}  # market -> (price, energy) of each trade
+        self.next_forecast: dict[tuple[str, int], int] = {}  # (house, slot) -> net forecast for the next market
+        self.soc_trace: dict[tuple[str, int], int] = {}  # (house, slot) -> stored Wh at the slot's end
 
     # -- history ------------------------------------------------------------------------------
 
@@ -281,6 +283,7 @@ class CommunityBench:
             load, pv = self.c.load_wh[name][index], self.c.pv_wh[name][index]
             balance = pv - load - delivered.get(name, 0) + received.get(name, 0)
             charge, discharge, h.soc_wh = _battery_step(h, h.soc_wh, balance, self.slot_s)
+            self.soc_trace[(name, start)] = int(h.soc_wh)
             self.market_records.append(SlotRecord(name, start, load, pv, charge, discharge, sold.get(name, 0),
                                                   bought.get(name, 0), delivered.get(name, 0), received.get(name, 0),
                                                   paid.get(name, 0), earned.get(name, 0)))
@@ -331,6 +334,7 @@ class CommunityBench:
                 h.forecast = self._forecast(h, t0, ahead)
                 if i + 1 < last:
                     net_f, _ = self._point(h.forecast[ahead[0]])
+                    self.next_forecast[(h.name, ahead[0])] = net_f
                     y = i + 1 - self.per_day
                     actual = self.c.pv_wh[h.name][i + 1] - self.c.load_wh[h.name][i + 1]
                     self.skill_next.add(actual, net_f, self.c.pv_wh[h.name][y] - self.c.load_wh[h.name][y])
