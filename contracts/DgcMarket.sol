@@ -265,8 +265,9 @@ contract DgcMarket {
         // orders are addressed by (signer, order nonce): a device can only ever name its own
         uint256 id = orderIdOf[device][orderNonce];
         uint256 code = 0;
-        if (id == 0 || orders[id].marketId != marketId) code = R_UNKNOWN_ORDER;
-        else if (orders[id].state != OPEN) code = R_ORDER_CLOSED;
+        if (id == 0) code = R_UNKNOWN_ORDER;
+        else if (orders[id].state != OPEN) code = R_ORDER_CLOSED; // closed orders keep no market id
+        else if (orders[id].marketId != marketId) code = R_UNKNOWN_ORDER;
         if (code != 0) {
             emit Rejected(device, nonce, KIND_CANCEL, digest, code);
             return;
@@ -471,17 +472,17 @@ contract DgcMarket {
         o.device = device;
         o.nonce = uint64(nonce);
         o.side = uint8(side);
-        o.marketId = uint40(marketId);
-        o.price = uint32(limit);
         uint256 resting = 0;
         if (remaining == 0) {
-            o.state = FILLED;
+            o.state = FILLED; // only the first slot: a closed order needs no market, price or links
         } else if (capped) {
             o.state = CLOSED;
             if (side == SIDE_BUY) _release(device, remaining * limit);
         } else {
             resting = remaining;
             o.state = OPEN;
+            o.marketId = uint40(marketId);
+            o.price = uint32(limit);
             o.remainingWh = uint64(remaining);
             _rest(id, o, marketId, side, limit - priceMin);
         }
