@@ -1,7 +1,8 @@
 """The daemon's serial console, control socket and systemd notifications, on a real `dgc run`.
 
-One bench house (ledger, Modbus meters and DGR emulators on socat virtual serial lines) and one
-real daemon process for the whole module. The daemon's `[console] tty` is the device end of a
+The rig's board (``hil_rig_module``: its meters, router and bench ledger — emulators on socat
+virtual serial lines on the default rig, the real devices on a bench) brought to "trading" by its
+strategy: one real daemon process for the whole module. The daemon's `[console] tty` is the device end of a
 VirtualSerialLine (a pty pair, as a USB-serial adapter would be on a bench); the tests talk to
 the emulator end with the real `dgc-host console` command and with pyserial. NOTIFY_SOCKET points
 at an AF_UNIX datagram socket bound by the test, as systemd's would be, with WATCHDOG_USEC set
@@ -26,10 +27,11 @@ import serial
 
 from firmware.scheduler.control import request
 from host_tools.emulators.virtual_serial import VirtualSerialLine
-from host_tools.neighbourhood import House, HouseSpec, Neighbourhood, REPO_ROOT
+from hil_tests.rig import Rig
+from hil_tests.rig.strategies import BoardStrategy
+from host_tools.neighbourhood import REPO_ROOT
 
-# Whole emulated houses (dgc-host bench house) of its own: not a rig-portable test.
-pytestmark = pytest.mark.rig_features("house-emulator")
+pytestmark = pytest.mark.daemon
 
 BIN = Path(sys.executable).parent
 DGC = [str(BIN / "dgc")] if (BIN / "dgc").exists() else [sys.executable, "-m", "firmware.cli"]
@@ -38,29 +40,49 @@ WATCHDOG_USEC = 2_000_000  # systemd's WatchdogSec=2s: the daemon checks its hea
 EVENT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z house \S+")
 
 
+SLOT_SECONDS = 20  # the freeze test needs a slot longer than its 14-s freeze (see there)
+
+
 @dataclass
 class ConsoleSession:
-    """The module's one house and daemon, its console pty and the systemd notifications (not a
-    rig: the rig is hil_tests/rig, which this module does not use; it needs a whole bench house)."""
+    """The module's one board (the rig's, brought to "trading" by its strategy), its console
+    pty and the systemd notifications."""
 
-    hood: Neighbourhood
-    house: House
+    rig: Rig
+    board: BoardStrategy
     tty: Path
     tty_emu: Path
     line: VirtualSerialLine | None = None
     notifications: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time received, datagram)
+    slot_seconds: int = SLOT_SECONDS
 
     @property
     def daemon(self):
-        return self.house.daemon
+        return self.board.daemon
+
+    @property
+    def device_id(self) -> str:
+        return self.board.device_id
+
+    @property
+    def config_path(self) -> Path:
+        return self.board.config_path
+
+    @property
+    def workdir(self) -> Path:
+        return self.rig.workdir
+
+    @property
+    def control_socket(self) -> Path:
+        return Path(self.board._board_value("state_dir")) / "control.sock"
 
     def secrets(self) -> list[str]:
         """Every long token of the key file: none may ever appear in an answer or a line."""
-        return [t for t in (self.house.directory / "device.key").read_text().split() if len(t) >= 32]
+        return [t for t in Path(self.board._board_value("key_file")).read_text().split() if len(t) >= 32]
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory):
+def rig(hil_rig_module, tmp_path_factory):
     base = tmp_path_factory.mktemp("console")
     notify_path = base / "notify.sock"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -69,10 +91,10 @@ def rig(tmp_path_factory):
     tty, tty_emu = base / "console-tty", base / "console-tty.emu"
     # 20-s slots: the freeze test below needs a slot longer than its 14-s freeze (2 s before an
     # edge to 12 s after, beyond the edge job's 10-s grace) so that the next edge runs on time.
-    hood = Neighbourhood(base / "hood", [HouseSpec("house", pv_peak_w=3000, load_peak_w=900)],
-                         market_overrides={"slot_seconds": 20}, cadence_overrides={"bid_seconds": 20},
-                         config_overrides={"console": {"tty": str(tty), "baudrate": 115200}})
-    rig = ConsoleSession(hood=hood, house=None, tty=tty, tty_emu=tty_emu)  # type: ignore[arg-type]
+    hil_rig_module.configure(market={"slot_seconds": SLOT_SECONDS}, cadence={"bid_seconds": SLOT_SECONDS},
+                             console={"tty": str(tty), "baudrate": 115200})
+    board = hil_rig_module.board("house", env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+    session = ConsoleSession(rig=hil_rig_module, board=board, tty=tty, tty_emu=tty_emu)
     stop = threading.Event()
 
     def receive() -> None:
@@ -81,20 +103,18 @@ def rig(tmp_path_factory):
                 data = receiver.recv(4096)
             except socket.timeout:
                 continue
-            rig.notifications.append((time.monotonic(), data.decode("utf-8", "replace")))
+            session.notifications.append((time.monotonic(), data.decode("utf-8", "replace")))
 
     thread = threading.Thread(target=receive, daemon=True)
     thread.start()
     try:
-        hood.start(start_daemons=False)
-        rig.house = hood.houses["house"]
         # The tty does not exist yet: the daemon must start anyway and retry it.
-        hood.start_daemon("house", env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": str(WATCHDOG_USEC)})
-        yield rig
+        board.transition("trading")
+        yield session
     finally:
-        hood.stop()
-        if rig.line:
-            rig.line.stop()
+        board.close()
+        if session.line:
+            session.line.stop()
         stop.set()
         thread.join(timeout=2)
         receiver.close()
@@ -136,18 +156,18 @@ def test_a_missing_tty_is_one_warning_and_the_console_connects_when_it_appears(r
 
 
 def test_dgc_host_console_gets_the_status_answer_over_the_pty(rig):
-    device_id = rig.house.device_id
+    device_id = rig.device_id
     result = subprocess.run(
         [*DGC_HOST, "console", "--port", str(rig.tty_emu), "--send", "status",
          "--expect", rf"^board house \(sim\) device {device_id} pid \d+ ", "--timeout", "10",
-         "--log", str(rig.hood.workdir / "console.log")],
+         "--log", str(rig.workdir / "console.log")],
         capture_output=True, text=True, timeout=30, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, (result.stdout, result.stderr)
     # Every line carries the host's timestamp; the matching line is the status answer's first.
     last = result.stdout.strip().splitlines()[-1]
     assert re.match(rf"^\d\d:\d\d:\d\d\.\d{{3}} board house \(sim\) device {device_id} ", last), last
-    logged = (rig.hood.workdir / "console.log").read_text()
+    logged = (rig.workdir / "console.log").read_text()
     assert ">> status" in logged and f"device {device_id}" in logged
 
 
@@ -199,12 +219,12 @@ def test_console_commands_status_lines_and_hostile_bytes(rig):
 
 
 def test_dgc_status_json_and_text_through_the_control_socket(rig):
-    config = rig.house.config_path
+    config = rig.config_path
     result = subprocess.run([*DGC, "status", str(config), "--json"], capture_output=True, text=True, timeout=30,
                             cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
-    assert status["board"] == "house" and status["device_id"] == rig.house.device_id
+    assert status["board"] == "house" and status["device_id"] == rig.device_id
     assert status["pid"] == rig.daemon.process.pid
     assert status["healthy"] is True and status["problems"] == []
     assert status["clock"]["ok"] is True
@@ -217,7 +237,7 @@ def test_dgc_status_json_and_text_through_the_control_socket(rig):
                           cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
     assert text.returncode == 0
     lines = text.stdout.splitlines()
-    assert lines[0].startswith(f"board house (sim) device {rig.house.device_id} pid {rig.daemon.process.pid} up ")
+    assert lines[0].startswith(f"board house (sim) device {rig.device_id} pid {rig.daemon.process.pid} up ")
     assert lines[1] == "health: ok"
     assert re.match(r"^trading: \d+ open orders?, \d+ deliver(y|ies) running, ledger ok, clock ok$", lines[2]), lines[2]
     meters = subprocess.run([*DGC, "status", str(config), "--show", "meters", "--json"], capture_output=True, text=True,
@@ -228,7 +248,7 @@ def test_dgc_status_json_and_text_through_the_control_socket(rig):
 
 
 def test_control_socket_requests_and_refusals(rig):
-    path = rig.house.directory / "state" / "control.sock"
+    path = rig.control_socket
     assert oct(path.stat().st_mode & 0o777) == "0o660"
     orders = request(path, {"cmd": "orders"})
     assert orders["ok"] is True and isinstance(orders["orders"], list)
@@ -245,13 +265,13 @@ def test_control_socket_requests_and_refusals(rig):
 
 
 def test_a_second_daemon_on_the_same_board_refuses_to_start(rig):
-    result = subprocess.run([*DGC, "run", str(rig.house.config_path)], capture_output=True, text=True, timeout=60,
+    result = subprocess.run([*DGC, "run", str(rig.config_path)], capture_output=True, text=True, timeout=60,
                             cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
     assert result.returncode == 1
     assert "another dgc daemon is already answering on" in result.stderr
     assert " starting " not in result.stdout  # it stopped before opening the journal or the router's line
     assert rig.daemon.running
-    assert request(rig.house.directory / "state" / "control.sock", {"cmd": "status"})["ok"] is True
+    assert request(rig.control_socket, {"cmd": "status"})["ok"] is True
 
 
 def test_safe_typed_on_the_console_sends_the_router_to_its_safe_state(rig):
@@ -283,7 +303,7 @@ def test_no_watchdog_ping_while_the_slot_edge_job_is_late(rig):
     runs 12 s late (beyond the 10-s grace). While that is the verdict the daemon sends STATUS=
     UNHEALTHY... and no WATCHDOG=1 (systemd would kill and restart it); after the next edge runs on
     time it is healthy and pings again."""
-    slot = rig.hood.slot_seconds
+    slot = rig.slot_seconds
     now = time.time()
     edge = (int(now) // slot + 1) * slot
     if edge - now < 3:
@@ -305,15 +325,15 @@ def test_no_watchdog_ping_while_the_slot_edge_job_is_late(rig):
     time.sleep(2.5)
     after = [text for t, text in rig.notifications if t > healthy_again]
     assert any(text.startswith("WATCHDOG=1\nSTATUS=trading: ") for text in after), after
-    status = request(rig.house.directory / "state" / "control.sock", {"cmd": "status"})["status"]
+    status = request(rig.control_socket, {"cmd": "status"})["status"]
     assert status["healthy"] is True
 
 
 def test_sigterm_sends_stopping_and_removes_the_socket(rig):
     assert rig.daemon.stop() == 0
     assert any(text.startswith("STOPPING=1") for _, text in rig.notifications[-3:]), rig.notifications[-3:]
-    assert not (rig.house.directory / "state" / "control.sock").exists()
-    result = subprocess.run([*DGC, "status", str(rig.house.config_path)], capture_output=True, text=True, timeout=30,
+    assert not (rig.control_socket).exists()
+    result = subprocess.run([*DGC, "status", str(rig.config_path)], capture_output=True, text=True, timeout=30,
                             cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.strip() == f"dgc: the daemon is not running: no control socket at {rig.house.directory / 'state' / 'control.sock'}"
+    assert result.stderr.strip() == f"dgc: the daemon is not running: no control socket at {rig.control_socket}"

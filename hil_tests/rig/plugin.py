@@ -96,10 +96,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def _uses_hil_rig(item: pytest.Item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
-    if info is None or "hil_rig" not in info.names_closure:
+    if info is None:
         return False
-    definitions = info.name2fixturedefs.get("hil_rig", ())
-    return bool(definitions) and getattr(definitions[-1].func, "__module__", None) == __name__
+    for name in ("hil_rig", "hil_rig_module"):
+        definitions = info.name2fixturedefs.get(name, ()) if name in info.names_closure else ()
+        if definitions and getattr(definitions[-1].func, "__module__", None) == __name__:
+            return True
+    return False
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -174,6 +177,18 @@ def hil_rig(rig_config: RigConfig, _rig_mpy_build, tmp_path: Path, request: pyte
     assert not problems, "rig teardown left things behind:\n" + "\n".join(problems)
 
 
+@pytest.fixture(scope="module")
+def hil_rig_module(rig_config: RigConfig, _rig_mpy_build, tmp_path_factory: pytest.TempPathFactory) -> Rig:
+    """The rig shared by the tests of one module (a daemon they all talk to, in file order):
+    the same resources and teardown checks as ``hil_rig``, for the module's lifetime."""
+    rig = Rig(rig_config, tmp_path_factory.mktemp("rig-module"), mpy_build=_rig_mpy_build)
+    try:
+        yield rig
+    finally:
+        problems = rig.close()
+    assert not problems, "rig teardown left things behind:\n" + "\n".join(problems)
+
+
 __all__ = [
     "pytest_addoption",
     "pytest_configure",
@@ -184,5 +199,6 @@ __all__ = [
     "rig_config",
     "_rig_mpy_build",
     "hil_rig",
+    "hil_rig_module",
 ]
 
