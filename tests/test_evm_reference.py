@@ -71,3 +71,56 @@ def test_random_flow_matches_reference_auction(chain, seed):
         # what stays locked is exactly the open buys at their limits plus the contracted trades' payments
         open_buys = sum(r.remaining_wh * r.price_per_kwh_minor for r in reference.bids() if r.device_id == name[device.address])
         assert locked == open_buys + contracted[device.address]
+
+
+def test_money_is_conserved_through_reports_settlement_and_expiry(chain):
+    """Random trades, random (or missing) reports, deadline settlement and expiry: in the end every
+    trade is settled, nothing stays locked, and the devices' money adds up to what was credited;
+    each trade's payment is min(contracted, reports) x price and its shortfall is charged as documented."""
+    rng = random.Random(23)
+    market_id = next_market(chain)
+    devices = [chain.device(credit=FUNDS) for _ in range(4)]
+    trades = []
+    for _ in range(30):
+        device = rng.choice(devices)
+        side = rng.choice(("buy", "sell"))
+        receipt = chain.market.submit(chain.relay, device.order(market_id, side, rng.randint(1, 6) * 100, rng.randint(1980, 2020)))
+        trades += receipt.events("TradeMade")
+    assert trades, "the stream is meant to trade"
+    chain.advance_to(market_id + 1800)
+    by_address = {d.address: d for d in devices}
+    expected_paid = {}
+    for t in trades:
+        reports = {}
+        for role, party in (("seller", t["seller"]), ("buyer", t["buyer"])):
+            if rng.random() < 0.8:  # sometimes a party stays silent
+                wh = rng.randint(0, t["energyWh"] // 100 + 1) * 100
+                reports[role] = wh
+                chain.market.submit(chain.relay, by_address[party].sign(
+                    "delivery_report", trade_id=t["tradeId"], market_id=market_id, role=eip712.ROLES[role], energy_wh=wh, status=1))
+        settled = min([t["energyWh"], reports.get("seller", 0), reports.get("buyer", 0)])
+        if settled == t["energyWh"]:
+            party = bytes(20)
+        elif len(reports) == 1:
+            party = t["buyer"] if "seller" in reports else t["seller"]  # the silent one
+        else:
+            party = t["buyer"] if reports.get("buyer", 0) < reports.get("seller", 0) else t["seller"]  # lower; seller on a tie
+        expected_paid[t["tradeId"]] = (settled * t["pricePerKwhMinor"], t["energyWh"] - settled, party)
+    chain.advance_to(market_id + 1800 + 3600)
+    for t in trades:
+        if chain.market.call("trades", t["tradeId"])[3] & 4 == 0:
+            chain.market.transact(chain.relay, "settleAfterDeadline", t["tradeId"])
+    for t in trades:
+        assert chain.market.call("trades", t["tradeId"])[3] & 4, "every trade is settled"
+    logged = {lg.args["tradeId"]: lg.args for lg in chain.market.logs("TradeSettled")}
+    for t in trades:
+        event = logged[t["tradeId"]]
+        assert (event["paidMilliMinor"], event["shortfallWh"], event["shortfallDevice"]) == expected_paid[t["tradeId"]]
+    open_ids = [i for d in devices for i in chain.market.call("openOrdersOf", d.address)[0]]
+    chain.market.transact(chain.relay, "expire", open_ids)
+    total = 0
+    for device in devices:
+        balance, locked = chain.market.call("balanceOf", device.address)[0], chain.market.call("lockedOf", device.address)[0]
+        assert locked == 0
+        total += balance
+    assert total == FUNDS * len(devices)
