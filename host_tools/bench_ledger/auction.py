@@ -33,6 +33,8 @@ derives payments from the fills.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Iterable
 
@@ -92,39 +94,67 @@ class MatchResult:
     rested: BookOrder | None  # the remainder now resting in the book, if any
 
 
-def _priority(order: BookOrder) -> tuple[int, int]:
-    """Sort key: best price first (lowest ask, highest bid), then earliest seq."""
-    price = order.price_per_kwh_minor if order.side == "sell" else -order.price_per_kwh_minor
-    return (price, order.seq)
-
-
-def _crosses(incoming: BookOrder, resting: BookOrder) -> bool:
-    if incoming.side == "buy":
-        return resting.price_per_kwh_minor <= incoming.price_per_kwh_minor
-    return resting.price_per_kwh_minor >= incoming.price_per_kwh_minor
-
-
 class OrderBook:
-    """The resting orders of one market. Build it from stored orders, submit, read the result.
+    """The resting orders of one market: submit, cancel, read the sides in priority order.
 
-    An instance is cheap and meant to be short-lived: the ledger rebuilds it from its database
-    for each order, so the database stays the only source of truth.
+    Kept per market in the ledger's memory (rebuilt from SQLite at start), so an order costs a
+    walk over the price levels it crosses - not a rebuild and sort of the whole book, which made
+    the ledger slower the fuller its book (issue 10). Each side is a map price -> FIFO of order
+    keys (time priority within a price) plus a sorted list of its prices (price priority).
     """
 
     def __init__(self, resting: Iterable[BookOrder] = ()) -> None:
         self._orders: dict[tuple[str, int], BookOrder] = {}
-        for order in resting:
+        self._levels: dict[str, dict[int, deque[tuple[str, int]]]] = {"buy": {}, "sell": {}}
+        self._prices: dict[str, list[int]] = {"buy": [], "sell": []}  # ascending
+        self._max_seq: int | None = None
+        for order in sorted(resting, key=lambda o: o.seq):
             if order.key in self._orders:
                 raise AuctionError(f"order {order.key}: already in the book")
-            self._orders[order.key] = order
+            self._rest(order)
+
+    def __len__(self) -> int:
+        return len(self._orders)
+
+    def _rest(self, order: BookOrder) -> None:
+        self._orders[order.key] = order
+        levels = self._levels[order.side]
+        queue = levels.get(order.price_per_kwh_minor)
+        if queue is None:
+            queue = levels[order.price_per_kwh_minor] = deque()
+            insort(self._prices[order.side], order.price_per_kwh_minor)
+        queue.append(order.key)
+        if self._max_seq is None or order.seq > self._max_seq:
+            self._max_seq = order.seq
+
+    def _drop_level(self, side: str, price: int) -> None:
+        del self._levels[side][price]
+        prices = self._prices[side]
+        del prices[bisect_left(prices, price)]
+
+    def _best_prices(self, side: str) -> list[int]:
+        """Prices of a side, best first (a copy: matching may remove levels while walking)."""
+        prices = self._prices[side]
+        return prices[:] if side == "sell" else prices[::-1]
+
+    def _side(self, side: str) -> list[BookOrder]:
+        return [self._orders[key] for price in self._best_prices(side) for key in self._levels[side][price]]
 
     def asks(self) -> list[BookOrder]:
         """Resting sells, best (lowest price, then earliest) first."""
-        return sorted((o for o in self._orders.values() if o.side == "sell"), key=_priority)
+        return self._side("sell")
 
     def bids(self) -> list[BookOrder]:
         """Resting buys, best (highest price, then earliest) first."""
-        return sorted((o for o in self._orders.values() if o.side == "buy"), key=_priority)
+        return self._side("buy")
+
+    def levels(self, side: str) -> list[tuple[int, int, int]]:
+        """(price, total remaining Wh, order count) per price level of a side, best first."""
+        out = []
+        for price in self._best_prices(side):
+            keys = self._levels[side][price]
+            out.append((price, sum(self._orders[k].remaining_wh for k in keys), len(keys)))
+        return out
 
     def get(self, device_id: str, order_nonce: int) -> BookOrder | None:
         return self._orders.get((device_id, order_nonce))
@@ -133,27 +163,43 @@ class OrderBook:
         """Match ``incoming`` against the opposite side, then rest any remainder at its limit."""
         if incoming.key in self._orders:
             raise AuctionError(f"order {incoming.key}: already in the book")
-        if any(o.seq >= incoming.seq for o in self._orders.values()):
+        if self._max_seq is not None and self._max_seq >= incoming.seq:
             raise AuctionError(f"seq: the incoming order's seq ({incoming.seq}) must be later than every resting order's")
-        opposite = self.asks() if incoming.side == "buy" else self.bids()
+        other = "sell" if incoming.side == "buy" else "buy"
         remaining = incoming.remaining_wh
         fills: list[Fill] = []
-        for maker in opposite:
-            if remaining == 0 or not _crosses(incoming, maker):
+        for price in self._best_prices(other):
+            if remaining == 0:
                 break
-            if maker.device_id == incoming.device_id:
-                continue  # self-trade: skip, the own order keeps its place
-            quantity = min(remaining, maker.remaining_wh)
-            fills.append(Fill(maker=maker, energy_wh=quantity, price_per_kwh_minor=maker.price_per_kwh_minor))
-            remaining -= quantity
-            if quantity == maker.remaining_wh:
-                del self._orders[maker.key]
+            if (incoming.side == "buy" and price > incoming.price_per_kwh_minor) or (
+                    incoming.side == "sell" and price < incoming.price_per_kwh_minor):
+                break
+            queue = self._levels[other][price]
+            kept: deque[tuple[str, int]] = deque()
+            while queue:
+                key = queue.popleft()
+                maker = self._orders[key]
+                if remaining == 0 or maker.device_id == incoming.device_id:
+                    kept.append(key)  # self-trade: skip, the own order keeps its place
+                    continue
+                quantity = min(remaining, maker.remaining_wh)
+                fills.append(Fill(maker=maker, energy_wh=quantity, price_per_kwh_minor=maker.price_per_kwh_minor))
+                remaining -= quantity
+                if quantity == maker.remaining_wh:
+                    del self._orders[key]
+                else:
+                    self._orders[key] = replace(maker, remaining_wh=maker.remaining_wh - quantity)
+                    kept.append(key)
+            if kept:
+                self._levels[other][price] = kept
             else:
-                self._orders[maker.key] = replace(maker, remaining_wh=maker.remaining_wh - quantity)
+                self._drop_level(other, price)
         rested = None
         if remaining > 0:
             rested = replace(incoming, remaining_wh=remaining)
-            self._orders[rested.key] = rested
+            self._rest(rested)
+        elif self._max_seq is None or incoming.seq > self._max_seq:
+            self._max_seq = incoming.seq
         return MatchResult(
             fills=tuple(fills),
             filled_wh=incoming.remaining_wh - remaining,
@@ -163,4 +209,14 @@ class OrderBook:
 
     def cancel(self, device_id: str, order_nonce: int) -> BookOrder | None:
         """Remove a resting order; returns it (with the quantity removed) or None if not resting."""
-        return self._orders.pop((device_id, order_nonce), None)
+        order = self._orders.pop((device_id, order_nonce), None)
+        if order is None:
+            return None
+        queue = self._levels[order.side][order.price_per_kwh_minor]
+        queue.remove(order.key)
+        if not queue:
+            self._drop_level(order.side, order.price_per_kwh_minor)
+        return order
+
+    def device_keys(self, device_id: str) -> list[tuple[str, int]]:
+        return [key for key in self._orders if key[0] == device_id]

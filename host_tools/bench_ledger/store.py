@@ -7,14 +7,19 @@ Why it is built this way:
   ``BEGIN IMMEDIATE`` transaction. A crash at any instant leaves either all of a message's
   effects or none, and a message whose effects exist always has its outcome stored, so a resend
   gets the same answer.
-- **The database is the only truth.** The order book is rebuilt from the ``orders`` table for
-  each incoming order (``auction.OrderBook`` is pure and short-lived), so a restart of the
-  ledger loses nothing and there is no cache to drift out of step.
+- **The database is the truth; the book is its index in memory.** Each market's resting orders
+  are kept in an ``auction.OrderBook`` in memory, built from the ``orders`` table at start and
+  changed only alongside the SQL that changes those orders, in the same locked step. If a
+  transaction is rolled back for any reason other than a rejection, the books are rebuilt from
+  the database, so they cannot drift from it. (Rebuilding the book from SQL for every order made
+  the ledger slower the fuller its book.)
+- **Group commit.** ``submit_batch`` applies many messages in one transaction, each in its own
+  savepoint, and one fsync makes them all durable; no answer leaves before that commit, so a
+  crash loses only unanswered messages, which the boards resend and which are then applied once.
 - **Integers only.** Energy in Wh, prices in minor units per kWh, money in milli-minor units
   (Wh x minor/kWh = minor/1000, exact). ``balance_milli_minor`` is what a device can spend;
   ``locked_milli_minor`` is money held aside for its open buy orders and unsettled trades.
-- One connection guarded by a lock: the bench ledger serves a handful of boards, and
-  serialising every write makes matching trivially atomic.
+- One connection guarded by a lock: serialising every write makes matching trivially atomic.
 
 Signature checks happen before this module (see ``app``): everything here has already been
 verified to come from the device it names.
@@ -29,7 +34,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import coincurve
 
@@ -151,6 +156,7 @@ CREATE TABLE IF NOT EXISTS trades (
 CREATE INDEX IF NOT EXISTS trades_seller ON trades (seller_device_id, trade_id);
 CREATE INDEX IF NOT EXISTS trades_buyer ON trades (buyer_device_id, trade_id);
 CREATE INDEX IF NOT EXISTS trades_market ON trades (market_id, trade_id);
+CREATE INDEX IF NOT EXISTS trades_seller_market ON trades (seller_device_id, market_id);
 CREATE INDEX IF NOT EXISTS trades_unsettled ON trades (settled, market_id);
 CREATE TABLE IF NOT EXISTS delivery_reports (
     trade_id INTEGER NOT NULL REFERENCES trades (trade_id),
@@ -286,8 +292,24 @@ class LedgerStore:
         if "sell_capacity_wh" not in columns:  # created before the seller qualification existed
             self._conn.execute(f"ALTER TABLE devices ADD COLUMN sell_capacity_wh INTEGER NOT NULL DEFAULT {int(default_sell_capacity_wh)}")
             self._conn.execute("ALTER TABLE devices ADD COLUMN open_shortfall_wh INTEGER NOT NULL DEFAULT 0")
+        self._books: dict[int, OrderBook] = {}
+        self._load_books()
         if self._one("SELECT 1 FROM log_entries WHERE block_height IS NULL LIMIT 1") is not None:
             self._pending_since_ms = 0  # entries left unsealed by the last run: seal at the first chance
+
+    def _load_books(self) -> None:
+        """Every market's book from the open orders in the database (at start, and after a rollback)."""
+        by_market: dict[int, list[BookOrder]] = {}
+        for row in self._all("SELECT * FROM orders WHERE state = 'open' AND remaining_wh > 0 ORDER BY order_id"):
+            by_market.setdefault(row["market_id"], []).append(
+                BookOrder(row["device_id"], row["nonce"], row["side"], row["price_per_kwh_minor"], row["remaining_wh"], row["order_id"]))
+        self._books = {market: OrderBook(orders) for market, orders in by_market.items()}
+
+    def _book(self, market_id: int) -> OrderBook:
+        book = self._books.get(market_id)
+        if book is None:
+            book = self._books[market_id] = OrderBook()
+        return book
 
     @property
     def authority_public_key(self) -> bytes:
@@ -390,10 +412,12 @@ class LedgerStore:
                             "WHERE order_id = ?",
                             (now_ms, order["order_id"]),
                         )
+                        self._book(order["market_id"]).cancel(device_id, order["nonce"])
                         cancelled += 1
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
+                self._load_books()
                 raise
             if not already:
                 log.info("revoked device %s (%d open order(s) cancelled)", device_id, cancelled)
@@ -466,8 +490,19 @@ class LedgerStore:
         checked next and *not* stored, so it never consumes a nonce. Everything else - market
         rules included - is stored with its outcome.
         """
-        device_id, nonce, kind = fields["device_id"], fields["nonce"], fields["type"]
-        digest = hashlib.sha256(payload).hexdigest()
+        result = self.submit_batch([(fields, payload, signature)], now_ms)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def submit_batch(self, items: list[tuple[Mapping[str, Any], bytes, bytes]], now_ms: int | None = None) -> list[Any]:
+        """Apply several verified messages, in order, in ONE transaction (one fsync): group commit.
+
+        Each message runs in its own savepoint, so one that fails with an unexpected error is
+        undone alone (its result is that exception, and the books are rebuilt from the
+        transaction's state); the others keep their effects. Returns an Outcome or an exception
+        per item. Nothing is answered before the COMMIT: if it fails, every item gets the error.
+        """
         with self._lock:
             if now_ms is None:
                 if self._clock is None:
@@ -475,20 +510,28 @@ class LedgerStore:
                 now_ms = self._clock()  # read under the lock: no sweep can run between this and the apply
             self._sweep_locked(now_ms)
             pending_before = self._pending_since_ms
+            results: list[Any] = []
             self._begin()
             try:
-                outcome = self._submit_locked(fields, payload, signature, digest, now_ms)
+                for fields, payload, signature in items:
+                    digest = hashlib.sha256(payload).hexdigest()
+                    self._conn.execute("SAVEPOINT message")
+                    try:
+                        results.append(self._submit_locked(fields, payload, signature, digest, now_ms))
+                        self._conn.execute("RELEASE message")
+                    except Exception as exc:  # a bug or an I/O error in one message: undo it alone
+                        self._conn.execute("ROLLBACK TO message")
+                        self._conn.execute("RELEASE message")
+                        self._load_books()
+                        log.exception("message from %s could not be applied", fields.get("device_id"))
+                        results.append(exc)
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 self._pending_since_ms = pending_before
+                self._load_books()
                 raise
-        log.debug(
-            "message %s nonce %d from %s: %s%s",
-            kind, nonce, device_id, outcome.body.get("status"),
-            f" ({outcome.body.get('code')})" if outcome.body.get("status") == "rejected" else "",
-        )
-        return outcome
+        return results
 
     def _submit_locked(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int) -> Outcome:
         device_id, nonce, kind = fields["device_id"], fields["nonce"], fields["type"]
@@ -504,7 +547,10 @@ class LedgerStore:
                 "expected a new nonce (the highest seen is in GET /v1/devices/{device_id})",
             )
             return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
-        revoked_ms = self._one("SELECT revoked_ms FROM devices WHERE device_id = ?", (device_id,))["revoked_ms"]
+        self._device_row = self._one(
+            "SELECT revoked_ms, balance_milli_minor, open_shortfall_wh, sell_capacity_wh FROM devices WHERE device_id = ?",
+            (device_id,))  # read once per message; only this message changes it before its apply reads it
+        revoked_ms = self._device_row["revoked_ms"]
         if revoked_ms is not None:  # checked under the same lock as revoke_device: nothing slips in after it
             rejection = Rejection(
                 "revoked",
@@ -719,7 +765,7 @@ class LedgerStore:
           qualified capacity (set at registration): a 1 GWh sell from a house is refused;
         - a device has at most ``max_open_orders`` open orders at once.
         """
-        device = self._one("SELECT open_shortfall_wh, sell_capacity_wh FROM devices WHERE device_id = ?", (device_id,))
+        device = self._device_row
         if device["open_shortfall_wh"] > self.max_open_shortfall_wh:
             raise Rejection(
                 "audit_failed",
@@ -759,7 +805,7 @@ class LedgerStore:
         locked = 0
         if side == "buy":
             locked = cost_milli_minor(energy_wh, limit)
-            balance = self._one("SELECT balance_milli_minor FROM devices WHERE device_id = ?", (device_id,))[0]
+            balance = self._device_row["balance_milli_minor"]
             if locked > balance:
                 raise Rejection(
                     "insufficient_funds",
@@ -773,8 +819,7 @@ class LedgerStore:
             (device_id, nonce, market_id, side, limit, energy_wh, energy_wh, now_ms),
         )
         seq = cur.lastrowid
-        book = OrderBook(self._resting(market_id, exclude_seq=seq))
-        match = book.submit(BookOrder(device_id, nonce, side, limit, energy_wh, seq))
+        match = self._book(market_id).submit(BookOrder(device_id, nonce, side, limit, energy_wh, seq))
         trades, released = [], 0
         for fill in match.fills:
             maker = fill.maker
@@ -823,15 +868,6 @@ class LedgerStore:
             "trades": trades,
         }
 
-    def _resting(self, market_id: int, exclude_seq: int | None = None) -> Iterator[BookOrder]:
-        rows = self._all(
-            "SELECT * FROM orders WHERE market_id = ? AND state = 'open' AND remaining_wh > 0 AND order_id IS NOT ? "
-            "ORDER BY order_id",
-            (market_id, exclude_seq),
-        )
-        for row in rows:
-            yield BookOrder(row["device_id"], row["nonce"], row["side"], row["price_per_kwh_minor"], row["remaining_wh"], row["order_id"])
-
     def _apply_cancel(self, fields: Mapping[str, Any], now_ms: int) -> dict:
         device_id, market_id, order_nonce = fields["device_id"], fields["market_id"], fields["order_nonce"]
         order = self._one("SELECT * FROM orders WHERE device_id = ? AND nonce = ?", (device_id, order_nonce))
@@ -864,6 +900,7 @@ class LedgerStore:
             "UPDATE orders SET remaining_wh = 0, cancelled_wh = ?, state = 'cancelled', closed_ms = ? WHERE order_id = ?",
             (remaining, now_ms, order["order_id"]),
         )
+        self._book(market_id).cancel(device_id, order_nonce)
         return {
             "order_nonce": order_nonce,
             "market_id": market_id,
@@ -1020,7 +1057,10 @@ class LedgerStore:
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
+            self._load_books()
             raise
+        for market_id in [m for m in self._books if m <= gate_cutoff]:
+            del self._books[market_id]  # every open order of a market whose gate shut just expired
         if expired:
             log.info("expired %d open order(s) at gate closure", len(expired))
         return {"expired_orders": len(expired), "settled_trades": len(due)}
@@ -1105,19 +1145,10 @@ class LedgerStore:
 
         Aggregates only: who rests at a price, and when, is a household's private pattern."""
         with self._lock:
-            book = OrderBook(self._resting(market_id))
-
-        def levels(orders: list[BookOrder]) -> list[dict]:
-            out: list[dict] = []
-            for o in orders:
-                if out and out[-1]["price_per_kwh_minor"] == o.price_per_kwh_minor:
-                    out[-1]["remaining_wh"] += o.remaining_wh
-                    out[-1]["orders"] += 1
-                else:
-                    out.append({"price_per_kwh_minor": o.price_per_kwh_minor, "remaining_wh": o.remaining_wh, "orders": 1})
-            return out
-
-        return {"asks": levels(book.asks()), "bids": levels(book.bids())}
+            book = self._books.get(market_id)
+            sides = {side: [] if book is None else book.levels(side) for side in ("sell", "buy")}
+        return {key: [{"price_per_kwh_minor": p, "remaining_wh": wh, "orders": n} for p, wh, n in sides[side]]
+                for key, side in (("asks", "sell"), ("bids", "buy"))}
 
     def _trade_detail(self, row: sqlite3.Row) -> dict:
         reports = [

@@ -1,0 +1,330 @@
+"""Load on the bench ledger: N simulated devices send signed orders, cancels and delivery reports
+over real HTTP on loopback, against a book of R resting orders.
+
+Rig: the real ledger (`dgc-host ledger serve`) in its own process on 127.0.0.1, a temporary
+SQLite database (WAL, synchronous=FULL), the default per-device limits; only the per-client-
+address rate limit is switched off (--client-rate 0), because every simulated device speaks
+from 127.0.0.1. The load generator is one asyncio process with one keep-alive connection per
+device; every message is signed with the device's own key *before* the timed phase, so the
+generator's CPU goes into HTTP, not signing. Each device has one request outstanding at a time
+(as a board's outbox does).
+
+Phases:
+1. Set-up (ledger run 1, the host clock, per-device rate limit off for the fillers' burst):
+   register the devices; make trades in market M0 (the
+   nearest open one); rest R non-crossing sells (from filler devices) in market M1 = M0 + 10 slots.
+2. The ledger is stopped and started again with its clock moved past M0's end - so its
+   in-memory book is rebuilt from SQLite at start, and M0's trades can be reported.
+3. Timed: every device sends its messages back to back: ~70 % orders in M1 (most rest, ~1 in 4
+   crosses the resting asks and trades), ~15 % cancels of its own resting orders, ~15 % delivery
+   reports of its M0 trades. Latency is per request (send to full answer).
+
+An error is any answer other than the one expected (accepted, or for a cancel of an order that a
+crossing order filled first: order_closed), any 5xx/429 or a transport failure.
+
+The last line is exactly
+``ledger_load: devices=N orders=N orders_per_s=N p50_ms=N p99_ms=N errors=N``
+(orders = orders sent in the timed phase; orders_per_s = those orders over the phase's wall time,
+cancels and reports included in that time). Prints figures; never asserts. Bounded in count and
+time (each phase has a timeout); stops the ledger it started, by its pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import coincurve  # noqa: E402
+
+from firmware.keystore import DeviceKey  # noqa: E402
+from firmware.messages import new_fields, sign_message  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LEDGER_ID = "load"
+SLOT_S, LOT_WH, GATE_S = 1800, 100, 900
+LISTENING = re.compile(r"ledger listening on (http://127\.0\.0\.1:(\d+))")
+
+
+def key_for(n: int) -> DeviceKey:
+    return DeviceKey(coincurve.PrivateKey(hashlib.sha256(f"ledger load device {n}".encode()).digest()))
+
+
+@dataclass
+class Ledger:
+    proc: subprocess.Popen
+    port: int
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def start_ledger(db: Path, token: str, offset_ms: int, extra: list[str]) -> Ledger:
+    argv = [sys.executable, "-m", "host_tools.cli", "ledger", "serve", "--db", str(db), "--port", "0",
+            "--ledger-id", LEDGER_ID, "--slot-seconds", str(SLOT_S), "--markets-ahead", "48", "--lot-wh", str(LOT_WH),
+            "--gate-closure-seconds", str(GATE_S), "--price-min-per-kwh-minor", "1000", "--price-max-per-kwh-minor", "4000",
+            "--report-deadline-seconds", str(4 * SLOT_S), "--client-rate", "0", "--max-open-orders", "1000",
+            "--clock-offset-ms", str(offset_ms), *extra]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "DGC_LEDGER_OPERATOR_TOKEN": token})
+    deadline = time.monotonic() + 60
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = LISTENING.search(line)
+        if m:
+            return Ledger(proc, int(m.group(2)))
+    proc.kill()
+    raise SystemExit("ledger_load: the ledger did not start")
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection (a device's), minimal and strict."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> "Conn":
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+        body = await self.reader.readexactly(int(m.group(1))) if m else b""
+        return status, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def raw_request(method: str, path: str, body: object | None = None, headers: dict | None = None) -> bytes:
+    data = b"" if body is None else json.dumps(body).encode()
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+             f"Content-Length: {len(data)}", *[f"{k}: {v}" for k, v in (headers or {}).items()]]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+
+@dataclass
+class Device:
+    key: DeviceKey
+    nonce: int = 0
+    messages: list[tuple[str, bytes]] = field(default_factory=list)  # (kind, raw request)
+
+    def sign(self, kind: str, now_s: int, **body) -> bytes:
+        self.nonce += 1
+        fields = new_fields(kind, ledger_id=LEDGER_ID, device_id=self.key.device_id, nonce=self.nonce, issued_at=now_s,
+                            ttl_s=3600, **body)
+        return raw_request("POST", "/v1/messages", sign_message(fields, self.key).to_wire())
+
+
+async def send_all(port: int, batches: list[list[bytes]], concurrency: int) -> list[tuple[int, bytes, float]]:
+    """Each batch on its own connection, sequentially; at most ``concurrency`` connections at once."""
+    out: list[tuple[int, bytes, float]] = []
+    sem = asyncio.Semaphore(concurrency)
+
+    async def run(batch: list[bytes]) -> None:
+        async with sem:
+            conn = await Conn.open(port)
+            try:
+                for raw in batch:
+                    t = time.perf_counter()
+                    status, body = await conn.request(raw)
+                    out.append((status, body, time.perf_counter() - t))
+            finally:
+                conn.close()
+
+    await asyncio.wait_for(asyncio.gather(*(run(b) for b in batches)), timeout=600)
+    return out
+
+
+def expected(kind: str, status: int, body: bytes) -> bool:
+    if status == 200:
+        return True
+    if kind == "cancel" and status == 422:
+        return b'"order_closed"' in body
+    return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--messages-per-device", type=int, default=20)
+    parser.add_argument("--resting", type=int, default=1000, help="resting orders in the book before the timed phase")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--ledger-arg", action="append", default=[], help="extra argument for `ledger serve`")
+    args = parser.parse_args()
+    if not (1 <= args.devices <= 5000 and 1 <= args.messages_per_device <= 200 and 0 <= args.resting <= 50_000):
+        raise SystemExit("ledger_load: --devices 1..5000, --messages-per-device 1..200, --resting 0..50000")
+    rng = random.Random(args.seed)
+    token = secrets.token_hex(16)
+    auth = {"Authorization": f"Bearer {token}"}
+    now_s = int(time.time())
+    m0 = (now_s // SLOT_S + 1) * SLOT_S
+    if m0 - now_s <= GATE_S + 60:
+        m0 += SLOT_S
+    m1 = m0 + 10 * SLOT_S
+    devices = [Device(key_for(i)) for i in range(args.devices)]
+    fillers = [Device(key_for(100_000 + i)) for i in range((args.resting + 399) // 400)]
+    with tempfile.TemporaryDirectory(prefix="ledger-load-") as tmp:
+        db = Path(tmp) / "ledger.sqlite3"
+        # ---------------------------------------------------------------- phase 1: set-up
+        ledger = start_ledger(db, token, 0, ["--device-rate", "0", *args.ledger_arg])  # set-up: filler devices burst
+        try:
+            reg = [[raw_request("POST", "/v1/devices", {"public_key": d.key.public_key.hex(), "name": f"d{i}",
+                                                        "sell_capacity_wh": 10**8}, auth)]
+                   for i, d in enumerate(devices + fillers)]
+            answers = asyncio.run(send_all(ledger.port, reg, 64))
+            assert all(s == 200 for s, _, _ in answers), "registration failed"
+            # M0 trades: device 2k sells to device 2k+1 (each pair one trade, both report later)
+            setup: list[list[bytes]] = []
+            for i in range(0, len(devices) - 1, 2):
+                setup.append([devices[i].sign("order", now_s, market_id=m0, side="sell", energy_wh=LOT_WH, price_per_kwh_minor=2000)])
+            answers = asyncio.run(send_all(ledger.port, setup, 64))
+            setup = [[devices[i + 1].sign("order", now_s, market_id=m0, side="buy", energy_wh=LOT_WH, price_per_kwh_minor=2000)]
+                     for i in range(0, len(devices) - 1, 2)]
+            answers += asyncio.run(send_all(ledger.port, setup, 64))
+            trades = {}
+            for status, body, _ in answers:
+                obj = json.loads(body)
+                for t in obj.get("result", {}).get("trades", []):
+                    trades[obj["nonce"], t["counterparty"]] = t["trade_id"]
+            resting = []
+            for j in range(args.resting):
+                d = fillers[j // 400]
+                resting.append((d, d.sign("order", now_s, market_id=m1, side="sell", energy_wh=LOT_WH,
+                                          price_per_kwh_minor=3000 + rng.randrange(1000))))
+            per_filler: dict[int, list[bytes]] = {}
+            for d, raw in resting:
+                per_filler.setdefault(id(d), []).append(raw)
+            answers = asyncio.run(send_all(ledger.port, list(per_filler.values()), 64))
+            bad = sum(1 for st, _, _ in answers if st != 200)
+            if bad:
+                print(f"ledger_load: {bad} resting orders refused in set-up", file=sys.stderr)
+        finally:
+            ledger.stop()
+
+        # ----------------------------------------------------- phase 2: restart, clock moved
+        offset_ms = (m0 + SLOT_S + 5 - int(time.time())) * 1000
+        ledger_now = int(time.time()) + offset_ms // 1000
+        t_restart = time.perf_counter()
+        ledger = start_ledger(db, token, offset_ms, args.ledger_arg)
+        restart_s = time.perf_counter() - t_restart
+        try:
+            trade_of = {}  # device index -> (trade id, role)
+            for i in range(0, len(devices) - 1, 2):
+                seller, buyer = devices[i], devices[i + 1]
+                tid = trades.get((1, seller.key.device_id))  # the buyer's nonce-1 order met the seller's
+                if tid is not None:
+                    trade_of[i], trade_of[i + 1] = (tid, "seller"), (tid, "buyer")
+            kinds: list[list[str]] = []
+            batches: list[list[bytes]] = []
+            orders = 0
+            for i, d in enumerate(devices):
+                mine: list[int] = []
+                ks, raws = [], []
+                reported = False
+                for _ in range(args.messages_per_device):
+                    r = rng.random()
+                    if r < 0.15 and i in trade_of and not reported:
+                        tid, role = trade_of[i]
+                        raws.append(d.sign("delivery_report", ledger_now, trade_id=tid, market_id=m0, role=role,
+                                           energy_wh=LOT_WH, status="delivered"))
+                        ks.append("report")
+                        reported = True
+                    elif r < 0.30 and mine:
+                        raws.append(d.sign("cancel", ledger_now, market_id=m1, order_nonce=mine.pop(rng.randrange(len(mine)))))
+                        ks.append("cancel")
+                    else:
+                        crossing = rng.random() < 0.25
+                        if crossing:  # a buy that lifts the cheapest asks
+                            raw = d.sign("order", ledger_now, market_id=m1, side="buy", energy_wh=LOT_WH, price_per_kwh_minor=3100)
+                        elif rng.random() < 0.5:
+                            raw = d.sign("order", ledger_now, market_id=m1, side="buy", energy_wh=LOT_WH,
+                                         price_per_kwh_minor=1000 + rng.randrange(1500))
+                            mine.append(d.nonce)
+                        else:
+                            raw = d.sign("order", ledger_now, market_id=m1, side="sell", energy_wh=LOT_WH,
+                                         price_per_kwh_minor=3000 + rng.randrange(1000))
+                            mine.append(d.nonce)
+                        raws.append(raw)
+                        ks.append("order")
+                        orders += 1
+                kinds.append(ks)
+                batches.append(raws)
+            t0 = time.perf_counter()
+            answers_timed = asyncio.run(send_all_kinds(ledger.port, batches, kinds))
+            elapsed = time.perf_counter() - t0
+            book = asyncio.run(send_all(ledger.port, [[raw_request("GET", f"/v1/markets/{m1}/book")]], 1))[0]
+            levels = json.loads(book[1])
+            resting_after = sum(lv["orders"] for lv in levels["asks"] + levels["bids"])
+        finally:
+            ledger.stop()
+    latencies = sorted(lat for _, _, _, lat in answers_timed)
+    wrong = [(kind, status, body[:160]) for kind, status, body, _ in answers_timed if not expected(kind, status, body)]
+    errors = len(wrong)
+    for sample in wrong[:3]:
+        print(f"ledger_load: unexpected answer {sample}", file=sys.stderr)
+    by_kind: dict[str, int] = {}
+    for kind, _, _, _ in answers_timed:
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+    p50 = statistics.median(latencies) * 1000
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
+    load = os.getloadavg()[0]
+    print(f"ledger_load: resting before={args.resting} after={resting_after}; messages {by_kind}; "
+          f"messages_per_s={len(latencies) / elapsed:.0f}; ledger restart (book rebuilt from SQLite) {restart_s:.2f} s; "
+          f"load average {load:.2f} on {os.cpu_count()} cores (shared machine)")
+    print(f"ledger_load: devices={args.devices} orders={orders} orders_per_s={int(orders / elapsed)} "
+          f"p50_ms={int(round(p50))} p99_ms={int(round(p99))} errors={errors}")
+    return 0
+
+
+async def send_all_kinds(port: int, batches: list[list[bytes]], kinds: list[list[str]]) -> list[tuple[str, int, bytes, float]]:
+    out: list[tuple[str, int, bytes, float]] = []
+    conns = await asyncio.gather(*(Conn.open(port) for _ in batches))
+
+    async def run(conn: Conn, batch: list[bytes], ks: list[str]) -> None:
+        for raw, kind in zip(batch, ks):
+            t = time.perf_counter()
+            try:
+                status, body = await conn.request(raw)
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                status, body = 0, str(exc).encode()
+            out.append((kind, status, body, time.perf_counter() - t))
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(run(c, b, k) for c, b, k in zip(conns, batches, kinds))), timeout=600)
+    finally:
+        for c in conns:
+            c.close()
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
