@@ -1,0 +1,95 @@
+"""The trading benchmark end to end: `dgc-host bench community` prints its table and exactly the
+issue's final line; and on a small community the run keeps the market's invariants (one side
+per house and slot, prices within the tariffs, delivered within contracted, energy conserved)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from host_tools.community.bench import BenchSettings, CommunityBench
+from host_tools.community.loader import load_community
+
+FINAL = re.compile(r"^community: days=(\d+) houses=(\d+) skill_load=(-?\d+\.\d+) skill_net=(-?\d+\.\d+) "
+                   r"delivered_pct_of_ideal=(\d+\.\d+) shortfall_pct=(\d+\.\d+) self_sufficiency_pct=(-?\d+\.\d+) "
+                   r"savings_pct_of_ideal=(-?\d+\.\d+) worse_off=(\d+)$")
+
+
+def small_community(tmp_path: Path, days: int = 4) -> Path:
+    """Two PV houses with batteries and two consumers, deterministic, 30-min slots."""
+    houses = "".join(
+        f"[house.{n}]\npv_kwp = {kwp}\nbattery_wh = {bat}\nbattery_power_w = {pw}\nrouter_power_w = 3000\n\n"
+        for n, kwp, bat, pw in (("a", 5.0, 7000, 3000), ("b", 4.0, 0, 0), ("c", 0, 0, 0), ("d", 0, 0, 0)))
+    rows = ["slot_start,house,load_wh,pv_wh"]
+    t0 = 1_735_689_600 + 120 * 86_400
+    for i in range(days * 48):
+        hour = (i % 48) / 2
+        sun = max(0.0, math.sin(math.pi * (hour - 5) / 14)) if 5 < hour < 19 else 0.0
+        for n, kwp in (("a", 5.0), ("b", 4.0), ("c", 0), ("d", 0)):
+            load = 150 + (i * 37 + ord(n) * 11) % 250 + (400 if 17 <= hour < 21 else 0)
+            pv = int(kwp * 400 * sun * (0.6 + 0.4 * ((i // 48) % 2)))
+            rows.append(f"{t0 + i * 1800},{n},{load},{pv}")
+    (tmp_path / "houses.toml").write_text(houses)
+    (tmp_path / "slots.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+def test_run_keeps_the_market_invariants(tmp_path):
+    community = load_community(small_community(tmp_path))
+    for baseline in (False, True):
+        bench = CommunityBench(community, BenchSettings(days=2, start_day=2, baseline=baseline, site=None))
+        rep = bench.run()
+        retail, feed_in = bench.s.tariffs.retail_per_kwh_minor, bench.s.tariffs.feed_in_per_kwh_minor
+        assert rep.houses == 4 and rep.days == 2
+        for r in bench.market_records:
+            assert not (r.sold_wh and r.bought_wh), r  # never both sides in one slot
+            assert r.delivered_wh <= r.sold_wh and r.received_wh <= r.bought_wh
+            assert r.delivered_wh <= 3000 * 1800 // 3600  # the router's rating
+            assert r.charge_wh * r.discharge_wh == 0
+        assert sum(r.delivered_wh for r in bench.market_records) == sum(r.received_wh for r in bench.market_records)
+        assert sum(r.paid_milli for r in bench.market_records) == sum(r.earned_milli for r in bench.market_records)
+        prices = [p for trades in bench.prices.values() for p, _ in trades]
+        assert prices, "some trades happen"
+        if not baseline:
+            assert all(feed_in <= p <= retail for p in prices)
+        assert 0 <= rep.delivered_pct_of_ideal and 0 <= rep.shortfall_pct <= 100
+
+
+def test_same_arguments_same_figures(tmp_path):
+    community = load_community(small_community(tmp_path, days=3))
+    a = CommunityBench(community, BenchSettings(days=1, start_day=2, site=None)).run()
+    b = CommunityBench(community, BenchSettings(days=1, start_day=2, site=None)).run()
+    assert a.final_line() == b.final_line() and a.bills == b.bills
+
+
+def test_cli_prints_the_table_and_the_final_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "host_tools.cli", "bench", "community", "--days", "1", "--start-day",
+                          "2", "--community", str(small_community(tmp_path, days=3)), "--json", "--compare"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    m = FINAL.match(lines[-1])
+    assert m, lines[-1]
+    assert m.group(1) == "1" and m.group(2) == "4"
+    figures = json.loads(lines[-2])
+    assert set(figures) == {"baseline", "policy"}
+    assert figures["policy"]["worse_off"] == int(m.group(9))
+    assert any(line.startswith("community benchmark (baseline") for line in lines)
+
+
+def test_cli_smoke_on_the_committed_fixture():
+    """What `make test` runs: one day of the committed fixture through the CLI."""
+    out = subprocess.run([sys.executable, "-m", "host_tools.cli", "bench", "community", "--days", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert FINAL.match(out.stdout.strip().splitlines()[-1])
+
+
+def test_cli_refuses_a_bad_community_with_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "host_tools.cli", "bench", "community", "--community", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "houses.toml: missing" in out.stderr
