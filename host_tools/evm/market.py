@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from firmware.eip712 import Domain, TypedMessage, checksum_address
 from firmware.messages import Signer
@@ -273,10 +273,6 @@ def funded_account(rpc: RpcClient, key: Signer, *, wei: int = 10**21) -> Account
     account = Account(rpc=rpc, key=key, chain_id=chain_id)
     rpc.call("anvil_setBalance", "0x" + account.address.hex(), hex(wei))
     return account
-
-
-def words(values: Sequence[int]) -> list[int]:
-    return list(values)
 
 
 # Rejected.code -> the bench ledger's code strings (docs/ledger.md), so the board sees one vocabulary.

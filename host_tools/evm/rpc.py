@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Any
 
 import requests
@@ -47,10 +46,3 @@ class RpcClient:
     def __repr__(self) -> str:
         return f"RpcClient({self.url!r})"
 
-
-def to_hex(value: int) -> str:
-    return hex(value)
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
