@@ -270,3 +270,15 @@ def test_landing_counts_only_at_the_confirmation_depth_and_survives_a_reorg(chai
     result = ledger.submit(message)
     assert result.accepted and result.duplicate  # answered from the chain, applied once
     assert len(chain.market.logs("OrderPlaced", "0x" + (bytes(12) + me.address).hex())) == 1
+
+
+def test_from_config_builds_relay_or_direct_adapter(chain, relay_url):
+    from types import SimpleNamespace
+
+    base = dict(rpc_url=chain.node.url, chain_id=chain.market.chain_id, contract=chain.market.address_hex, confirmations=1)
+    relayed = EvmLedger.from_config(SimpleNamespace(**base, relay_url=relay_url))
+    assert isinstance(relayed.relay, RelayClient) and relayed.confirmations == 1
+    assert relayed.server_time_ms() == block_time(chain.market) * 1000
+    me = chain.device()
+    direct = EvmLedger.from_config(SimpleNamespace(**base, relay_url=""), gas_signer=me.key)
+    assert direct.relay is None and direct.gas_signer is me.key

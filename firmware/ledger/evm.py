@@ -262,6 +262,21 @@ class EvmLedger:
         self._chain_checked = False
         self._cursor_hashes: dict[int, str] = {}  # block number of a returned cursor -> its hash
 
+    @classmethod
+    def from_config(cls, config: Any, *, gas_signer: Any = None) -> "EvmLedger":
+        """Build from a board config's [ledger] table once it has the EVM keys (proposed on the board):
+        ``rpc_url``, ``chain_id``, ``contract``, ``relay_url`` (empty: direct submission with
+        ``gas_signer``), ``confirmations``, ``from_block``, ``timeout_ms``, ``retries``, ``backoff_ms``."""
+        relay_url = getattr(config, "relay_url", "") or ""
+        timeout_ms = int(getattr(config, "timeout_ms", 5000))
+        return cls(
+            config.rpc_url, chain_id=int(config.chain_id), contract=config.contract,
+            relay=RelayClient(relay_url, timeout_ms=max(timeout_ms, 30000)) if relay_url else None,
+            gas_signer=None if relay_url else gas_signer,
+            confirmations=int(getattr(config, "confirmations", 0)), from_block=int(getattr(config, "from_block", 0)),
+            timeout_ms=timeout_ms, retries=int(getattr(config, "retries", 2)), backoff_ms=int(getattr(config, "backoff_ms", 200)),
+        )
+
     def __repr__(self) -> str:
         return f"EvmLedger({self.rpc_url!r}, chain_id={self.domain.chain_id}, contract={self.contract})"
 
