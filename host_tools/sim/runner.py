@@ -461,6 +461,7 @@ class World:
                 self.now = t
                 imp, exp, power = h._house_counters()
                 journal.add_reading("house", h.board_ms(), int(imp), int(exp), int(power))
+                h.house_meter.good_reads.append(t)  # data the board may bid on (order_fresh)
                 journal.add_reading("interchange", h.board_ms(), 0, 0, 0)
                 t += MEASURE_S
             journal.close()
