@@ -14,8 +14,13 @@ it) and ``after`` (the first at or after it), per direction:
 - only one side of the edge had a transfer in that direction: everything that moved belongs
   to that side (the router moves energy for trades only, and each transfer is bounded by its
   slot: it carries ``end_at`` = the slot's end and starts at the slot's start);
-- both sides had one: linear interpolation in time between the two readings. This is the one
-  estimate; it is marked ``interpolated`` in the journal and the delivery's detail.
+- both sides had one (or neither): linear interpolation in time between the two readings.
+  This is the one estimate; it is marked ``interpolated`` in the journal and the delivery's
+  detail.
+
+An edge already stored is a known counter value at that instant: the caller passes it as
+``before`` (or ``after``) when it is closer to the edge than any reading, so a long gap in the
+readings that spans several edges is split consistently and the edges never go backwards.
 
 We decided for interpolation over "report unmetered" because both trades did run and an
 unmetered report would settle them as 0 Wh; the interpolated split conserves the energy the
@@ -77,11 +82,12 @@ def edge_value(edge_s: int, before: Counters | None, after: Counters | None, *,
     values, methods = {}, set()
     for d in DIRECTIONS:
         lo, hi = before.get(d), after.get(d)
-        if hi == lo or not active_after.get(d, False):
+        was, will = active_before.get(d, False), active_after.get(d, False)
+        if hi == lo or (was and not will):
             values[d], method = hi, "bracket"
-        elif not active_before.get(d, False):
+        elif will and not was:
             values[d], method = lo, "bracket"
-        else:
+        else:  # both sides ran a transfer (or neither did): split in time
             span = max(1, after.taken_at_ms - before.taken_at_ms)
             values[d] = lo + (hi - lo) * (edge_ms - before.taken_at_ms) // span
             method = "interpolated"

@@ -129,6 +129,16 @@ class DeliveriesMixin:
                 (edge_s,)).fetchone()
         return None if row is None else EdgeValue(*row)
 
+    def meter_edge_near(self, edge_s: int) -> tuple[EdgeValue | None, EdgeValue | None]:
+        """The stored edges closest before and after ``edge_s`` (each None when there is none)."""
+        cols = "edge_s, import_energy_mwh, export_energy_mwh, method, detail"
+        with self._lock:
+            before = self._db.execute(f"SELECT {cols} FROM meter_edges WHERE edge_s < ? ORDER BY edge_s DESC LIMIT 1",
+                                      (edge_s,)).fetchone()
+            after = self._db.execute(f"SELECT {cols} FROM meter_edges WHERE edge_s > ? ORDER BY edge_s LIMIT 1",
+                                     (edge_s,)).fetchone()
+        return (None if before is None else EdgeValue(*before)), (None if after is None else EdgeValue(*after))
+
     # -- reports --------------------------------------------------------------------------------
 
     def enqueue_report(self, trade_id: int, build: Callable[[int], dict], signer: Signer) -> SignedMessage:

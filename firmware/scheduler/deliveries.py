@@ -237,6 +237,12 @@ class Deliveries:
         name = self.metering.interchange
         before = journal.reading_before(name, edge_s * 1000)
         after = journal.reading_after(name, edge_s * 1000)
+        # A stored edge is a known value at its instant: bracket with it when it is closer.
+        prior, later = journal.meter_edge_near(edge_s)
+        if prior is not None and (before is None or prior.edge_s * 1000 >= before[0]):
+            before = (prior.edge_s * 1000, prior.import_energy_mwh, prior.export_energy_mwh)
+        if later is not None and after is not None and later.edge_s * 1000 <= after[0]:
+            after = (later.edge_s * 1000, later.import_energy_mwh, later.export_energy_mwh)
         slot_s = self.ctx.rules.slot_seconds
         edge = edge_value(edge_s, Counters(*before) if before else None, Counters(*after) if after else None,
                           active_before=self._ran(edge_s - slot_s), active_after=self._ran(edge_s))
