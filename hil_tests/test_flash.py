@@ -79,7 +79,10 @@ def sshd(tmp_path_factory):
 
 
 @dataclass
-class Rig:
+class FlashBench:
+    """A board directory reached over a real sshd, a bench house (meters, DGR) and a bench ledger:
+    what flashing needs. Not a HIL rig (hil_tests.rig): it always runs the emulators and a loopback board."""
+
     root: Path
     work: Path
     release: Release
@@ -149,17 +152,17 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path, release, sshd):
+def bench(tmp_path, release, sshd):
     root = tmp_path / "b"
     (root / "dev").mkdir(parents=True)
     settings = LedgerSettings(db_path=tmp_path / "ledger.sqlite3", ledger_id=LEDGER_ID, operator_token=TOKEN)
     with running_ledger(settings) as ledger:
-        rig = Rig(root=root, work=tmp_path, release=release, sshd=sshd, ledger_url=ledger.url)
-        house = ManagedProcess("bench-house", [sys.executable, "-m", "host_tools.cli", "bench", "house", str(rig.config("good.toml"))],
+        bench = FlashBench(root=root, work=tmp_path, release=release, sshd=sshd, ledger_url=ledger.url)
+        house = ManagedProcess("bench-house", [sys.executable, "-m", "host_tools.cli", "bench", "house", str(bench.config("good.toml"))],
                                tmp_path / "bench.log").start()
         try:
             house.wait_for_line(r"bench house ready", timeout_s=30)
-            yield rig
+            yield bench
         finally:
             house.stop()
 
@@ -168,118 +171,118 @@ def selftest_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if line.strip().startswith(("PASS ", "FAIL "))]
 
 
-def test_good_then_failing_release_leaves_the_board_on_the_good_one(rig: Rig):
-    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
+def test_good_then_failing_release_leaves_the_board_on_the_good_one(bench: FlashBench):
+    r = host_cli("flash", "trust", "--release-pubkey", str(bench.release.pub), *bench.ssh())
     assert r.returncode == 0, r.stderr
-    assert (rig.root / "etc/dgc/release-pubkey.hex").read_text().strip() == rig.release.pub.read_text().strip()
+    assert (bench.root / "etc/dgc/release-pubkey.hex").read_text().strip() == bench.release.pub.read_text().strip()
 
-    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
+    built, v1 = bench.build("1.0.0", "--config", str(bench.config("good.toml")))
     assert built.returncode == 0, built.stderr
     # A bare board has no config: its kind must be said on the first install.
-    r = rig.install(v1)
+    r = bench.install(v1)
     assert r.returncode == 2 and "pass --board-kind" in r.stderr
-    r = rig.install(v1, "--board-kind", KIND)
+    r = bench.install(v1, "--board-kind", KIND)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS meters" in r.stdout and "PASS dgr" in r.stdout and "not provisioned yet" in r.stdout
-    assert rig.current() == "releases/1.0.0"
-    assert os.readlink(rig.root / "etc/dgc/board.toml") == "../../opt/dgc/current/board.toml"
-    assert (rig.root / "opt/dgc/current/venv/bin/dgc").exists()
+    assert bench.current() == "releases/1.0.0"
+    assert os.readlink(bench.root / "etc/dgc/board.toml") == "../../opt/dgc/current/board.toml"
+    assert (bench.root / "opt/dgc/current/venv/bin/dgc").exists()
 
     # Provision the flashed board through its own installed firmware (default --dgc path).
-    r = host_cli("provision", *rig.ssh(), "--ledger", rig.ledger_url, "--operator-token", TOKEN)
+    r = host_cli("provision", *bench.ssh(), "--ledger", bench.ledger_url, "--operator-token", TOKEN)
     assert r.returncode == 0, r.stderr
     device_id = r.stdout.split()[1]
 
-    built, v2 = rig.build("2.0.0", "--config", str(rig.config("good.toml")))
+    built, v2 = bench.build("2.0.0", "--config", str(bench.config("good.toml")))
     assert built.returncode == 0, built.stderr
-    r = rig.install(v2, "--keep", "1")
+    r = bench.install(v2, "--keep", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "board verified bundle 2.0.0: signature by the pinned key" in r.stdout  # the board's own check, by 1.0.0
     lines = selftest_lines(r)
     assert [line.split(":")[0] for line in lines] == ["PASS config", "PASS key", "PASS meters", "PASS dgr", "PASS ledger",
                                                       "PASS clock", "PASS device"], lines
     assert f"device {device_id} is registered" in r.stdout
-    assert rig.current() == "releases/2.0.0" and rig.releases() == {"1.0.0", "2.0.0"}
+    assert bench.current() == "releases/2.0.0" and bench.releases() == {"1.0.0", "2.0.0"}
     # The board's identity was carried into the new release's config.
-    assert tomllib.loads((rig.root / "etc/dgc/board.toml").read_text())["ledger"]["url"] == rig.ledger_url
+    assert tomllib.loads((bench.root / "etc/dgc/board.toml").read_text())["ledger"]["url"] == bench.ledger_url
 
-    bad_config = rig.config("bad.toml", port=f"{rig.root}/dev/no-such-rs485")
-    built, v3 = rig.build("3.0.0", "--config", str(bad_config))
+    bad_config = bench.config("bad.toml", port=f"{bench.root}/dev/no-such-rs485")
+    built, v3 = bench.build("3.0.0", "--config", str(bad_config))
     assert built.returncode == 0, built.stderr
-    r = rig.install(v3)
+    r = bench.install(v3)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "switched /opt/dgc/current: 2.0.0 -> 3.0.0" in r.stdout  # it really ran from the new release ...
     assert any(line.startswith("FAIL meters") and "no-such-rs485" in line for line in selftest_lines(r)), r.stdout
     assert "rolled back by itself to 2.0.0" in r.stdout  # ... and switched back by itself
-    assert rig.current() == "releases/2.0.0" and rig.releases() == {"1.0.0", "2.0.0"}
-    assert not (rig.root / "opt/dgc/pending.json").exists()
-    state = json.loads((rig.root / "opt/dgc/state.json").read_text())
+    assert bench.current() == "releases/2.0.0" and bench.releases() == {"1.0.0", "2.0.0"}
+    assert not (bench.root / "opt/dgc/pending.json").exists()
+    state = json.loads((bench.root / "opt/dgc/state.json").read_text())
     assert state["current"] == "2.0.0" and "3.0.0" in state["failed"]
     # The board runs the good version: its own health check, run directly from `current`, passes.
-    check = subprocess.run([str(rig.root / "opt/dgc/current/venv/bin/dgc"), "selftest", str(rig.root / "etc/dgc/board.toml")],
+    check = subprocess.run([str(bench.root / "opt/dgc/current/venv/bin/dgc"), "selftest", str(bench.root / "etc/dgc/board.toml")],
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "no-such-rs485" not in (rig.root / "etc/dgc/board.toml").read_text()
+    assert "no-such-rs485" not in (bench.root / "etc/dgc/board.toml").read_text()
 
     # Refusals: nothing on the board may change.
-    before = rig.snapshot()
-    tampered = rig.work / "tampered"
+    before = bench.snapshot()
+    tampered = bench.work / "tampered"
     shutil.copytree(v2, tampered)
     wheel = next((tampered / "wheels").glob("dgc_firmware-*.whl"))
     data = bytearray(wheel.read_bytes())
     data[len(data) // 2] ^= 0x01  # one byte
     wheel.write_bytes(bytes(data))
-    r = rig.install(tampered)
+    r = bench.install(tampered)
     assert r.returncode == 2 and "refused" in r.stderr and wheel.name in r.stderr and "sha256" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
 
-    edited = rig.work / "edited-manifest"
+    edited = bench.work / "edited-manifest"
     shutil.copytree(v2, edited)
     manifest = edited / "manifest.json"
     manifest.write_bytes(manifest.read_bytes().replace(b'"version":"2.0.0"', b'"version":"2.0.9"'))
-    r = rig.install(edited)
+    r = bench.install(edited)
     assert r.returncode == 2 and "signature does not verify" in r.stderr, r.stderr
 
-    built, other_kind = rig.build("4.0.0-other", "--board-kind", "rpi4-sdm630")
+    built, other_kind = bench.build("4.0.0-other", "--board-kind", "rpi4-sdm630")
     assert built.returncode == 0, built.stderr
-    r = rig.install(other_kind)
+    r = bench.install(other_kind)
     assert r.returncode == 2 and "rpi4-sdm630" in r.stderr and f"this board is {KIND!r}" in r.stderr, r.stderr
 
-    built, foreign = rig.build("4.0.0-foreign", "--config", str(rig.config("good.toml")), key=rig.release.other_key)
+    built, foreign = bench.build("4.0.0-foreign", "--config", str(bench.config("good.toml")), key=bench.release.other_key)
     assert built.returncode == 0, built.stderr
-    r = rig.install(foreign)
+    r = bench.install(foreign)
     assert r.returncode == 2 and "signature does not verify" in r.stderr
-    assert rig.snapshot() == before
+    assert bench.snapshot() == before
 
     # A downgrade is refused unless forced (here and by the board).
-    built, old = rig.build("1.5.0", "--config", str(rig.config("good.toml")))
+    built, old = bench.build("1.5.0", "--config", str(bench.config("good.toml")))
     assert built.returncode == 0, built.stderr
-    r = rig.install(old)
+    r = bench.install(old)
     assert r.returncode == 2 and "older than the running 2.0.0: a downgrade" in r.stderr and "--force-downgrade" in r.stderr
-    assert rig.snapshot() == before
+    assert bench.snapshot() == before
 
     # The board refuses by itself: this machine's check skipped, the foreign bundle uploaded, and
     # the board's running release (2.0.0, coincurve, its pinned key) says no; nothing is switched.
-    with rig.target() as target, pytest.raises(BundleRefused, match="the board refused the bundle: .*another key signed it"):
+    with bench.target() as target, pytest.raises(BundleRefused, match="the board refused the bundle: .*another key signed it"):
         install(target, foreign, host_check=False)
-    with rig.target() as target, pytest.raises(BundleRefused, match="the board refused the bundle: .*a downgrade"):
+    with bench.target() as target, pytest.raises(BundleRefused, match="the board refused the bundle: .*a downgrade"):
         install(target, old, host_check=False)
-    after = rig.snapshot()
+    after = bench.snapshot()
     before.pop("opt/dgc/releases"), after.pop("opt/dgc/releases")  # the directory's mtime: a release came and went
     assert after == before
 
     # Keep N: with --keep 1, installing 5.0.0 keeps 2.0.0 (the newest earlier one) and drops 1.0.0.
-    built, v5 = rig.build("5.0.0", "--board-kind", KIND)  # no config in the bundle: the board keeps its own
+    built, v5 = bench.build("5.0.0", "--board-kind", KIND)  # no config in the bundle: the board keeps its own
     assert built.returncode == 0, built.stderr
-    r = rig.install(v5, "--keep", "1")
+    r = bench.install(v5, "--keep", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "removed old release(s) 1.0.0" in r.stdout
-    assert rig.current() == "releases/5.0.0" and rig.releases() == {"2.0.0", "5.0.0"}
+    assert bench.current() == "releases/5.0.0" and bench.releases() == {"2.0.0", "5.0.0"}
 
     # And back by hand.
-    r = host_cli("flash", "rollback", *rig.ssh())
+    r = host_cli("flash", "rollback", *bench.ssh())
     assert r.returncode == 0 and "5.0.0 -> 2.0.0" in r.stdout, r.stderr
-    r = host_cli("flash", "status", *rig.ssh())
+    r = host_cli("flash", "status", *bench.ssh())
     status = json.loads(r.stdout)
     assert status["current"] == "2.0.0" and status["provisioned"] is True and status["releases"] == ["2.0.0", "5.0.0"]
 
@@ -337,28 +340,28 @@ install(target, Path(bundle), on_step=on_step)
 """
 
 
-def killed_install(rig: Rig, bundle: Path, step: str) -> None:
-    control = rig.work / "control-path"
-    proc = subprocess.run([sys.executable, "-c", KILLED_INSTALL, rig.sshd.destination, str(rig.root), BOARD_PYTHON,
-                           str(rig.sshd.port), str(rig.sshd.client_key), str(rig.sshd.known_hosts), str(bundle), step,
+def killed_install(bench: FlashBench, bundle: Path, step: str) -> None:
+    control = bench.work / "control-path"
+    proc = subprocess.run([sys.executable, "-c", KILLED_INSTALL, bench.sshd.destination, str(bench.root), BOARD_PYTHON,
+                           str(bench.sshd.port), str(bench.sshd.client_key), str(bench.sshd.known_hosts), str(bundle), step,
                            str(control)], cwd=REPO, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert proc.returncode == -signal.SIGKILL, f"the install did not reach step {step}: {proc.stderr}"
-    subprocess.run(["ssh", "-o", f"ControlPath={control.read_text()}", "-O", "exit", rig.sshd.destination],
+    subprocess.run(["ssh", "-o", f"ControlPath={control.read_text()}", "-O", "exit", bench.sshd.destination],
                    capture_output=True, timeout=30)
 
 
-def test_a_power_cut_at_each_step_of_an_install(rig: Rig, capsys):
+def test_a_power_cut_at_each_step_of_an_install(bench: FlashBench, capsys):
     from host_tools.flash import INSTALL_STEPS
 
-    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
+    r = host_cli("flash", "trust", "--release-pubkey", str(bench.release.pub), *bench.ssh())
     assert r.returncode == 0, r.stderr
-    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
+    built, v1 = bench.build("1.0.0", "--config", str(bench.config("good.toml")))
     assert built.returncode == 0, built.stderr
-    r = rig.install(v1, "--board-kind", KIND)
+    r = bench.install(v1, "--board-kind", KIND)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert (rig.root / "opt/dgc/boot/boot_check.py").is_file() and (rig.root / "opt/dgc/boot/rollback.py").is_file()
+    assert (bench.root / "opt/dgc/boot/boot_check.py").is_file() and (bench.root / "opt/dgc/boot/rollback.py").is_file()
 
-    bad_config = rig.config("bad.toml", port=f"{rig.root}/dev/no-such-rs485")
+    bad_config = bench.config("bad.toml", port=f"{bench.root}/dev/no-such-rs485")
     rows = []
     # (step after which the power goes, release config, what the board must run after booting)
     cases = [(step, "good", "old" if INSTALL_STEPS.index(step) < INSTALL_STEPS.index("switched") else "new")
@@ -368,48 +371,48 @@ def test_a_power_cut_at_each_step_of_an_install(rig: Rig, capsys):
     for step, config, expected in cases:
         minor += 1
         version = f"1.{minor}.0"
-        built, bundle = rig.build(version, "--config", str(rig.config("good.toml") if config == "good" else bad_config))
+        built, bundle = bench.build(version, "--config", str(bench.config("good.toml") if config == "good" else bad_config))
         assert built.returncode == 0, built.stderr
-        before = rig.running()
-        killed_install(rig, bundle, step)
-        pending = (rig.root / "opt/dgc/pending.json").exists()
-        outcome = rig.boot()
-        after = rig.running()
+        before = bench.running()
+        killed_install(bench, bundle, step)
+        pending = (bench.root / "opt/dgc/pending.json").exists()
+        outcome = bench.boot()
+        after = bench.running()
         assert after == (before if expected == "old" else version), (step, config, outcome)
-        assert not (rig.root / "opt/dgc/pending.json").exists()
-        assert rig.healthy(), f"after a cut at {step} the board runs {after}, whose health check fails"
-        state = json.loads((rig.root / "opt/dgc/state.json").read_text())
+        assert not (bench.root / "opt/dgc/pending.json").exists()
+        assert bench.healthy(), f"after a cut at {step} the board runs {after}, whose health check fails"
+        state = json.loads((bench.root / "opt/dgc/state.json").read_text())
         assert state["current"] == after
         if config == "bad":
-            assert version in state["failed"] and not (rig.root / f"opt/dgc/releases/{version}").exists()
+            assert version in state["failed"] and not (bench.root / f"opt/dgc/releases/{version}").exists()
         rows.append((step, "fails its check" if config == "bad" else "passes", "yes" if pending else "no",
                      outcome["outcome"], f"{after} ({'new' if after == version else 'old'})"))
     # The board is not wedged: a normal install still goes through.
-    built, last = rig.build("2.0.0", "--config", str(rig.config("good.toml")))
-    r = rig.install(last)
-    assert r.returncode == 0 and rig.running() == "2.0.0", r.stdout + r.stderr
+    built, last = bench.build("2.0.0", "--config", str(bench.config("good.toml")))
+    r = bench.install(last)
+    assert r.returncode == 0 and bench.running() == "2.0.0", r.stdout + r.stderr
 
     table = ["| power cut after step | new release's health check | pending.json at boot | boot check | board runs after boot |",
              "|---|---|---|---|---|"] + [f"| {' | '.join(row)} |" for row in rows]
     with capsys.disabled():
         print("\n" + "\n".join(table))
-    (rig.work.parent / "power-cut-table.md").write_text("\n".join(table) + "\n")
+    (bench.work.parent / "power-cut-table.md").write_text("\n".join(table) + "\n")
 
 
-def test_boot_counter_rolls_back_a_release_whose_check_never_finishes(rig: Rig):
+def test_boot_counter_rolls_back_a_release_whose_check_never_finishes(bench: FlashBench):
     """Power cut DURING the health check, at every boot: the check is killed (process group) once
     it has started; after --max-boot-attempts boots the release is rolled back without running."""
-    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
+    r = host_cli("flash", "trust", "--release-pubkey", str(bench.release.pub), *bench.ssh())
     assert r.returncode == 0, r.stderr
-    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
-    assert rig.install(v1, "--board-kind", KIND).returncode == 0
-    built, v2 = rig.build("1.1.0", "--config", str(rig.config("good.toml")))
-    killed_install(rig, v2, "switched")
-    pending_path = rig.root / "opt/dgc/pending.json"
+    built, v1 = bench.build("1.0.0", "--config", str(bench.config("good.toml")))
+    assert bench.install(v1, "--board-kind", KIND).returncode == 0
+    built, v2 = bench.build("1.1.0", "--config", str(bench.config("good.toml")))
+    killed_install(bench, v2, "switched")
+    pending_path = bench.root / "opt/dgc/pending.json"
     limit = json.loads(pending_path.read_text())["max_boot_attempts"]
     assert limit == 3
     for n in range(1, limit + 1):
-        proc = subprocess.Popen([BOARD_PYTHON, "-I", str(rig.root / "opt/dgc/boot/boot_check.py"), "--root", str(rig.root)],
+        proc = subprocess.Popen([BOARD_PYTHON, "-I", str(bench.root / "opt/dgc/boot/boot_check.py"), "--root", str(bench.root)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         while json.loads(pending_path.read_text()).get("boot_attempts") != n:  # counted, the check is starting
@@ -417,76 +420,76 @@ def test_boot_counter_rolls_back_a_release_whose_check_never_finishes(rig: Rig):
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        assert rig.running() == "1.1.0"
-    outcome = rig.boot()
+        assert bench.running() == "1.1.0"
+    outcome = bench.boot()
     assert outcome["outcome"] == "rolled_back" and "did not finish its health check in 3 boot(s)" in outcome["reason"]
-    assert rig.running() == "1.0.0" and rig.healthy()
+    assert bench.running() == "1.0.0" and bench.healthy()
 
 
-def test_release_key_rotation_and_revocation_over_ssh(rig: Rig, tmp_path):
+def test_release_key_rotation_and_revocation_over_ssh(bench: FlashBench, tmp_path):
     """Rotate: a statement signed by the old key pins the new one on the board (checked by the
     board); bundles of the old key are refused from then on. Revoke: the board refuses the key."""
-    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
-    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
-    assert rig.install(v1, "--board-kind", KIND).returncode == 0
+    r = host_cli("flash", "trust", "--release-pubkey", str(bench.release.pub), *bench.ssh())
+    built, v1 = bench.build("1.0.0", "--config", str(bench.config("good.toml")))
+    assert bench.install(v1, "--board-kind", KIND).returncode == 0
     new_key = tmp_path / "new.key"
     assert host_cli("flash", "keygen", "--out", str(new_key)).returncode == 0
     statement = tmp_path / "rotate.json"
     forged = tmp_path / "forged.json"
-    r = host_cli("flash", "sign-key-statement", "rotate", "--release-key", str(rig.release.other_key), "--new-pubkey",
+    r = host_cli("flash", "sign-key-statement", "rotate", "--release-key", str(bench.release.other_key), "--new-pubkey",
                  f"{new_key}.pub", "--generation", "1", "--out", str(forged))
     assert r.returncode == 0, r.stderr
-    r = host_cli("flash", "apply-key-statement", str(forged), *rig.ssh())
+    r = host_cli("flash", "apply-key-statement", str(forged), *bench.ssh())
     assert r.returncode == 2 and "the board refused the statement" in r.stderr and "rotates from" in r.stderr, r.stderr
-    r = host_cli("flash", "sign-key-statement", "rotate", "--release-key", str(rig.release.key), "--new-pubkey",
+    r = host_cli("flash", "sign-key-statement", "rotate", "--release-key", str(bench.release.key), "--new-pubkey",
                  f"{new_key}.pub", "--generation", "1", "--out", str(statement))
     assert r.returncode == 0, r.stderr
-    r = host_cli("flash", "apply-key-statement", str(statement), *rig.ssh())
+    r = host_cli("flash", "apply-key-statement", str(statement), *bench.ssh())
     assert r.returncode == 0 and "rotated the release key" in r.stdout, r.stderr
-    assert (rig.root / "etc/dgc/release-pubkey.hex").read_text().strip() == Path(f"{new_key}.pub").read_text().strip()
-    r = host_cli("flash", "apply-key-statement", str(statement), *rig.ssh())  # a replay: the old key is no longer pinned
+    assert (bench.root / "etc/dgc/release-pubkey.hex").read_text().strip() == Path(f"{new_key}.pub").read_text().strip()
+    r = host_cli("flash", "apply-key-statement", str(statement), *bench.ssh())  # a replay: the old key is no longer pinned
     assert r.returncode == 2 and "rotates from" in r.stderr and "the board pins" in r.stderr, r.stderr
 
-    built, by_old = rig.build("1.1.0", "--config", str(rig.config("good.toml")))
-    r = rig.install(by_old)
+    built, by_old = bench.build("1.1.0", "--config", str(bench.config("good.toml")))
+    r = bench.install(by_old)
     assert r.returncode == 2 and "signature does not verify" in r.stderr
-    built, by_new = rig.build("1.2.0", "--config", str(rig.config("good.toml")), key=new_key)
-    r = rig.install(by_new)
-    assert r.returncode == 0 and rig.running() == "1.2.0", r.stdout + r.stderr
+    built, by_new = bench.build("1.2.0", "--config", str(bench.config("good.toml")), key=new_key)
+    r = bench.install(by_new)
+    assert r.returncode == 0 and bench.running() == "1.2.0", r.stdout + r.stderr
 
     revocation = tmp_path / "revoke.json"
     assert host_cli("flash", "sign-key-statement", "revoke", "--release-key", str(new_key), "--out", str(revocation)).returncode == 0
-    r = host_cli("flash", "apply-key-statement", str(revocation), *rig.ssh())
+    r = host_cli("flash", "apply-key-statement", str(revocation), *bench.ssh())
     assert r.returncode == 0 and "nothing is accepted until a new key is pinned" in r.stdout, r.stderr
-    built, after = rig.build("1.3.0", "--config", str(rig.config("good.toml")), key=new_key)
-    with rig.target() as target, pytest.raises(BundleRefused, match="the board refused the bundle: .*is revoked"):
+    built, after = bench.build("1.3.0", "--config", str(bench.config("good.toml")), key=new_key)
+    with bench.target() as target, pytest.raises(BundleRefused, match="the board refused the bundle: .*is revoked"):
         install(target, after, host_check=False)
-    assert rig.running() == "1.2.0"
-    for key in (rig.release.key, new_key):  # no secret crossed to the board or back
+    assert bench.running() == "1.2.0"
+    for key in (bench.release.key, new_key):  # no secret crossed to the board or back
         secret = key.read_text().split()[-1]
-        for path in (statement, revocation, rig.root / "etc/dgc/release-keys.json"):
+        for path in (statement, revocation, bench.root / "etc/dgc/release-keys.json"):
             assert secret not in path.read_text()
 
 
-def test_a_release_that_cannot_read_the_journal_is_refused(rig: Rig):
+def test_a_release_that_cannot_read_the_journal_is_refused(bench: FlashBench):
     """The board's journal is at the firmware's schema; a release declaring it reads only a newer
     one is refused by the board before any switch; the rollback path applies the same rule."""
     from firmware.journal import SCHEMA_VERSION, Journal
 
-    r = host_cli("flash", "trust", "--release-pubkey", str(rig.release.pub), *rig.ssh())
-    built, v1 = rig.build("1.0.0", "--config", str(rig.config("good.toml")))
-    assert rig.install(v1, "--board-kind", KIND).returncode == 0
-    Journal(rig.root / "var/lib/dgc/journal.sqlite3").close()  # the daemon's journal, as it makes it
-    built, newer = rig.build("1.1.0", "--config", str(rig.config("good.toml")), "--journal-schema", str(SCHEMA_VERSION + 1))
-    with rig.target() as target, pytest.raises(BundleRefused, match=rf"is schema {SCHEMA_VERSION}: switching would run it"):
+    r = host_cli("flash", "trust", "--release-pubkey", str(bench.release.pub), *bench.ssh())
+    built, v1 = bench.build("1.0.0", "--config", str(bench.config("good.toml")))
+    assert bench.install(v1, "--board-kind", KIND).returncode == 0
+    Journal(bench.root / "var/lib/dgc/journal.sqlite3").close()  # the daemon's journal, as it makes it
+    built, newer = bench.build("1.1.0", "--config", str(bench.config("good.toml")), "--journal-schema", str(SCHEMA_VERSION + 1))
+    with bench.target() as target, pytest.raises(BundleRefused, match=rf"is schema {SCHEMA_VERSION}: switching would run it"):
         install(target, newer, host_check=False)
-    assert rig.running() == "1.0.0" and not (rig.root / "opt/dgc/releases/1.1.0").exists()
-    state = json.loads((rig.root / "opt/dgc/state.json").read_text())
-    assert state["journal"] == f"{rig.root}/var/lib/dgc/journal.sqlite3"  # the rollback unit reads it from here
+    assert bench.running() == "1.0.0" and not (bench.root / "opt/dgc/releases/1.1.0").exists()
+    state = json.loads((bench.root / "opt/dgc/state.json").read_text())
+    assert state["journal"] == f"{bench.root}/var/lib/dgc/journal.sqlite3"  # the rollback unit reads it from here
 
     # A forced downgrade goes through (this machine and the board both accept --force-downgrade).
-    built, older = rig.build("0.9.0", "--config", str(rig.config("good.toml")))
-    r = rig.install(older)
+    built, older = bench.build("0.9.0", "--config", str(bench.config("good.toml")))
+    r = bench.install(older)
     assert r.returncode == 2 and "a downgrade" in r.stderr
-    r = rig.install(older, "--force-downgrade")
-    assert r.returncode == 0 and "board verified bundle 0.9.0" in r.stdout and rig.running() == "0.9.0", r.stdout + r.stderr
+    r = bench.install(older, "--force-downgrade")
+    assert r.returncode == 0 and "board verified bundle 0.9.0" in r.stdout and bench.running() == "0.9.0", r.stdout + r.stderr
