@@ -202,7 +202,23 @@ class _BoardSet:
         return lines
 
 
-class _MicroPythonMeters(MeterControl):
+class _OnBoards:
+    """A backend served by a MicroPython board process (``self.boards``): power cycle, stop and
+    console are the board's."""
+
+    boards: _BoardSet
+
+    def power_cycle(self) -> None:
+        self.boards.power_cycle()
+
+    def stop(self) -> list[str]:
+        return self.boards.stop()
+
+    def console(self) -> list[str]:
+        return self.boards.console()
+
+
+class _MicroPythonMeters(_OnBoards, MeterControl):
     """The bench board's Modbus slave under the MicroPython Unix port, driven over its console."""
 
     def __init__(self, spec: MeterBusSpec, emulator_end: str, build, workdir: Path):
@@ -231,14 +247,6 @@ class _MicroPythonMeters(MeterControl):
         self.boards.command("ping")
         return collections.Counter(self._counters.answers)
 
-    def power_cycle(self) -> None:
-        self.boards.power_cycle()
-
-    def stop(self) -> list[str]:
-        return self.boards.stop()
-
-    def console(self) -> list[str]:
-        return self.boards.console()
 
 
 # --- DGR backends -----------------------------------------------------------------------------------
@@ -335,7 +343,7 @@ class BoardRouterControl:
         self._boards.command(f"dgr fault {code}")
 
 
-class _MicroPythonDgr:
+class _MicroPythonDgr(_OnBoards):
     """The bench board's router under the MicroPython Unix port; ``sink`` from ``@dgr sink``."""
 
     def __init__(self, emulator_end: str, settings: Mapping[str, Any], sink: list, build, workdir: Path):
@@ -353,13 +361,5 @@ class _MicroPythonDgr:
         self.control = BoardRouterControl(self.boards)
         self.sink = sink
 
-    def power_cycle(self) -> None:
-        self.boards.power_cycle()
-
-    def stop(self) -> list[str]:
-        return self.boards.stop()
-
-    def console(self) -> list[str]:
-        return self.boards.console()
 
 

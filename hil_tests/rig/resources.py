@@ -15,12 +15,11 @@ from .rigfile import BUS_NAME, DgrSpec, MeterBusSpec, RigMeter
 # --- resources (what tests get) -----------------------------------------------------------------------
 
 
-class MeterBusResource:
-    """The rig's meter bus: where it is (``port``), its serial format and meters, and on an
-    emulated rig the emulator's ``control`` (None on a real bench)."""
+class _Port:
+    """Where a resource is: ``port`` (``device_end``, the path the driver opens) and its baud rate."""
 
-    def __init__(self, spec: MeterBusSpec, port: str, control: MeterControl | None):
-        self.spec, self.port, self.control = spec, port, control
+    port: str
+    spec: Any
 
     @property
     def device_end(self) -> Path:
@@ -29,6 +28,15 @@ class MeterBusResource:
     @property
     def baudrate(self) -> int:
         return self.spec.baudrate
+
+
+class MeterBusResource(_Port):
+    """The rig's meter bus: where it is (``port``), its serial format and meters, and on an
+    emulated rig the emulator's ``control`` (None on a real bench)."""
+
+    def __init__(self, spec: MeterBusSpec, port: str, control: MeterControl | None):
+        self.spec, self.port, self.control = spec, port, control
+
 
     @property
     def meters(self) -> tuple[RigMeter, ...]:
@@ -50,7 +58,7 @@ class MeterBusResource:
                      for m in self.spec.meters)
 
 
-class DgrResource:
+class DgrResource(_Port):
     """The rig's DGR link: ``port``, and on an emulated rig the router's ``control`` (a
     DgrEmulator, or its MicroPython counterpart) and ``sink``: every energy increment the
     router reported moving, as (direction, Wh)."""
@@ -59,13 +67,6 @@ class DgrResource:
         self.spec, self.port, self._backend, self.settings = spec, port, backend, dict(settings)
         self.sink: list[tuple[str, float]] = backend.sink if backend is not None else []
 
-    @property
-    def device_end(self) -> Path:
-        return Path(self.port)
-
-    @property
-    def baudrate(self) -> int:
-        return self.spec.baudrate
 
     @property
     def control(self):
