@@ -258,3 +258,23 @@ def test_o_a_restarted_daemon_talks_to_the_router_first(tmp_path):
     w.controller.recover()
     assert w.router.frames[0] == "HEARTBEAT"
     assert reads_before and reads_before[0] == ["HEARTBEAT"]
+
+
+def test_c_long_meter_gap_after_a_cut_transfer_gives_the_next_slots_energy_to_the_next_slot(tmp_path):
+    """Sim finding F4: the slot's transfer was cut short by a router fault well before the
+    edge, then the interchange meter was unreadable from 20 s before the edge to 40 s after it
+    while the next slot's transfer ran. Interpolating across that gap handed part of the next
+    slot's transfer to this one; the cut transfer cannot have moved anything in the gap."""
+    w = World(tmp_path)
+    w.trades(Trade(1, M, "sell", 100), Trade(2, N, "sell", 100))
+    w.run_until(M + 20)
+    w.router._end(w.router.active[1], "fault")  # the router's own END (reason=fault)
+    w.run_until(M + 38)
+    w.meters.fail_interchange = 10_000
+    w.run_until(N + 40)
+    w.meters.fail_interchange = 0
+    w.run_until(N + SLOT_S + 8)
+    moved = {t: w.router.ended[t][1] for t in (1, 2)}
+    got = reported(w)
+    assert abs(got[1][0] - moved[1]) <= 1 and got[1][1] == "failed", (got, moved)
+    assert abs(got[2][0] - moved[2]) <= 1, (got, moved)

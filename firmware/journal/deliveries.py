@@ -50,6 +50,12 @@ class MeteredDelivery:
 
 
 @dataclass(frozen=True)
+class DeliveryTimes:
+    started_at_ms: int | None
+    updated_at_ms: int | None
+
+
+@dataclass(frozen=True)
 class EdgeValue:
     """The interchange counters at one slot edge (end of the slot before, start of the next)."""
 
@@ -163,6 +169,13 @@ class DeliveriesMixin:
         with self._lock:
             rows = self._db.execute(query + " ORDER BY market_id, trade_id", params).fetchall()
         return [DeliveryRow(*r) for r in rows]
+
+    def delivery_times(self, trade_id: int) -> "DeliveryTimes":
+        """When the delivery's START was journalled and when it last changed state (journal clock, ms)."""
+        with self._lock:
+            row = self._db.execute("SELECT started_at_ms, updated_at_ms FROM deliveries WHERE trade_id = ?",
+                                   (trade_id,)).fetchone()
+        return DeliveryTimes(*(row or (None, None)))
 
     def delivery(self, trade_id: int) -> DeliveryRow | None:
         with self._lock:

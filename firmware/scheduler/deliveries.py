@@ -218,14 +218,32 @@ class Deliveries:
         except MeterReadError as exc:
             self.ctx.events.emit("alarm.meter", meter=self.metering.interchange, detail=f"delivery metering postponed: {exc}")
 
-    def _ran(self, market_id: int) -> dict[str, bool]:
-        """Per direction: did a transfer of this slot run (or may it have)?"""
-        ran = {"export": False, "import": False}
-        every = ds.STATES
-        for row in self.ctx.journal.deliveries(states=every, market_id=market_id):
-            if row.state in (ds.STARTING, *ds.FLOWING) or (row.state in (ds.METERED, ds.REPORTED) and (row.delivered_mwh or row.delivered_wh)):
-                ran[row.direction] = True
-        return ran
+    def _flowing_in(self, market_id: int, from_ms: int, to_ms: int) -> dict[str, bool]:
+        """Per direction: may a transfer of this slot have moved energy between ``from_ms`` and
+        ``to_ms``? A transfer known to have ended before ``from_ms`` (interrupted then, with the
+        router's watchdog time on top, or the router's END event) or started after ``to_ms``
+        did not: the energy in a gap of readings is then not given to its slot (sim F4)."""
+        from .router_link import MIN_ROUTER_WATCHDOG_S
+
+        flowing = {"export": False, "import": False}
+        transfer_end = getattr(self.ctx.dgr, "transfer_end", None)
+        for row in self.ctx.journal.deliveries(states=ds.STATES, market_id=market_id):
+            ran = row.state in (ds.STARTING, *ds.FLOWING) or (
+                row.state in (ds.METERED, ds.REPORTED) and bool(row.delivered_mwh or row.delivered_wh))
+            if not ran:
+                continue
+            times = self.ctx.journal.delivery_times(row.trade_id)
+            if times.started_at_ms is not None and times.started_at_ms > to_ms:
+                continue
+            if row.state == ds.INTERRUPTED and times.updated_at_ms is not None \
+                    and times.updated_at_ms + MIN_ROUTER_WATCHDOG_S * 1000 < from_ms:
+                continue
+            end = transfer_end(row.trade_id) if transfer_end is not None else None
+            received_at = getattr(end, "received_at", 0.0) if end is not None else 0.0
+            if received_at and received_at * 1000 < from_ms:
+                continue
+            flowing[row.direction] = True
+        return flowing
 
     def _edge(self, edge_s: int) -> tuple[Edge | None, bool]:
         """The counters at a slot edge: the stored value, else computed from the journalled
@@ -244,8 +262,12 @@ class Deliveries:
         if later is not None and after is not None and later.edge_s * 1000 <= after[0]:
             after = (later.edge_s * 1000, later.import_energy_mwh, later.export_energy_mwh)
         slot_s = self.ctx.rules.slot_seconds
+        edge_ms = edge_s * 1000
+        t0 = before[0] if before else edge_ms
+        t1 = after[0] if after else edge_ms
         edge = edge_value(edge_s, Counters(*before) if before else None, Counters(*after) if after else None,
-                          active_before=self._ran(edge_s - slot_s), active_after=self._ran(edge_s))
+                          active_before=self._flowing_in(edge_s - slot_s, t0, edge_ms),
+                          active_after=self._flowing_in(edge_s, edge_ms, t1))
         return edge, True
 
     def _meter_slot(self, market_id: int) -> None:
