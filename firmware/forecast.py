@@ -47,6 +47,8 @@ PV_HISTORY_DAYS = 28  # the roof's clear-slot scale is learnt over at most these
 PV_SCALE_PERCENTILE = 90  # PV / clear-sky ratio that counts as "a clear slot" for this roof
 MIN_CLEAR_SKY_W_M2 = 20.0  # below this the ratio is noise (dawn, dusk)
 NEAR_HOURS = 2.0  # the latest slot's cloudiness matters this far ahead (e-folding, hours)
+NEAR_SLOTS = 2  # the next market is two slots after the latest complete one
+QUANTILE_POINTS = tuple(range(5, 100, 10))  # the PV error distribution, kept as 10 quantiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +304,10 @@ class _PvModel:
     today_weight: float  # 0..1: how much of today's clear-sky energy has been seen
     last_ratio: float | None  # cloudiness of the latest complete daylight slot
     last_slot: int | None
+    # Empirical errors, as quantile functions (QUANTILE_POINTS values, lowest first): a slot's
+    # cloudiness around the recent mean (far ahead), and its change over NEAR_SLOTS slots (next markets)
+    far_errors: tuple[float, ...] = (0.0,)
+    near_errors: tuple[float, ...] = (0.0,)
 
 
 def _pv_model(pv: Mapping[int, int], *, site: Site, now_s: int, slot_seconds: int, day_seconds: int,
@@ -340,7 +346,25 @@ def _pv_model(pv: Mapping[int, int], *, site: Site, now_s: int, slot_seconds: in
         expected = scale.get((last_slot % day_seconds) // slot_seconds, default) * cs_of[last_slot]
         if expected > 0:
             last_ratio = min(1.5, max(0, pv[last_slot]) / expected)
-    return _PvModel(scale, default, cloud, today_ratio, weight, last_ratio, last_slot)
+    # slot-level cloudiness of the recent days: its spread around the mean, and its change over
+    # NEAR_SLOTS slots, are the forecast's errors far ahead and for the next markets
+    recent = today - CLOUD_DAYS * day_seconds
+    slot_ratio = {}
+    for s, cs in cs_of.items():
+        if s >= recent and cs >= MIN_CLEAR_SKY_W_M2:
+            expected = scale.get((s % day_seconds) // slot_seconds, default) * cs
+            if expected > 0:
+                slot_ratio[s] = min(1.5, max(0, pv[s]) / expected)
+    far, near = (0.0,), (0.0,)
+    if len(slot_ratio) >= 5:
+        mean = sum(cloud) / len(cloud) if cloud else sum(slot_ratio.values()) / len(slot_ratio)
+        far_all = sorted(r - mean for r in slot_ratio.values())
+        far = tuple(_quantile(far_all, q) for q in QUANTILE_POINTS)
+        steps = sorted(r - slot_ratio[s - NEAR_SLOTS * slot_seconds] for s, r in slot_ratio.items()
+                       if s - NEAR_SLOTS * slot_seconds in slot_ratio)
+        if steps:
+            near = tuple(_quantile(steps, q) for q in QUANTILE_POINTS)
+    return _PvModel(scale, default, cloud, today_ratio, weight, last_ratio, last_slot, far, near)
 
 
 def _pv_forecast(model: _PvModel, target: int, cs: float, *, now_s: int, slot_seconds: int,
@@ -351,19 +375,20 @@ def _pv_forecast(model: _PvModel, target: int, cs: float, *, now_s: int, slot_se
         return 0, (0,)
     prior = sum(model.cloud_days) / len(model.cloud_days) if model.cloud_days else 0.7
     ratio = prior
-    spread = 1.0
     if target - target % day_seconds == now_s - now_s % day_seconds and model.today_ratio is not None:
         ratio = model.today_weight * model.today_ratio + (1 - model.today_weight) * prior
-        spread = 1 - model.today_weight
+    a = 0.0
     if model.last_ratio is not None and model.last_slot is not None:
         hours_ahead = (target - model.last_slot) / day_seconds * 24.0
         a = math.exp(-hours_ahead / NEAR_HOURS)
         ratio = a * model.last_ratio + (1 - a) * ratio
-        spread *= 1 - a
     point = round(clear_wh * ratio)
-    cloud = model.cloud_days or (prior,)
-    mean = sum(cloud) / len(cloud)
-    samples = tuple(sorted(max(0, round(clear_wh * max(0.0, ratio + (c - mean) * spread))) for c in cloud))
+    # the error distribution: near-term changes for the next markets, blended (quantile by
+    # quantile) into the spread around the mean further ahead
+    far, near = model.far_errors, model.near_errors
+    if len(near) != len(far):
+        near = (0.0,) * len(far)
+    samples = tuple(sorted(max(0, round(clear_wh * max(0.0, ratio + a * n + (1 - a) * f))) for n, f in zip(near, far)))
     return point, samples
 
 
