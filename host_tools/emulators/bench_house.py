@@ -43,6 +43,38 @@ def router_max_power_w(config: BoardConfig) -> int:
     return int(REAL_ROUTER_MAX_POWER_W * speed)
 
 
+class NetInterchange:
+    """The interchange meter as a real bidirectional meter sees it: only the net flow.
+
+    ``[[meter]] net_only = true`` on the interchange meter (docs/board-config.md). The DGR
+    emulator feeds every transfer's energy of one integration step in one call of the loop
+    (``_feed_sinks``); the increments of one loop turn are summed and only the net goes to the
+    house model's interchange counters, so an export and an import running at the same time
+    cancel on the meter, as they do on the wire. Exact: the increments are dyadic fractions of
+    a Wh (docs/dgr-protocol.md section 10).
+    """
+
+    def __init__(self, model: HouseModel, clock, loop: asyncio.AbstractEventLoop):
+        self.model, self.clock, self.loop = model, clock, loop
+        self.pending_wh = 0.0
+        self._scheduled = False
+
+    def add(self, direction: str, energy_wh: float) -> None:
+        self.pending_wh += energy_wh if direction == "export" else -energy_wh
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        net, self.pending_wh = self.pending_wh, 0.0
+        self.model.advance(self.clock())
+        if net > 0:
+            self.model.add_interchange("export", net)
+        elif net < 0:
+            self.model.add_interchange("import", -net)
+
+
 class BenchHouseControl:
     """What the control channel's commands do to one bench house (runs on the bench's loop).
 
@@ -247,6 +279,10 @@ async def run_bench_house(config_path: str | Path, *, stop: asyncio.Event | None
         def count_energy(direction: str, energy_wh: float) -> None:
             model.advance(clock())
             model.add_interchange(direction, energy_wh)
+
+        interchange = config.meter_by_role("interchange")
+        if getattr(interchange, "net_only", False):
+            count_energy = NetInterchange(model, clock, asyncio.get_running_loop()).add
 
         dgr = DgrEmulator(
             str(dgr_line.emulator_end),
