@@ -3,7 +3,7 @@
 Why a module of its own: a bogus kWh value (180.1 -> 5000 -> 180.4 is the classic) that reaches
 the journal poisons the forecast for a week and, on the interchange meter, a settlement. The
 rules are physics and bookkeeping, so they are written as pure functions over immutable state
-and tested without a bus; the daemon (``scheduler/controller.py``) only feeds them readings and
+and tested without a bus; the daemon (``scheduler/metering.py``) only feeds them readings and
 read failures and acts on the verdicts.
 
 Rules, per meter:
@@ -27,6 +27,8 @@ Rules, per meter:
   The offsets live in the state, so every later reading is stored as raw + offset.
   A single spike never gathers ``confirm_readings`` agreeing readings: it is rejected and the
   next good reading clears it.
+* **Time goes forward.** A reading stamped before the last good one (the board's clock stepped
+  back) is rejected without judging its counters and never starts a new baseline.
 * **Unavailable, never stale.** ``max_failures`` failed or rejected reads in a row make the
   meter's value unavailable, whatever its age; so does a last good reading older than the
   caller's freshness limit. A good reading makes it available again.
@@ -85,6 +87,7 @@ class MeterState:
     candidates: tuple[Sample, ...] = ()
     failures: int = 0
     rebaselines: int = 0
+    clock_stepped_back: bool = False  # a reading came stamped before ``last``: the next rate is not judged
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,20 @@ def check_reading(state: MeterState, raw: Sample, limits: Limits) -> Verdict:
             return _accept(state, raw, f"first baseline confirmed by {len(candidates)} agreeing readings", limits)
         return Verdict(dataclasses.replace(state, candidates=candidates), PENDING, None,
                        f"first baseline: {len(candidates)} of {limits.confirm_readings} agreeing readings")
+    if raw.taken_at_ms < state.last.taken_at_ms:
+        # The board's clock went backwards (an NTP step): the rate between the two readings
+        # cannot be judged, and the reading cannot follow the last one in the series. Rejected,
+        # but never the start of a new baseline: re-baselining on a clock step would throw away
+        # the energy the meter counted meanwhile (sim finding F3).
+        verdict = _reject(state, limits, f"reading taken at {raw.taken_at_ms} ms, before the last good one "
+                          f"({state.last.taken_at_ms} ms): the clock went backwards; not judged", candidates=())
+        return dataclasses.replace(verdict, state=dataclasses.replace(verdict.state, clock_stepped_back=True))
     stored = _shifted(raw, state.import_offset_wh, state.export_offset_wh)
     problem = _problem(state.last, stored, limits)
+    if problem is not None and state.clock_stepped_back and not problem.startswith("counter went backwards"):
+        # After a clock step back the wall time between the last good reading and this one
+        # says nothing about the real time: only monotonicity is judged, once.
+        problem = None
     if problem is None:
         return _accept(state, stored, "", limits)
     # Disagrees with the last good reading: a spike, or the first readings of a new baseline.
@@ -187,7 +202,7 @@ def unavailable_reason(state: MeterState, limits: Limits, now_ms: int, max_age_m
 
 
 def _accept(state: MeterState, stored: Sample, reason: str, limits: Limits) -> Verdict:
-    new = dataclasses.replace(state, last=stored, candidates=(), failures=0)
+    new = dataclasses.replace(state, last=stored, candidates=(), failures=0, clock_stepped_back=False)
     return Verdict(new, ACCEPTED, stored, reason, became_available=state.failures >= limits.max_failures)
 
 

@@ -278,3 +278,20 @@ def test_c_long_meter_gap_after_a_cut_transfer_gives_the_next_slots_energy_to_th
     got = reported(w)
     assert abs(got[1][0] - moved[1]) <= 1 and got[1][1] == "failed", (got, moved)
     assert abs(got[2][0] - moved[2]) <= 1, (got, moved)
+
+
+def test_g_deferred_by_the_clock_guard_then_started_and_nothing_metered_by_a_bad_clock(tmp_path):
+    """While the clock guard fails, a due START is deferred (not refused) and no slot is
+    stopped, metered or reported (by a wrong clock a running slot could look ended: sim F5);
+    when the clock is good again within the slot, the transfer starts."""
+    w = World(tmp_path)
+    w.trades(Trade(1, M, "sell", 100))
+    w.run_until(M - 2)
+    w.controller.health.clock_ok = False
+    w.run_until(M + 10)
+    assert w.router.starts == [] and len(w.events("delivery.deferred")) == 1
+    w.controller.health.clock_ok = True
+    w.run_until(N + 6)
+    assert w.router.starts == [1]
+    energy, status = reported(w)[1]
+    assert 0 < energy <= 100

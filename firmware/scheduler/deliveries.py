@@ -51,26 +51,34 @@ class Deliveries:
 
     def tick(self) -> None:
         ctx = self.ctx
-        journal = ctx.journal
         with ctx.delivery_lock:
             now = ctx.now()
             current = ctx.rules.slot_start(now)
             self._resolve_starting(current)
             started = self._start_due(current, now)
-            self._stop_ended(current)
-            ended = journal.deliveries(states=ds.OPEN, before_market=current)
-            if started or ended:
-                self._read_edge()
-            for market_id in sorted({row.market_id for row in ended}):
-                self._meter_slot(market_id)
-            # A report goes out only once its slot has ended on the ledger's clock too: a board
-            # clock ahead by less than the skew bound would otherwise send it "too early", and
-            # the ledger's refusal is final.
-            report_after_s = -(-ctx.config.ledger.max_clock_skew_ms // 1000) + 1
-            for row in journal.deliveries(states=(ds.METERED,)):
-                if now >= ctx.rules.slot_end(row.market_id) + report_after_s:
-                    self.report(row)
+            if ctx.health.clock_ok:
+                self._slot_ends(current, now, started)
         self._flush_outbox()
+
+    def _slot_ends(self, current: int, now: int, started: int) -> None:
+        """STOP, meter and report the ended slots. Only with a good clock: by a wrong one a
+        running slot could look ended (the router stops each transfer by itself at its end
+        time anyway; sim finding F5)."""
+        ctx = self.ctx
+        journal = ctx.journal
+        self._stop_ended(current)
+        ended = journal.deliveries(states=ds.OPEN, before_market=current)
+        if started or ended:
+            self._read_edge()
+        for market_id in sorted({row.market_id for row in ended}):
+            self._meter_slot(market_id)
+        # A report goes out only once its slot has ended on the ledger's clock too: a board
+        # clock ahead by less than the skew bound would otherwise send it "too early", and
+        # the ledger's refusal is final.
+        report_after_s = -(-ctx.config.ledger.max_clock_skew_ms // 1000) + 1
+        for row in journal.deliveries(states=(ds.METERED,)):
+            if now >= ctx.rules.slot_end(row.market_id) + report_after_s:
+                self.report(row)
 
     # -- transitions --------------------------------------------------------------------------
 
@@ -132,6 +140,11 @@ class Deliveries:
         journal, dgr, events = ctx.journal, ctx.dgr, ctx.events
         started = 0
         for row in journal.deliveries(states=(ds.SCHEDULED,), before_market=current + 1):
+            if not ctx.health.clock_ok:  # by a wrong clock even "the slot passed" may be wrong
+                if row.trade_id not in self._deferred:
+                    self._deferred.add(row.trade_id)
+                    events.emit("delivery.deferred", trade=row.trade_id, reason="clock skew")
+                continue
             end_at = ctx.rules.slot_end(row.market_id)
             if row.market_id < current or end_at - now < MIN_START_SECONDS:
                 reason = "slot passed before the transfer could start"
@@ -140,11 +153,6 @@ class Deliveries:
                 if self._move(row, ds.REFUSED, reason):
                     events.emit("delivery.missed", trade=row.trade_id, market=row.market_id)
                 self._deferred.discard(row.trade_id)
-                continue
-            if not ctx.health.clock_ok:
-                if row.trade_id not in self._deferred:
-                    self._deferred.add(row.trade_id)
-                    events.emit("delivery.deferred", trade=row.trade_id, reason="clock skew")
                 continue
             self._deferred.discard(row.trade_id)
             # Aim to finish a little before the slot ends: the router stops at the energy target,
