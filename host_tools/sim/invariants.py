@@ -145,7 +145,8 @@ class Checker:
         moved = house.router.moved_by_slot.get((market_id, direction), 0.0)
         reported = sum(reports)
         contracted = sum(t["energy_wh"] for t in mine)
-        tol = ENERGY_TOLERANCE_WH + len(mine)
+        # whole-Wh counters, plus the board's own metering tolerance (issue 7 l) per trade
+        tol = ENERGY_TOLERANCE_WH + len(mine) * (1 + house.metering_tolerance_wh)
         where = (f"{house.name} slot {market_id} ({self.world.rel(market_id)}) {direction}: reported {reported} Wh "
                  f"over {len(mine)} trade(s), router moved {moved:.1f} Wh, contracted {contracted} Wh")
         if reported > moved + tol:

@@ -167,6 +167,7 @@ class House:
             sell=sell, dgr_timeout_ms=int(DGR_TIMEOUT_S * 1000), dgr_retries=DGR_RETRIES, heartbeat_s=HEARTBEAT_S),
             state_dir / "board.toml")
         self.jobs = dict(jobs_of(self.config))
+        self.metering_tolerance_wh = int(getattr(self.config.meter_by_role("interchange"), "tolerance_wh", 0))
         self.key = DeviceKey(coincurve.PrivateKey(rng.randbytes(32)))
         self.device_id = self.key.device_id
         self.journal_path = state_dir / "journal.sqlite3"
