@@ -58,6 +58,7 @@ from .store import (
     DEFAULT_SELL_CAPACITY_WH,
     INT64_MAX,
     MAX_CREDIT_MILLI_MINOR,
+    REJECTION_STATUS,
     MAX_FUTURE_ISSUE_SECONDS,
     MAX_ORDER_WH,
     LedgerStore,
@@ -136,7 +137,8 @@ class _Strict(BaseModel):
 
 class Rejected(_Strict):
     status: Literal["rejected"]
-    code: str = Field(description="machine-readable reason, e.g. gate_closed, bad_signature")
+    code: Literal[tuple(sorted({*REJECTION_STATUS, "http_error"}))] = Field(  # type: ignore[valid-type]
+        description="machine-readable reason, e.g. gate_closed, bad_signature")
     detail: str = Field(description="what was wrong and what was expected")
     duplicate: Optional[bool] = Field(None, description="for messages: true when this is the stored answer to a resend")
     nonce: Optional[int] = None
@@ -195,8 +197,9 @@ class RevokeOut(Account):
 
 
 class Envelope(_Strict):
-    payload: str = Field(description="the canonical message JSON, exactly as signed")
-    signature: str = Field(description="128 hex: compact r||s, low-S, over sha256(payload)")
+    payload: str = Field(max_length=MAX_PAYLOAD_BYTES, pattern=r"^[ -~]*$",
+                         description="the canonical message JSON (printable ASCII), exactly as signed")
+    signature: str = Field(pattern=r"^[0-9a-fA-F]{128}$", description="128 hex: compact r||s, low-S, over sha256(payload)")
 
 
 class Accepted(_Strict):
@@ -361,7 +364,12 @@ class StatsOut(_Strict):
     locked_milli_minor: int
 
 
-_REJECTIONS = {status: {"model": Rejected} for status in (400, 401, 403, 404, 405, 409, 413, 422, 425, 429)}
+_REJECTIONS: dict = {status: {"model": Rejected} for status in (400, 401, 403, 404, 409, 413, 422, 425)}
+_REJECTIONS[405] = {"model": Rejected, "description": "method not allowed on this path",
+                    "headers": {"Allow": {"description": "the methods this path allows", "schema": {"type": "string"}}}}
+_REJECTIONS[429] = {"model": Rejected, "description": "over the device's or the client address's rate",
+                    "headers": {"Retry-After": {"description": "seconds until a retry may succeed",
+                                                "schema": {"type": "integer", "minimum": 1}}}}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -628,11 +636,11 @@ def create_app(settings: LedgerSettings) -> FastAPI:
 
     # ----------------------------------------------------------------- clock and rules
 
-    @app.get("/v1/time", response_model=TimeOut, summary="The ledger's clock (boards check their skew against it)")
+    @app.get("/v1/time", response_model=TimeOut, responses=_REJECTIONS, summary="The ledger's clock (boards check their skew against it)")
     def get_time() -> dict:
         return {"time_ms": settings.clock()}
 
-    @app.get("/v1/info", response_model=InfoOut, summary="Ledger id and market rules")
+    @app.get("/v1/info", response_model=InfoOut, responses=_REJECTIONS, summary="Ledger id and market rules")
     def get_info() -> dict:
         return {
             "ledger_id": settings.ledger_id,
@@ -868,7 +876,7 @@ def create_app(settings: LedgerSettings) -> FastAPI:
             return _reject("not_found", f"trade_id: no trade {trade_id} of yours; expected an id from your trades listing")
         return JSONResponse(trade)
 
-    @app.get("/v1/stats", response_model=StatsOut, summary="Counts and totals for dashboards and demos (aggregates only)")
+    @app.get("/v1/stats", response_model=StatsOut, responses=_REJECTIONS, summary="Counts and totals for dashboards and demos (aggregates only)")
     def get_stats() -> JSONResponse:
         now_ms()
         return JSONResponse(store.stats())
