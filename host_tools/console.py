@@ -24,7 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from .cli_support import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+
 BAUDRATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
 
 

@@ -46,11 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from .cli_support import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, OneLineParser
 from .target import BadTarget, BoardLayout, Target, TargetError, add_target_arguments, target_from_args
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 TOKEN_ENV = "DGC_LEDGER_OPERATOR_TOKEN"
 HTTP_TIMEOUT_S = 15
 
@@ -298,11 +298,6 @@ def provision(target: Target, ledger_url: str, *, operator_token: str | None = N
 
 # --------------------------------------------------------------------------- command line
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message} (see --help)\n")
-
-
 def _url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
@@ -336,7 +331,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     """Add `dgc-host provision` (a command, not a group)."""
     p = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
-    p.__class__ = _OneLineParser
+    p.__class__ = OneLineParser
     p.add_argument("target", metavar="TARGET", help="user@host (SSH), serial:/dev/DEVICE[@BAUD] (a logged-in shell on the serial console) or a directory standing for the board's root")
     p.add_argument("--ledger", type=_url, required=True, help="the ledger's base URL")
     p.add_argument("--operator-token", help=f"the ledger's operator token (or ${TOKEN_ENV}); never printed")
