@@ -49,8 +49,8 @@ def test_the_board_strategy_walks_off_flashed_provisioned_trading_and_back(hil_r
 
 def test_clock_skew_stops_bidding_with_an_alarm(hil_rig):
     """A ledger whose clock is 10 s ahead of the board's (bound 2 s): the daemon raises
-    alarm.clock and places no order at all, through more than the slot of history it needs
-    before a first bid and two bid rounds after it (12-s slots)."""
+    alarm.clock and places no order at all, through the slot of history it needs before a
+    first bid and a whole slot (a bid round, two reviews) after it (12-s slots)."""
     hil_rig.configure(market=SHORT_MARKET, cadence=SHORT_CADENCE, ledger_args=["--clock-offset-ms", "10000"])
     board = hil_rig.board()
     board.transition("trading")
@@ -58,7 +58,8 @@ def test_clock_skew_stops_bidding_with_an_alarm(hil_rig):
     slot_s = SHORT_MARKET["slot_seconds"]
     first_complete_slot_end = (int(time.time()) // slot_s + 2) * slot_s
     board.wait_for_line(r"bid\.skipped reason=\"(clock skew|skew -?\d+ ms)", timeout_s=2 * slot_s)  # the wording varies
-    time.sleep(max(0.0, first_complete_slot_end - time.time()) + 2 * slot_s)
+    # one bid round (bid_seconds = slot) and two reviews (every 5 s) after bidding could start
+    time.sleep(max(0.0, first_complete_slot_end - time.time()) + slot_s)
     stats = requests.get(f"{hil_rig.ledger_url()}/v1/stats", timeout=5).json()
     assert stats["orders"] == 0, stats
     assert not any(" order.signed" in line for line in board.daemon.lines)
