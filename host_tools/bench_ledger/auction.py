@@ -108,6 +108,8 @@ class OrderBook:
         self._levels: dict[str, dict[int, deque[tuple[str, int]]]] = {"buy": {}, "sell": {}}
         self._prices: dict[str, list[int]] = {"buy": [], "sell": []}  # ascending
         self._max_seq: int | None = None
+        self._open_by_device: dict[str, int] = {}  # device -> resting orders (the ledger's per-device cap)
+        self._sell_wh_by_device: dict[str, int] = {}  # device -> Wh offered (the ledger's seller capacity)
         for order in sorted(resting, key=lambda o: o.seq):
             if order.key in self._orders:
                 raise AuctionError(f"order {order.key}: already in the book")
@@ -116,7 +118,29 @@ class OrderBook:
     def __len__(self) -> int:
         return len(self._orders)
 
+    def _count(self, order: BookOrder, orders: int, sell_wh: int) -> None:
+        device = order.device_id
+        left = self._open_by_device.get(device, 0) + orders
+        if left:
+            self._open_by_device[device] = left
+        else:
+            self._open_by_device.pop(device, None)
+        if order.side == "sell" and sell_wh:
+            wh = self._sell_wh_by_device.get(device, 0) + sell_wh
+            if wh:
+                self._sell_wh_by_device[device] = wh
+            else:
+                self._sell_wh_by_device.pop(device, None)
+
+    def open_orders_of(self, device_id: str) -> int:
+        return self._open_by_device.get(device_id, 0)
+
+    def offered_wh_of(self, device_id: str) -> int:
+        """Wh the device offers (resting sells) in this market."""
+        return self._sell_wh_by_device.get(device_id, 0)
+
     def _rest(self, order: BookOrder) -> None:
+        self._count(order, +1, order.remaining_wh)
         self._orders[order.key] = order
         levels = self._levels[order.side]
         queue = levels.get(order.price_per_kwh_minor)
@@ -187,7 +211,9 @@ class OrderBook:
                 remaining -= quantity
                 if quantity == maker.remaining_wh:
                     del self._orders[key]
+                    self._count(maker, -1, -quantity)
                 else:
+                    self._count(maker, 0, -quantity)
                     self._orders[key] = replace(maker, remaining_wh=maker.remaining_wh - quantity)
                     kept.append(key)
             if kept:
@@ -212,6 +238,7 @@ class OrderBook:
         order = self._orders.pop((device_id, order_nonce), None)
         if order is None:
             return None
+        self._count(order, -1, -order.remaining_wh)
         queue = self._levels[order.side][order.price_per_kwh_minor]
         queue.remove(order.key)
         if not queue:

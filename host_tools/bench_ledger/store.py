@@ -294,6 +294,8 @@ class LedgerStore:
             self._conn.execute("ALTER TABLE devices ADD COLUMN open_shortfall_wh INTEGER NOT NULL DEFAULT 0")
         self._books: dict[int, OrderBook] = {}
         self._load_books()
+        self._next_order_id = self._one("SELECT COALESCE(MAX(order_id), 0) + 1 FROM orders")[0]
+        self._trade_leaves: list[tuple[int, bytes]] = []
         if self._one("SELECT 1 FROM log_entries WHERE block_height IS NULL LIMIT 1") is not None:
             self._pending_since_ms = 0  # entries left unsealed by the last run: seal at the first chance
 
@@ -515,13 +517,9 @@ class LedgerStore:
             try:
                 for fields, payload, signature in items:
                     digest = hashlib.sha256(payload).hexdigest()
-                    self._conn.execute("SAVEPOINT message")
                     try:
                         results.append(self._submit_locked(fields, payload, signature, digest, now_ms))
-                        self._conn.execute("RELEASE message")
-                    except Exception as exc:  # a bug or an I/O error in one message: undo it alone
-                        self._conn.execute("ROLLBACK TO message")
-                        self._conn.execute("RELEASE message")
+                    except Exception as exc:  # a bug or an I/O error in one message: undone alone (its savepoint)
                         self._load_books()
                         log.exception("message from %s could not be applied", fields.get("device_id"))
                         results.append(exc)
@@ -581,7 +579,8 @@ class LedgerStore:
             )
             return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
 
-        self._conn.execute("SAVEPOINT apply")
+        self._conn.execute("SAVEPOINT apply")  # the message's effects, its stored outcome and its record entries
+        self._trade_leaves = []
         try:
             if kind == "order":
                 result = self._apply_order(fields, now_ms)
@@ -591,23 +590,31 @@ class LedgerStore:
                 result = self._apply_report(fields, now_ms)
             else:  # messages.validate_fields admits only the kinds above
                 raise Rejection("malformed", f"type: expected one of order, cancel, delivery_report, got {kind!r}")
-            self._conn.execute("RELEASE apply")
             outcome = Outcome(200, {"status": "accepted", "duplicate": False, "nonce": nonce, "type": kind, "result": result})
+            self._store_message(fields, payload, signature, digest, now_ms, outcome)
+            # the record: the accepted message, then the trades it made
+            self._append("message", record.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
+            for trade_id, leaf in self._trade_leaves:
+                self._append("trade", leaf, now_ms, trade_id=trade_id)
+            self._conn.execute("RELEASE apply")
         except Rejection as rejection:
             self._conn.execute("ROLLBACK TO apply")
             self._conn.execute("RELEASE apply")
             outcome = Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
+            self._store_message(fields, payload, signature, digest, now_ms, outcome)
+        except BaseException:
+            self._conn.execute("ROLLBACK TO apply")
+            self._conn.execute("RELEASE apply")
+            raise
+        return outcome
+
+    def _store_message(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int,
+                       outcome: Outcome) -> None:
         self._conn.execute(
             "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (device_id, nonce, digest, kind, payload.decode("ascii"), signature.hex(), now_ms,
+            (fields["device_id"], fields["nonce"], digest, fields["type"], payload.decode("ascii"), signature.hex(), now_ms,
              outcome.http_status, json.dumps(outcome.body, sort_keys=True)),
         )
-        if outcome.http_status == 200:  # the record: the accepted message, then the trades it made
-            self._append("message", record.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
-            for trade in outcome.body["result"].get("trades", ()) if kind == "order" else ():
-                row = self._one("SELECT * FROM trades WHERE trade_id = ?", (trade["trade_id"],))
-                self._append("trade", _trade_leaf(row), now_ms, trade_id=row["trade_id"])
-        return outcome
 
     # ------------------------------------------------------------- the record
 
@@ -773,7 +780,7 @@ class LedgerStore:
                 f"(limit {self.max_open_shortfall_wh} Wh); expected the operator to clear them "
                 "(POST /v1/devices/{device_id}/clear-shortfalls) before new orders",
             )
-        open_orders = self._one("SELECT COUNT(*) FROM orders WHERE device_id = ? AND state = 'open'", (device_id,))[0]
+        open_orders = sum(book.open_orders_of(device_id) for book in self._books.values())  # in memory: = open rows
         if open_orders >= self.max_open_orders:
             raise Rejection(
                 "too_many_orders",
@@ -781,9 +788,7 @@ class LedgerStore:
                 "(cancel some, or wait for fills and gate closure)",
             )
         if side == "sell":
-            offered = self._one(
-                "SELECT COALESCE(SUM(remaining_wh), 0) FROM orders WHERE device_id = ? AND market_id = ? AND state = 'open' "
-                "AND side = 'sell'", (device_id, market_id))[0]
+            offered = self._book(market_id).offered_wh_of(device_id)
             sold = self._one(
                 "SELECT COALESCE(SUM(energy_wh), 0) FROM trades WHERE seller_device_id = ? AND market_id = ?",
                 (device_id, market_id))[0]
@@ -813,12 +818,8 @@ class LedgerStore:
                     f"expected at most the available balance {balance}",
                 )
             self._adjust(device_id, -locked, +locked)
-        cur = self._conn.execute(
-            "INSERT INTO orders (device_id, nonce, market_id, side, price_per_kwh_minor, energy_wh, remaining_wh, state, created_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?)",
-            (device_id, nonce, market_id, side, limit, energy_wh, energy_wh, now_ms),
-        )
-        seq = cur.lastrowid
+        seq = self._next_order_id  # the time priority; the row is written once, after matching
+        self._next_order_id += 1
         match = self._book(market_id).submit(BookOrder(device_id, nonce, side, limit, energy_wh, seq))
         trades, released = [], 0
         for fill in match.fills:
@@ -850,10 +851,16 @@ class LedgerStore:
                 "counterparty": maker.device_id,
                 "counterparty_order_nonce": maker.order_nonce,
             })
+            self._trade_leaves.append((trade_id, record.trade_leaf(
+                trade_id=trade_id, market_id=market_id, energy_wh=fill.energy_wh, price_per_kwh_minor=fill.price_per_kwh_minor,
+                seller_device_id=seller_id, seller_order_nonce=seller_nonce, buyer_device_id=buyer_id,
+                buyer_order_nonce=buyer_nonce)))
         state = "open" if match.remaining_wh else "filled"
         self._conn.execute(
-            "UPDATE orders SET remaining_wh = ?, state = ?, closed_ms = ? WHERE order_id = ?",
-            (match.remaining_wh, state, None if match.remaining_wh else now_ms, seq),
+            "INSERT INTO orders (order_id, device_id, nonce, market_id, side, price_per_kwh_minor, energy_wh, remaining_wh, "
+            "state, created_ms, closed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, device_id, nonce, market_id, side, limit, energy_wh, match.remaining_wh, state, now_ms,
+             None if match.remaining_wh else now_ms),
         )
         return {
             "order_nonce": nonce,
