@@ -22,6 +22,7 @@ from typing import Any, Callable
 from .market import MarketRules
 
 METER_ROLES = ("house", "interchange", "pv")
+LEDGER_KINDS = ("rest", "evm")
 PARITIES = ("N", "E", "O")
 
 
@@ -74,7 +75,22 @@ class LedgerConfig:
     backoff_ms: int = _between(1, MAX_TIMEOUT_MS, default=500)
     verify_tls: bool = _spec("true or false", default=True)
     max_clock_skew_ms: int = _between(1, 600_000, default=2000)
+    # How long the board may go on trusting its own clock while the ledger's time cannot be
+    # measured (ledger down, answers too slow to measure): then the clock guard fails closed.
+    clock_grace_seconds: int = _between(1, DAY_SECONDS, default=600)
     message_ttl_seconds: int = _between(1, DAY_SECONDS, default=600)
+    # Issue 9 (G2): which backend. "evm": ``url`` is the relay, the board reads the chain itself
+    # from ``rpc_url`` (firmware/ledger/evm.py, docs/ledger-evm.md); the other keys are unused by "rest".
+    kind: str = _spec('"rest" (the bench ledger\'s HTTP API) or "evm" (a market contract, through a relay)',
+                      lambda v: v in LEDGER_KINDS, default="rest")
+    rpc_url: str = _spec("empty, or the chain node's http:// or https:// JSON-RPC URL",
+                         lambda v: v == "" or v.startswith(("http://", "https://")), default="")
+    chain_id: int = _between(0, 2**32 - 1, " (0 = not set)", default=0)
+    contract: str = _spec("empty, or the market contract's address: 0x and 40 hex digits",
+                          lambda v: v == "" or (len(v) == 42 and v[:2] == "0x" and all(c in "0123456789abcdefABCDEF" for c in v[2:])),
+                          default="")
+    confirmations: int = _between(0, 1000, default=0)
+    from_block: int = _between(0, 10**12, default=0)
 
 
 @dataclass(frozen=True)
@@ -370,6 +386,16 @@ def _market_rules(raw: Any, file: Path) -> MarketRules:
 TOP_LEVEL_TABLES = ("board", "ledger", "market", "cadence", "policy", "forecast", "bus", "meter", "dgr", "sim", "console")
 
 
+def _check_ledger(file: Path, ledger: "LedgerConfig") -> None:
+    """kind = "evm" needs the chain's coordinates; without them the daemon could not sign a message."""
+    if ledger.kind != "evm":
+        return
+    for key, missing in (("rpc_url", not ledger.rpc_url), ("chain_id", not ledger.chain_id), ("contract", not ledger.contract)):
+        if missing:
+            raise ConfigError(file, "ledger", key, f'a value when kind = "evm" ({LedgerConfig.__dataclass_fields__[key].metadata["expect"]})',
+                              getattr(ledger, key))
+
+
 def _check_trading(file: Path, market: MarketRules, policy: "PolicyConfig", forecast: "ForecastConfig") -> None:
     """Keys of [policy] and [forecast] that must agree with each other or with [market]."""
     if policy.feed_in_per_kwh_minor > policy.retail_per_kwh_minor:
@@ -399,6 +425,7 @@ def parse_config(text: str, file: Path | str = "<config>") -> BoardConfig:
             raise ConfigError(file, required, "", f"a [{required}] table" if required not in ("bus", "meter") else f"at least one [[{required}]] table")
     board = _build(BoardSection, "board", raw["board"], file, base_dir)
     ledger = _build(LedgerConfig, "ledger", raw["ledger"], file, base_dir)
+    _check_ledger(file, ledger)
     market = _market_rules(raw.get("market", {}), file)
     cadence = _build(CadenceConfig, "cadence", raw.get("cadence", {}), file, base_dir)
     policy = _build(PolicyConfig, "policy", raw.get("policy", {}), file, base_dir)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..messages import SignedMessage, Signer, sign_message
+from ..trade_matching import ListedTrade, OwnOrder, trade_refusal
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,26 @@ class OrderRow:
         return self.energy_wh - self.filled_wh
 
 
+@dataclass(frozen=True)
+class TradeBatch:
+    """What one trade poll changed: the trades newly recorded (each with its delivery scheduled)
+    and those newly refused, with the reason (firmware/trade_matching.py), to alarm once each."""
+
+    new_ids: list[int]
+    refused: list[tuple[object, str]]
+
+
 class OrdersMixin:
+    # How a message is signed into the bytes the outbox stores and resends: the REST encoding by
+    # default; the daemon sets the EVM backend's (EIP-712) from [ledger] kind (G2, issue 9).
+    encode_message: Callable[..., SignedMessage] = staticmethod(sign_message)
+
     # -- outbox -------------------------------------------------------------------------
 
     def _enqueue(self, db: sqlite3.Connection, build: Callable[[int], dict], signer: Signer, ref: str) -> SignedMessage:
         nonce = self._meta(db, "next_nonce")
         fields = build(nonce)
-        message = sign_message(fields, signer)
+        message = self.encode_message(fields, signer)
         db.execute(
             "INSERT INTO outbox (nonce, kind, payload, signature, ref, created_at_ms, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (nonce, fields["type"], message.payload.decode("ascii"), message.signature.hex(), ref, self._clock_ms(), fields["expires_at"]),
@@ -72,12 +86,17 @@ class OrdersMixin:
             db.execute("UPDATE orders SET state = 'cancelling' WHERE nonce = ? AND state IN ('sending', 'open')", (order_nonce,))
             return message
 
-    def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
+    def pending_outbox(self, limit: int = 100, *, due_ms: int | None = None, after_nonce: int = 0) -> list[OutboxEntry]:
+        """Pending messages, oldest first. ``due_ms``: only those whose back-off (next_attempt_ms)
+        has passed; ``after_nonce``: only nonces above it (a flush walks past the ones it skips)."""
+        query = ("SELECT nonce, kind, payload, signature, ref, expires_at, attempts FROM outbox "
+                 "WHERE state = 'pending' AND nonce > ?")
+        params: list = [after_nonce]
+        if due_ms is not None:
+            query += " AND (next_attempt_ms IS NULL OR next_attempt_ms <= ?)"
+            params.append(due_ms)
         with self._lock:
-            rows = self._db.execute(
-                "SELECT nonce, kind, payload, signature, ref, expires_at, attempts FROM outbox WHERE state = 'pending' ORDER BY nonce LIMIT ?",
-                (limit,),
-            ).fetchall()
+            rows = self._db.execute(query + " ORDER BY nonce LIMIT ?", (*params, limit)).fetchall()
         return [
             OutboxEntry(n, k, SignedMessage(payload=p.encode("ascii"), signature=bytes.fromhex(s)), r, e, a)
             for n, k, p, s, r, e, a in rows
@@ -91,6 +110,50 @@ class OrdersMixin:
         with self._transaction() as db:
             db.execute("UPDATE outbox SET attempts = attempts + 1, last_attempt_ms = ? WHERE nonce = ?", (self._clock_ms(), nonce))
 
+    def defer_outbox(self, nonce: int, until_ms: int) -> None:
+        """Do not send this pending message again before ``until_ms`` (its own back-off, issue 7 j)."""
+        with self._transaction() as db:
+            db.execute("UPDATE outbox SET next_attempt_ms = ? WHERE nonce = ? AND state = 'pending'", (until_ms, nonce))
+
+    def clear_outbox_backoff(self) -> int:
+        """After a whole-ledger outage every message failed alike: let them all go at once again."""
+        with self._transaction() as db:
+            return db.execute("UPDATE outbox SET next_attempt_ms = NULL WHERE state = 'pending' AND next_attempt_ms IS NOT NULL").rowcount
+
+    def outbox_state(self, nonce: int) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM outbox WHERE nonce = ?", (nonce,)).fetchone()
+        return row[0] if row else None
+
+    def expire_outbox(self, entry: OutboxEntry) -> None:
+        """A pending message's own expiry passed: the ledger would refuse it now, so it is dropped
+        and recorded as 'expired' (issue 7 j), with what that means locally. An expired order may
+        still have reached the ledger (an answer lost), so it becomes 'expired', not 'rejected':
+        a trade the ledger lists for it still matches (firmware/trade_matching.py)."""
+        with self._transaction() as db:
+            db.execute("UPDATE outbox SET state = 'expired', answer = ? WHERE nonce = ? AND state = 'pending'",
+                       (json.dumps({"status": "expired", "attempts": entry.attempts}, sort_keys=True), entry.nonce))
+            if entry.kind == "order":
+                db.execute("UPDATE orders SET state = 'expired', detail = 'not acknowledged before it expired' "
+                           "WHERE nonce = ? AND state = 'sending'", (entry.nonce,))
+            elif entry.kind == "cancel":
+                db.execute("UPDATE orders SET state = CASE WHEN filled_wh >= energy_wh THEN 'filled' ELSE 'open' END "
+                           "WHERE nonce = ? AND state = 'cancelling'", (entry.message.fields["order_nonce"],))
+
+    def report_signatures(self, trade_id: int) -> int:
+        """How many reports were signed for this trade (the first and every re-signing)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM outbox WHERE ref = ?", (f"report:{trade_id}",)).fetchone()[0]
+
+    def latest_report_nonce(self, trade_id: int) -> int | None:
+        with self._lock:
+            return self._db.execute("SELECT MAX(nonce) FROM outbox WHERE ref = ?", (f"report:{trade_id}",)).fetchone()[0]
+
+    def outbox_counts(self) -> dict[str, int]:
+        """Outbox messages per state (pending, acked, rejected, expired)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
+
     def settle_outbox(self, entry: OutboxEntry, *, accepted: bool, answer: dict) -> None:
         """Record the ledger's final answer for a message, and what it means for the local state."""
         state = "acked" if accepted else "rejected"
@@ -98,11 +161,15 @@ class OrdersMixin:
             db.execute("UPDATE outbox SET state = ?, answer = ? WHERE nonce = ?", (state, json.dumps(answer, sort_keys=True), entry.nonce))
             if entry.kind == "order":
                 if accepted:
+                    # The immediate fill the ledger reports here is the same energy as the trades
+                    # the poll will list (issue 7 a): filled_wh is the larger of the two, never
+                    # their sum. The trades alone say what the board may deliver.
                     result = answer.get("result") or {}
-                    filled = result.get("filled_wh") if isinstance(result.get("filled_wh"), int) else 0
+                    filled = result.get("filled_wh") if type(result.get("filled_wh")) is int else 0
                     db.execute(
-                        "UPDATE orders SET state = CASE WHEN state = 'cancelling' THEN state WHEN ? >= energy_wh THEN 'filled' ELSE 'open' END, "
-                        "filled_wh = MAX(filled_wh, ?) WHERE nonce = ?",
+                        "UPDATE orders SET state = CASE WHEN state IN ('cancelling', 'cancelled') THEN state "
+                        "WHEN MAX(filled_wh, ?) >= energy_wh THEN 'filled' ELSE 'open' END, "
+                        "filled_wh = MIN(energy_wh, MAX(filled_wh, ?)) WHERE nonce = ?",
                         (filled, filled, entry.nonce),
                     )
                 else:
@@ -152,30 +219,74 @@ class OrdersMixin:
             return self._meta(self._db, "trade_cursor")
 
     def record_trades(self, trades: list, cursor: int) -> list[int]:
+        """:meth:`record_trades_checked`, returning only the ids of the trades newly recorded."""
+        return self.record_trades_checked(trades, cursor).new_ids
+
+    def record_trades_checked(self, trades: list, cursor: int) -> TradeBatch:
         """Store newly contracted trades, schedule their deliveries and advance the cursor atomically.
 
-        Returns the ids that were new (a trade seen twice is ignored, so polling is idempotent).
+        A trade is recorded only when it matches one of this board's orders (issue 7 i, the rule
+        in firmware/trade_matching.py, judged here inside the transaction so two polls cannot
+        both fit into one order's remaining quantity); otherwise it goes to ``refused_trades``
+        with the reason and never gets a delivery. A trade seen twice (recorded or refused) is
+        ignored, so polling is idempotent and each refusal is reported once.
         """
-        new_ids = []
+        new_ids: list[int] = []
+        refused: list[tuple[object, str]] = []
         with self._transaction() as db:
             for t in trades:
-                inserted = db.execute(
-                    "INSERT OR IGNORE INTO trades (trade_id, market_id, side, energy_wh, price_per_kwh_minor, order_nonce, counterparty, received_at_ms) "
+                known = db.execute("SELECT 1 FROM trades WHERE trade_id = ? UNION ALL "
+                                   "SELECT 1 FROM refused_trades WHERE trade_id = ?", (t.trade_id, t.trade_id)).fetchone()
+                if known:
+                    continue
+                order = self._own_order(db, t.order_nonce)
+                reason = trade_refusal(ListedTrade(t.market_id, t.side, t.energy_wh, t.price_per_kwh_minor, t.order_nonce), order)
+                if reason is not None:
+                    db.execute(
+                        "INSERT INTO refused_trades (trade_id, market_id, side, energy_wh, price_per_kwh_minor, order_nonce, "
+                        "counterparty, reason, received_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (t.trade_id, t.market_id, str(t.side), t.energy_wh, t.price_per_kwh_minor, t.order_nonce,
+                         str(t.counterparty), reason, self._clock_ms()),
+                    )
+                    refused.append((t, reason))
+                    continue
+                db.execute(
+                    "INSERT INTO trades (trade_id, market_id, side, energy_wh, price_per_kwh_minor, order_nonce, counterparty, received_at_ms) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (t.trade_id, t.market_id, t.side, t.energy_wh, t.price_per_kwh_minor, t.order_nonce, t.counterparty, self._clock_ms()),
-                ).rowcount
-                if not inserted:
-                    continue
+                )
                 new_ids.append(t.trade_id)
                 self._schedule_delivery(db, t.trade_id, t.market_id, "export" if t.side == "sell" else "import", t.energy_wh)
+                matched = order.matched_wh + t.energy_wh
                 db.execute(
-                    "UPDATE orders SET filled_wh = MIN(energy_wh, filled_wh + ?), "
-                    "state = CASE WHEN filled_wh + ? >= energy_wh THEN 'filled' ELSE state END WHERE nonce = ?",
-                    (t.energy_wh, t.energy_wh, t.order_nonce),
+                    "UPDATE orders SET filled_wh = MAX(filled_wh, ?), "
+                    "state = CASE WHEN MAX(filled_wh, ?) >= energy_wh THEN 'filled' ELSE state END WHERE nonce = ?",
+                    (matched, matched, t.order_nonce),
                 )
             if cursor > self._meta(db, "trade_cursor"):
                 self._set_meta(db, "trade_cursor", cursor)
-        return new_ids
+        return TradeBatch(new_ids, refused)
+
+    def _own_order(self, db: sqlite3.Connection, nonce: int) -> OwnOrder | None:
+        row = db.execute("SELECT nonce, market_id, side, energy_wh, price_per_kwh_minor, state FROM orders WHERE nonce = ?",
+                         (nonce,)).fetchone()
+        if row is None:
+            return None
+        matched = db.execute("SELECT COALESCE(SUM(energy_wh), 0) FROM trades WHERE order_nonce = ?", (nonce,)).fetchone()[0]
+        return OwnOrder(*row, matched_wh=matched)
+
+    def refused_trades(self, limit: int = 100) -> list[dict]:
+        """Trades the ledger listed that matched no order of this board, newest first."""
+        keys = ("trade_id", "market_id", "side", "energy_wh", "price_per_kwh_minor", "order_nonce", "counterparty", "reason",
+                "received_at_ms")
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(keys)} FROM refused_trades ORDER BY trade_id DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [dict(zip(keys, r)) for r in rows]
+
+    def refused_trade_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM refused_trades").fetchone()[0]
 
     def traded_wh(self, market_id: int, side: str) -> int:
         with self._lock:

@@ -27,6 +27,17 @@ class Health:
     meters_ok: dict[str, bool] = field(default_factory=dict)
     dgr_ok: bool | None = None
     last_reading_ms: dict[str, int] = field(default_factory=dict)
+    # The ledger link (A2, scheduler/ledger_link.py): since when the ledger is unreachable and
+    # why; a permanent refusal of this device (unregistered, revoked) and when to ask again.
+    ledger_down_since_ms: int | None = None
+    ledger_detail: str | None = None
+    ledger_refusal: str | None = None
+    ledger_retry_at_ms: int | None = None
+    # The clock guard (A2): when the skew was last measured (ctx clock) and that attempt's round trip.
+    clock_checked_at_ms: int | None = None
+    clock_round_trip_ms: int | None = None
+    clock_problem: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 class Context:

@@ -94,16 +94,13 @@ class Controller:
 
     def recover(self) -> None:
         """Rebuild from the journal: nonce floor from the ledger, resend the outbox, finish deliveries."""
-        from ..ledger.base import LedgerUnavailable
+        from .ledger_link import sync_account
 
         ctx = self.ctx
         journal = ctx.journal
-        try:
-            account = ctx.ledger.device_account(ctx.key.device_id)
-            if journal.raise_nonce_floor(int(account.get("max_nonce", 0)) + 1):
-                ctx.events.emit("nonce.raised", next_nonce=journal.next_nonce())
-        except LedgerUnavailable as exc:
-            ctx.events.emit("ledger.unavailable", detail=str(exc))
+        # Never raises for what the ledger says: a refused device alarms once and the jobs retry
+        # slowly (issue 7 h), an outage is announced once (p).
+        sync_account(ctx)
         pending = journal.pending_outbox(limit=10_000)
         running = journal.deliveries(states=(*ds.OPEN, ds.METERED))
         ctx.events.emit("recovered", outbox_pending=len(pending), deliveries_open=len(running), next_nonce=journal.next_nonce())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import signal
 import sys
 import threading
@@ -36,6 +37,14 @@ from .status import JobMonitor, StatusService, redact_url
 log = logging.getLogger(__name__)
 
 HEALTH_CHECK_SECONDS = 15.0  # without a systemd watchdog; with one, half of WatchdogSec=
+# SIGTERM ends the daemon within this, whatever a job is doing (issue 7 n): a job still running
+# then (a ledger call that trickles, a flush of thousands of messages) is abandoned as a kill
+# would abandon it — every journal transaction is atomic and every step is safe to redo.
+STOP_GRACE_SECONDS = 4.0
+
+
+class _StopDuringStart(BaseException):
+    """SIGTERM while the daemon was still starting (recovery may wait on a ledger call)."""
 
 
 def build_controller(config: BoardConfig, key_path: Path, events: EventLog):
@@ -43,21 +52,28 @@ def build_controller(config: BoardConfig, key_path: Path, events: EventLog):
     from ..drivers.meter import MeterSet
     from ..journal import Journal
     from ..keystore import load_key_file
-    from ..ledger.rest import RestLedger
     from .controller import Controller
 
     key = load_key_file(key_path)
     ledger_cfg = config.ledger
-    ledger = RestLedger(
-        ledger_cfg.url,
-        timeout_ms=ledger_cfg.timeout_ms,
-        retries=ledger_cfg.retries,
-        backoff_ms=ledger_cfg.backoff_ms,
-        verify_tls=ledger_cfg.verify_tls,
-        signer=key,  # reads of the device's own account and trades are signed (the ledger shows them to nobody else)
-        ledger_id=ledger_cfg.ledger_id,
-    )
     journal = Journal(config.journal_path)
+    if ledger_cfg.kind == "evm":  # issue 9 (G2): the market contract, messages signed as EIP-712
+        from ..ledger.evm import EvmLedger
+
+        ledger = EvmLedger.from_config(ledger_cfg, signer=key)
+        journal.encode_message = ledger.sign_message  # the outbox stores and resends these bytes
+    else:
+        from ..ledger.rest import RestLedger
+
+        ledger = RestLedger(
+            ledger_cfg.url,
+            timeout_ms=ledger_cfg.timeout_ms,
+            retries=ledger_cfg.retries,
+            backoff_ms=ledger_cfg.backoff_ms,
+            verify_tls=ledger_cfg.verify_tls,
+            signer=key,  # reads of the device's own account and trades are signed (the ledger shows them to nobody else)
+            ledger_id=ledger_cfg.ledger_id,
+        )
     meters = MeterSet.from_config(config)
     dgr = DgrClient(config.dgr)
     return Controller(config, journal=journal, key=key, meters=meters, dgr=dgr, ledger=ledger, events=events)
@@ -99,10 +115,20 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
 
     controller = build_controller(config, key_path, events)
     stop = stop_event or threading.Event()
+    starting = threading.Event()
+    starting.set()
+
+    received: list[str] = []
 
     def _on_signal(signum, _frame):
-        events.emit("stopping", signal=signal.Signals(signum).name)
+        # No lock may be taken here: the handler runs in the main thread between two bytecodes,
+        # perhaps inside events.emit holding its lock (a deadlock seen in a test). Set flags only.
+        received.append(signal.Signals(signum).name)
         stop.set()
+        controller.outbox.stop_requested.set()
+        if starting.is_set():
+            starting.clear()
+            raise _StopDuringStart()  # out of whatever start-up call is waiting (runs in the main thread)
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -110,8 +136,16 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
     events.emit("starting", device=controller.key.device_id, ledger=redact_url(config.ledger.url),
                 slot_s=config.market.slot_seconds, markets_ahead=config.market.markets_ahead)
     notifier.status("recovering from the journal")
-    controller.measure()
-    controller.recover()
+    try:
+        controller.measure()
+        controller.recover()
+        starting.clear()
+    except _StopDuringStart:
+        events.emit("stopping", signal=received[0] if received else "-", during="start-up")
+        notifier.stopping("stopping during start-up")
+        controller.close()
+        events.emit("stopped", during="start-up")
+        return 0
 
     cadence = config.cadence
     slot_s = config.market.slot_seconds
@@ -180,15 +214,37 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
         while not stop.wait(1.0):
             pass
     finally:
+        events.emit("stopping", signal=received[0] if received else "-")
         notifier.stopping("stopping: finishing the running jobs")
+        controller.outbox.stop_requested.set()
         if control is not None:
             control.close()
-        scheduler.shutdown(wait=True)
-        controller.close()
-        events.emit("stopped")
+        scheduler.shutdown(wait=False)
+        busy = _wait_for_jobs(monitor, STOP_GRACE_SECONDS)
         if console is not None:
             console.stop()
+        if busy:
+            # A job is stuck in a call that will not end soon: leave it, as a kill would.
+            events.emit("stopped", abandoned=",".join(busy))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if control is not None:
+                control.close()
+            notifier.close()
+            os._exit(0)
+        controller.close()
+        events.emit("stopped")
     return 0
+
+
+def _wait_for_jobs(monitor: JobMonitor, grace_s: float) -> list[str]:
+    """Wait up to ``grace_s`` for the running jobs to end; the ones still running then."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        busy = sorted(name for name, job in monitor.snapshot().items() if job["running"])
+        if not busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(0.05)
 
 
 def _safe_status_line(status: StatusService) -> str:

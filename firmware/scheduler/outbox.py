@@ -3,52 +3,126 @@
 Sending never decides anything: every message was signed and journalled with its local effect
 before it got here, so a crash at any point only means the message is sent again (the ledger
 deduplicates on device and nonce).
+
+What keeps one message from holding up the rest (issue 7 j, n):
+- a message that fails transiently gets its own back-off (``next_attempt_ms``, doubling up to
+  ``BACKOFF_CAP_SECONDS``) and the flush goes on with the next one; only several failures in a
+  row (the ledger itself is down) end the flush. When the ledger answers again after an outage,
+  every back-off is cleared: they all failed for the same reason.
+- a cancel never overtakes its order: it waits while the order's message is pending.
+- a message whose own expiry has passed is dropped and recorded as ``expired`` (the ledger would
+  refuse it); an expired report is signed again (the energy must be reported).
+- a report the ledger rejects as ``expired`` is signed again at most ``MAX_REPORT_SIGNATURES``
+  times in all, each one waiting twice as long (``RESIGN_BACKOFF_SECONDS`` first). A board whose
+  clock is far behind the ledger's once signed thousands of reports a minute for one trade.
+- ``stop_requested`` (set by the daemon on SIGTERM) ends a flush between two messages.
+- a refusal of the device itself (unregistered, revoked) pauses the outbox (ledger_link.py);
+  the message stays pending, since it is not the message that is wrong.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable
 
 from ..journal import OutboxEntry
+from . import ledger_link
 from .context import Context
+
+log = logging.getLogger(__name__)
+
+BACKOFF_CAP_SECONDS = 300
+FAILURES_BEFORE_GIVING_UP_A_FLUSH = 3
+MAX_REPORT_SIGNATURES = 6  # the first report and five re-signings
+RESIGN_BACKOFF_SECONDS = 30
+# Answers to a submit that refuse the device, not the message.
+SUBMIT_DEVICE_REFUSALS = frozenset({"unknown_device", "revoked", "unauthorized"})
 
 
 class Outbox:
     def __init__(self, ctx: Context, *, resign_report: Callable[[int], None]):
         """``resign_report(trade_id)``: sign a reported delivery's report again (the ledger
-        rejected the old one as expired)."""
+        rejected the old one as expired, or it expired unsent)."""
         self.ctx = ctx
         self._resign_report = resign_report
         self._flush_lock = threading.Lock()
+        self.stop_requested = threading.Event()
+        self._gave_up: set[int] = set()
 
     def flush(self) -> None:
-        """Send pending messages oldest first until the ledger stops answering."""
-        from ..ledger.base import LedgerUnavailable
-
+        """Send the messages that are due, oldest first, past the ones that must wait."""
         ctx = self.ctx
         if not self._flush_lock.acquire(blocking=False):
             return  # another thread is flushing; it will see our message
         try:
-            while True:
-                batch = ctx.journal.pending_outbox(limit=50)
+            if ledger_link.paused(ctx):
+                return
+            self._flush(ctx)
+        finally:
+            self._flush_lock.release()
+
+    def _flush(self, ctx: Context) -> None:
+        """One pass over the due messages. A transient failure backs off that message only; the
+        ledger counts as unavailable (ledger_link) only when nothing got through in this pass."""
+        from ..ledger.base import LedgerUnavailable
+
+        journal = ctx.journal
+        after = 0
+        failures_in_a_row = 0
+        first_failure: LedgerUnavailable | None = None
+        got_through = False
+        try:
+            while not self.stop_requested.is_set():
+                batch = journal.pending_outbox(limit=50, due_ms=ctx.now_ms(), after_nonce=after)
                 if not batch:
                     return
                 for entry in batch:
-                    ctx.journal.note_attempt(entry.nonce)
+                    if self.stop_requested.is_set():
+                        return
+                    after = entry.nonce
+                    if entry.expires_at <= ctx.now():
+                        self._expire(entry)
+                        continue
+                    if entry.kind == "cancel" and journal.outbox_state(entry.message.fields["order_nonce"]) == "pending":
+                        continue  # its order has not reached the ledger yet
+                    journal.note_attempt(entry.nonce)
                     try:
                         answer = ctx.ledger.submit(entry.message)
                     except LedgerUnavailable as exc:
-                        if ctx.health.ledger_reachable is not False:
-                            ctx.events.emit("ledger.unavailable", detail=str(exc), outbox_pending=ctx.journal.pending_count())
-                        ctx.health.ledger_reachable = False
+                        log.info("outbox: message %s (%s) not delivered, backing off: %s", entry.nonce, entry.kind, exc)
+                        self._back_off(entry)
+                        first_failure = first_failure or exc
+                        failures_in_a_row += 1
+                        if failures_in_a_row >= FAILURES_BEFORE_GIVING_UP_A_FLUSH:
+                            return  # the ledger, not this message: the next run tries again
+                        continue
+                    failures_in_a_row = 0
+                    got_through = True
+                    if ledger_link.answered(ctx, job="outbox"):
+                        journal.clear_outbox_backoff()  # they all failed for the outage's reason
+                    if answer.status != "accepted" and answer.code in SUBMIT_DEVICE_REFUSALS:
+                        ledger_link.device_refused(ctx, answer.code, answer.detail, job="outbox")
                         return
-                    if ctx.health.ledger_reachable is False:
-                        ctx.events.emit("ledger.back")
-                    ctx.health.ledger_reachable = True
                     self._settle(entry, answer)
         finally:
-            self._flush_lock.release()
+            if first_failure is not None and not got_through:
+                ledger_link.unavailable(ctx, first_failure, job="outbox")
+
+    def _back_off(self, entry: OutboxEntry) -> None:
+        ctx = self.ctx
+        base_s = max(1, ctx.config.cadence.outbox_seconds)
+        delay_s = min(BACKOFF_CAP_SECONDS, base_s * 2 ** min(entry.attempts, 16))
+        # Never back off past the message's life: it gets tries left before it expires.
+        delay_s = min(delay_s, max(base_s, (entry.expires_at - ctx.now()) // 3))
+        ctx.journal.defer_outbox(entry.nonce, ctx.now_ms() + delay_s * 1000)
+
+    def _expire(self, entry: OutboxEntry) -> None:
+        ctx = self.ctx
+        ctx.journal.expire_outbox(entry)
+        ctx.events.emit("outbox.expired", nonce=entry.nonce, kind=entry.kind, attempts=entry.attempts)
+        if entry.kind == "delivery_report":
+            self._resign(entry.message.fields["trade_id"])
 
     def _settle(self, entry: OutboxEntry, answer) -> None:
         ctx = self.ctx
@@ -62,4 +136,21 @@ class Outbox:
             return
         ctx.events.emit(f"{entry.kind}.rejected", nonce=entry.nonce, code=answer.code, detail=answer.detail)
         if entry.kind == "delivery_report" and answer.code == "expired":
-            self._resign_report(entry.message.fields["trade_id"])
+            self._resign(entry.message.fields["trade_id"])
+
+    def _resign(self, trade_id: int) -> None:
+        """Sign a report again, a bounded number of times, each new one waiting longer."""
+        ctx = self.ctx
+        journal = ctx.journal
+        signed = journal.report_signatures(trade_id)
+        if signed >= MAX_REPORT_SIGNATURES:
+            if trade_id not in self._gave_up:
+                self._gave_up.add(trade_id)
+                ctx.events.emit("alarm.report_unsent", trade=trade_id, signatures=signed,
+                                action="not signed again; check the board's clock against the ledger's (dgc status)")
+            return
+        self._resign_report(trade_id)
+        nonce = journal.latest_report_nonce(trade_id)
+        if nonce is not None and journal.report_signatures(trade_id) > signed:
+            delay_s = RESIGN_BACKOFF_SECONDS * 2 ** (signed - 1)
+            journal.defer_outbox(nonce, ctx.now_ms() + delay_s * 1000)

@@ -226,14 +226,26 @@ class StatusService:
             "healthy": verdict.healthy,
             "problems": list(verdict.problems),
             "health_checked_at": verdict.checked_at,
-            "ledger": {"url": redact_url(cfg.ledger.url), "reachable": health.ledger_reachable},
-            "clock": {"ok": health.clock_ok, "skew_ms": health.clock_skew_ms, "bound_ms": cfg.ledger.max_clock_skew_ms},
+            "ledger": {
+                "url": redact_url(cfg.ledger.url),
+                "reachable": health.ledger_reachable,
+                # Why and since when it is unreachable, and a refusal of this device (issue 7 h, p).
+                "down_since": _seconds(health.ledger_down_since_ms),
+                "detail": health.ledger_detail,
+                "refusal": health.ledger_refusal,
+                "retry_at": _seconds(health.ledger_retry_at_ms),
+            },
+            "clock": {"ok": health.clock_ok, "skew_ms": health.clock_skew_ms, "bound_ms": cfg.ledger.max_clock_skew_ms,
+                      "round_trip_ms": health.clock_round_trip_ms, "checked_at": _seconds(health.clock_checked_at_ms),
+                      "problem": health.clock_problem},
             "meters": meters,
             "dgr": {"ok": health.dgr_ok, "port": cfg.dgr.port},
             "orders": {"open": sum(orders.get(s, 0) for s in ("sending", "open", "cancelling")), "by_state": orders},
             "deliveries": deliveries,
             "trades": journal.trade_count(),
             "outbox_pending": journal.pending_count(),
+            "outbox": journal.outbox_counts(),
+            "refused_trades": journal.refused_trade_count(),
             "next_nonce": journal.next_nonce(),
             "jobs": self.monitor.snapshot(),
             "log_level": logging.getLevelName(logging.getLogger().level),
@@ -324,6 +336,14 @@ class StatusService:
 # -- text forms (shared by the console and `dgc status`; pure functions of the JSON answers) ----
 
 
+def _seconds(ms: int | None) -> int | None:
+    return None if ms is None else int(ms // 1000)
+
+
+def _clock_time(epoch_s: int) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(epoch_s)) + " UTC"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -342,11 +362,21 @@ def _ok(value: bool | None, good: str = "ok", bad: str = "failing") -> str:
 def trading_line(s: dict) -> str:
     running = s["deliveries"].get("running", 0)
     clock = s["clock"]
-    clock_text = "clock ok" if clock["ok"] else f"clock skew {clock['skew_ms']} ms beyond {clock['bound_ms']} ms"
-    reachable = s["ledger"]["reachable"]
+    if clock["ok"]:
+        clock_text = "clock ok"
+    elif clock.get("problem"):
+        clock_text = f"clock NOT trusted: {clock['problem']}"
+    else:
+        clock_text = f"clock skew {clock['skew_ms']} ms beyond {clock['bound_ms']} ms"
+    led = s["ledger"]
+    reachable = led["reachable"]
     if reachable is None and clock["skew_ms"] is not None:
         reachable = True  # no message sent yet, but the ledger answered the clock check
     ledger = _ok(reachable, "ok", "unreachable")
+    if reachable is False and led.get("down_since"):
+        ledger = f"unreachable since {_clock_time(led['down_since'])}"
+    if led.get("refusal"):
+        ledger = f"REFUSES THIS DEVICE ({led['refusal']})"
     deliveries = f"{running} {'delivery' if running == 1 else 'deliveries'} running"
     return f"trading: {_plural(s['orders']['open'], 'open order')}, {deliveries}, ledger {ledger}, {clock_text}"
 
@@ -374,6 +404,19 @@ def format_status(s: dict) -> list[str]:
         f"outbox {s['outbox_pending']} pending; next nonce {s['next_nonce']}",
         f"ledger {s['ledger']['url']}; log level {s['log_level']}; installed at {s['install_prefix']}",
     ]
+    led = s["ledger"]
+    if led.get("reachable") is False and led.get("detail"):
+        lines.append(f"ledger unreachable since {_clock_time(led['down_since'])}: {led['detail']}"
+                     if led.get("down_since") else f"ledger unreachable: {led['detail']}")
+    if led.get("refusal"):
+        retry = f"; asking again at {_clock_time(led['retry_at'])}" if led.get("retry_at") else ""
+        lines.append(f"ledger refuses this device: {led['refusal']}{retry} (register or re-provision the board)")
+    if s.get("refused_trades"):
+        lines.append(f"{_plural(s['refused_trades'], 'trade')} refused: they match no order of this board "
+                     "(see alarm.trade_refused in the log)")
+    expired = (s.get("outbox") or {}).get("expired", 0)
+    if expired:
+        lines.append(f"outbox: {_plural(expired, 'message')} expired unsent and dropped")
     return lines
 
 

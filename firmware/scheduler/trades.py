@@ -1,13 +1,17 @@
 """The trade poll: fetch this board's new trades from the ledger and journal them, scheduling
-their deliveries in the same transaction (firmware.journal ``record_trades``)."""
+their deliveries in the same transaction (firmware.journal ``record_trades_checked``).
+
+A listed trade that matches none of this board's orders (firmware/trade_matching.py) is
+refused in that transaction: journalled in ``refused_trades``, alarmed once
+(``alarm.trade_refused``), and never given a delivery, so the router is never told (issue 7 i).
+A refusal of the device itself (unregistered, revoked) does not raise out of the job: it alarms
+once and the poll asks again only at the slow retry cadence (ledger_link.py, issue 7 h).
+"""
 
 from __future__ import annotations
 
-import logging
-
+from . import ledger_link
 from .context import Context
-
-log = logging.getLogger(__name__)
 
 
 class TradePoller:
@@ -15,17 +19,31 @@ class TradePoller:
         self.ctx = ctx
 
     def poll(self) -> None:
-        from ..ledger.base import LedgerUnavailable
+        from ..ledger.base import LedgerRejected, LedgerUnavailable
 
         ctx = self.ctx
+        if ledger_link.paused(ctx):
+            return
+        was_refused = ledger_link.refused_device(ctx) is not None
         try:
             trades, cursor = ctx.ledger.trades_since(ctx.key.device_id, ctx.journal.trade_cursor())
         except LedgerUnavailable as exc:
-            ctx.health.ledger_reachable = False
-            log.debug("trade poll failed: %s", exc)
+            ledger_link.unavailable(ctx, exc, job="poll_trades")
             return
-        new_ids = ctx.journal.record_trades(trades, cursor)
+        except LedgerRejected as exc:
+            ledger_link.device_refused(ctx, exc.code, exc.detail, job="poll_trades")
+            return
+        ledger_link.answered(ctx, job="poll_trades")
+        if was_refused:
+            ledger_link.device_accepted(ctx, job="poll_trades")
+            ledger_link.sync_account(ctx, job="poll_trades")  # the start-up nonce floor was never read
+        batch = ctx.journal.record_trades_checked(trades, cursor)
         for trade in trades:
-            if trade.trade_id in new_ids:
+            if trade.trade_id in batch.new_ids:
                 ctx.events.emit("trade.contracted", trade=trade.trade_id, market=trade.market_id, side=trade.side,
                                 energy_wh=trade.energy_wh, price=trade.price_per_kwh_minor, counterparty=trade.counterparty[:12])
+        for trade, reason in batch.refused:
+            ctx.events.emit("alarm.trade_refused", trade=trade.trade_id, market=trade.market_id, side=trade.side,
+                            energy_wh=trade.energy_wh, price=trade.price_per_kwh_minor, order=trade.order_nonce,
+                            counterparty=str(trade.counterparty)[:12], reason=reason,
+                            action="journalled; no delivery, the router is not told")

@@ -12,6 +12,7 @@ from typing import Callable
 
 from ..forecast import SLOTS_PER_DAY, forecast_net_wh, slot_net_energy
 from ..policy import CancelOrder, PlaceOrder, desired_orders, reconcile_market
+from . import ledger_link
 from .context import Context
 from .metering import Metering
 
@@ -22,25 +23,62 @@ class Trading:
         self.metering = metering
         self._flush_outbox = flush_outbox
         self._decide_lock = threading.Lock()
+        self._ledger_bound_known = False
+        self._last_market: int | None = None
 
     def bid(self) -> None:
         """Forecast every open market and bring the house's orders in line (every slot)."""
         ctx = self.ctx
-        self._decide(ctx.rules.open_markets(ctx.now()), "bid")
+        self._decide(self.open_markets(ctx.now()), "bid")
 
     def review(self) -> None:
         """Review the near markets more often than the full bid, cancelling what no longer fits."""
         ctx = self.ctx
         now = ctx.now()
-        near = [m for m in ctx.rules.open_markets(now) if m - now <= ctx.config.cadence.review_horizon_seconds]
+        near = [m for m in self.open_markets(now) if m - now <= ctx.config.cadence.review_horizon_seconds]
         if near:
             self._decide(near, "review")
+
+    def open_markets(self, now: int) -> list[int]:
+        """The markets open for orders by the board's rules that the ledger will also open.
+
+        A ledger may bound its market day (the bench ledger's ``--last-market``, in its
+        ``GET /v1/info`` as ``last_market_id``): an order for a market after it can only be
+        refused, so none is signed (the demo's log used to show one refusal per such market)."""
+        last = self._ledger_last_market()
+        return [m for m in self.ctx.rules.open_markets(now) if last is None or m <= last]
+
+    def _ledger_last_market(self) -> int | None:
+        """The ledger's last market, asked once (again at the next bid if the ledger did not answer)."""
+        from ..ledger.base import LedgerError
+
+        if self._ledger_bound_known:
+            return self._last_market
+        info = getattr(self.ctx.ledger, "info", None)
+        if info is None:
+            self._ledger_bound_known = True
+            return None
+        try:
+            answer = info()
+        except LedgerError:
+            return None
+        self._ledger_bound_known = True
+        value = answer.get("last_market_id") if isinstance(answer, dict) else None
+        self._last_market = value if type(value) is int else None
+        if self._last_market is not None:
+            self.ctx.events.emit("ledger.last_market", market=self._last_market,
+                                 detail="the ledger opens no market after this one: none is bid for")
+        return self._last_market
 
     def _decide(self, markets: list[int], why: str) -> None:
         ctx = self.ctx
         if not ctx.health.clock_ok:
-            ctx.events.emit("bid.skipped", reason="clock skew beyond bound", skew_ms=ctx.health.clock_skew_ms)
+            ctx.events.emit("bid.skipped", reason=ctx.health.clock_problem or "clock skew beyond bound",
+                            skew_ms=ctx.health.clock_skew_ms)
             return
+        refusal = ledger_link.refused_device(ctx)
+        if refusal is not None:
+            return  # alarm.ledger_refused said it once; an order signed now would only be refused
         problem = self.metering.house_data_problem()
         if problem is not None:
             ctx.events.emit("bid.skipped", reason=problem)

@@ -1,0 +1,368 @@
+"""The trading side of the daemon's jobs — outbox, trade poll, clock guard, ledger link — driven
+through the real Controller and a real journal on a temporary SQLite file (issue 7 g, h, i, j, n, p).
+
+Mocked, because they are outside the system under test: the ledger (a scripted in-process
+double answering what a real ledger would: accept, reject, be unreachable), the meters and the
+router (never used by these jobs beyond construction). Time is a virtual clock.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from firmware.config import load_config
+from firmware.journal import Journal
+from firmware.ledger.base import LedgerRejected, LedgerUnavailable, SubmitResult, TradeRecord
+from firmware.scheduler.controller import Controller
+from firmware.scheduler.events import EventLog
+from tests.trading_helpers import device_key, place_order
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = 1_800_000_000  # a slot edge of the sim board's 30-s slots
+LEDGER_ID = "dgc-bench"
+
+
+_FIELD = re.compile(r'([A-Za-z0-9_.\-]+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def parse_line(line: str) -> dict:
+    """An event line's name and fields (a local reader, so this file also runs against the code
+    before firmware.scheduler.events.parse_line existed)."""
+    _stamp, _board, event, *rest = line.split(" ", 3)
+    fields = {}
+    for key, raw in _FIELD.findall(rest[0] if rest else ""):
+        try:
+            fields[key] = json.loads(raw) if raw.startswith('"') else raw
+        except ValueError:
+            fields[key] = raw.strip('"')
+    return {"event": event, "fields": fields}
+
+
+class FakeLedger:
+    """A scripted ledger. ``submit_rule(fields) -> SubmitResult | Exception`` decides each answer."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.down = False
+        self.submitted: list[int] = []
+        self.submit_rule = lambda fields: SubmitResult("accepted", False, None, "", {"filled_wh": 0})
+        self.trades: list[TradeRecord] = []
+        self.read_refusal: LedgerRejected | None = None
+        self.offset_ms = 0
+        self.calls = 0
+
+    def _call(self):
+        self.calls += 1
+        if self.down:
+            raise LedgerUnavailable("ledger GET /v1/x failed after 3 attempt(s): connection refused")
+
+    def submit(self, message):
+        self.submitted.append(message.fields["nonce"])
+        if len(self.submitted) > 400:  # a runaway outbox: stop it, and let the test's assertions say so
+            raise LedgerUnavailable("the test's ledger gave up answering after 400 submits")
+        self._call()
+        answer = self.submit_rule(message.fields)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def trades_since(self, device_id, cursor):
+        self._call()
+        if self.read_refusal is not None:
+            raise self.read_refusal
+        new = [t for t in self.trades if t.trade_id > cursor]
+        return new, max([cursor] + [t.trade_id for t in new])
+
+    def device_account(self, device_id):
+        self._call()
+        if self.read_refusal is not None:
+            raise self.read_refusal
+        return {"max_nonce": 0, "name": "house"}
+
+    def server_time_ms(self):
+        self._call()
+        return int(self.clock[0] * 1000) + self.offset_ms
+
+
+class Nothing:
+    """Meters and router: not used by the trading jobs."""
+
+    names = ("house", "interchange")
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the trading jobs must not touch the devices ({name})")
+
+    def close(self):
+        pass
+
+
+class Board:
+    def __init__(self, tmp_path: Path):
+        self.clock = [float(T0)]
+        self.config = load_config(REPO / "board_configs" / "sim.toml")
+        self.ledger = FakeLedger(self.clock)
+        self.key = device_key(3)
+        self.log = io.StringIO()
+        self.journal = Journal(tmp_path / "journal.sqlite3", clock_ms=lambda: int(self.clock[0] * 1000))
+        self.controller = Controller(self.config, journal=self.journal, key=self.key, meters=Nothing(), dgr=Nothing(),
+                                     ledger=self.ledger, events=EventLog("house", self.log), clock=lambda: self.clock[0])
+
+    def events(self, name: str | None = None) -> list[dict]:
+        lines = [parse_line(line) for line in self.log.getvalue().splitlines()]
+        return [e for e in lines if name is None or e["event"] == name]
+
+    def order(self, *, market_offset: int = 3, side: str = "buy", energy_wh: int = 500, price: int = 2500, ttl_s: int = 60):
+        return place_order(self.journal, self.key, market_id=T0 + market_offset * 30, side=side, energy_wh=energy_wh,
+                           price_per_kwh_minor=price, issued_at=int(self.clock[0]), ttl_s=ttl_s, ledger_id=LEDGER_ID)
+
+    def advance(self, seconds: float) -> None:
+        self.clock[0] += seconds
+
+
+@pytest.fixture
+def board(tmp_path):
+    b = Board(tmp_path)
+    yield b
+    b.journal.close()
+
+
+def _outbox_states(journal: Journal) -> dict[int, str]:
+    with journal._lock:
+        return dict(journal._db.execute("SELECT nonce, state FROM outbox").fetchall())
+
+
+# --- j: one message failing transiently does not block the rest; expired ones are dropped -------
+
+
+def test_a_message_that_keeps_failing_does_not_block_the_rest(board):
+    first, second, third = (board.order(market_offset=k) for k in (3, 4, 5))
+    stuck = first.fields["nonce"]
+    board.ledger.submit_rule = lambda f: (LedgerUnavailable("HTTP 503 for this message") if f["nonce"] == stuck
+                                          else SubmitResult("accepted", False, None, "", {"filled_wh": 0}))
+    board.controller.flush_outbox()
+    states = _outbox_states(board.journal)
+    assert states[second.fields["nonce"]] == "acked" and states[third.fields["nonce"]] == "acked"
+    assert states[stuck] == "pending"
+    # The stuck message waits its own back-off: an immediate flush does not hammer it.
+    attempts = board.ledger.submitted.count(stuck)
+    board.advance(1)
+    board.controller.flush_outbox()
+    assert board.ledger.submitted.count(stuck) == attempts
+
+
+def test_an_expired_message_is_dropped_and_recorded(board):
+    message = board.order(ttl_s=60)
+    nonce = message.fields["nonce"]
+    board.ledger.down = True
+    board.controller.flush_outbox()
+    board.advance(61)
+    board.ledger.down = False
+    board.ledger.submitted.clear()
+    board.controller.flush_outbox()
+    assert nonce not in board.ledger.submitted  # never sent after it expired
+    assert _outbox_states(board.journal)[nonce] == "expired"
+    assert [e["fields"]["nonce"] for e in board.events("outbox.expired")] == [str(nonce)]
+    assert board.journal.pending_count() == 0
+
+
+# --- n: an expired report is signed again a bounded number of times, with back-off --------------
+
+
+def _reported_delivery(board: Board) -> int:
+    """A trade of this board's order, its delivery refused (0 Wh) and reported."""
+    order = board.order(market_offset=1, side="sell", energy_wh=100, price=1900)
+    board.ledger.submit_rule = lambda f: SubmitResult("accepted", False, None, "", {"filled_wh": 0})
+    board.controller.flush_outbox()
+    trade = TradeRecord(41, T0 + 30, "sell", 100, 2000, order.fields["nonce"], "ab" * 20, "contracted")
+    board.journal.record_trades([trade], cursor=41)
+    journal = board.journal
+    if hasattr(journal, "transition"):  # the delivery state machine (issue 7 part 1)
+        journal.transition(41, "refused", "test: the router refused")
+        journal.transition(41, "metered", "test")
+        board.controller.deliveries.report(journal.delivery(41))
+    else:  # the journal before it, to show the test failing on the old code
+        journal.mark_failed_start(41, "test: the router refused")
+        journal.mark_metered(41, None, 0, "failed", None)
+        board.controller._report(next(d for d in journal.deliveries(states=("metered",)) if d.trade_id == 41))
+    return 41
+
+
+def test_a_report_rejected_as_expired_is_signed_again_a_bounded_number_of_times(board):
+    trade_id = _reported_delivery(board)
+    board.ledger.submit_rule = lambda f: (SubmitResult("rejected", False, "expired", "expires_at is in the past")
+                                          if f["type"] == "delivery_report" else SubmitResult("accepted", False, None, "", {}))
+    board.ledger.submitted.clear()
+    for _ in range(1800):  # an hour of the sim board's 2-s outbox cadence
+        board.controller.flush_outbox()
+        board.advance(2)
+    signed = len(board.events("report.signed"))
+    assert 2 <= signed <= 6, f"{signed} reports signed for one trade"
+    assert len(board.ledger.submitted) <= 6
+    assert len(board.events("alarm.report_unsent")) == 1
+    assert board.journal.report_signatures(trade_id) == signed
+
+
+def test_re_signed_reports_wait_longer_each_time(board):
+    _reported_delivery(board)
+    board.ledger.submit_rule = lambda f: (SubmitResult("rejected", False, "expired", "too old")
+                                          if f["type"] == "delivery_report" else SubmitResult("accepted", False, None, "", {}))
+    sent_at = []
+    for _ in range(900):
+        before = len(board.ledger.submitted)
+        board.controller.flush_outbox()
+        if len(board.ledger.submitted) > before:
+            sent_at.append(board.clock[0])
+        board.advance(2)
+    gaps = [b - a for a, b in zip(sent_at, sent_at[1:])]
+    assert len(gaps) >= 3 and all(later >= earlier * 1.5 for earlier, later in zip(gaps, gaps[1:])), gaps
+
+
+# --- i: the trade poll never lets a trade the board did not make reach the router ---------------
+
+
+def test_the_poll_refuses_a_forged_trade_alarms_once_and_schedules_nothing(board):
+    order = board.order(market_offset=2, side="buy", energy_wh=500, price=2500)
+    board.controller.flush_outbox()
+    good = TradeRecord(7, T0 + 60, "buy", 300, 2400, order.fields["nonce"], "cd" * 20, "contracted")
+    forged = TradeRecord(8, T0 + 60, "sell", 2000, 1000, order.fields["nonce"], "ef" * 20, "contracted")
+    board.ledger.trades = [good, forged]
+    board.controller.poll_trades()
+    board.controller.poll_trades()
+    scheduled = [d.trade_id for d in board.journal.deliveries(states=("scheduled",))]
+    assert scheduled == [7]
+    alarms = board.events("alarm.trade_refused")
+    assert [a["fields"]["trade"] for a in alarms] == ["8"]
+    assert "side sell is not order" in alarms[0]["fields"]["reason"]
+
+
+# --- h: a permanent refusal of the device neither crashes nor loops; it alarms once -------------
+
+
+def test_an_unregistered_device_at_start_up_and_in_polling_alarms_once_and_retries_slowly(board):
+    board.ledger.read_refusal = LedgerRejected("unknown_device", "no device is registered with this id", 401)
+    board.controller.recover()  # must not raise
+    calls = board.ledger.calls
+    for _ in range(60):  # two minutes of 2-s trade polls
+        board.controller.poll_trades()
+        board.controller.flush_outbox()
+        board.advance(2)
+    assert len(board.events("alarm.ledger_refused")) == 1
+    assert board.ledger.calls - calls <= 3, "the refused device kept asking"
+    from firmware.scheduler.status import JobMonitor, StatusService
+
+    status = StatusService(board.controller, JobMonitor()).status()
+    assert "unknown_device" in status["ledger"]["refusal"]
+    # Registered at last: the slow retry notices, and the alarm is lifted once.
+    board.ledger.read_refusal = None
+    board.advance(300)
+    board.controller.poll_trades()
+    assert len(board.events("ledger.device_accepted")) == 1
+    assert StatusService(board.controller, JobMonitor()).status()["ledger"]["refusal"] is None
+
+
+# --- p: a ledger outage is in the event log once, and in dgc status -----------------------------
+
+
+def test_an_outage_is_logged_once_as_ledger_unavailable_and_shown_in_status(board):
+    from firmware.scheduler.status import JobMonitor, StatusService, format_status
+
+    board.order()
+    board.ledger.down = True
+    for _ in range(52):  # 105 s of 2-s polls and outbox runs, 10-s clock checks
+        board.controller.poll_trades()
+        board.controller.flush_outbox()
+        if int(board.clock[0]) % 10 == 0:
+            board.controller.check_clock()
+        board.advance(2)
+    assert len(board.events("ledger.unavailable")) == 1
+    status = StatusService(board.controller, JobMonitor()).status()
+    assert status["ledger"]["reachable"] is False
+    assert status["ledger"]["down_since"] == T0 and "connection refused" in status["ledger"]["detail"]
+    assert any("ledger unreachable since" in line for line in format_status(status))
+    board.ledger.down = False
+    board.controller.poll_trades()
+    board.controller.flush_outbox()
+    assert len(board.events("ledger.back")) == 1
+    assert StatusService(board.controller, JobMonitor()).status()["ledger"]["reachable"] is True
+
+
+# --- g: the clock guard ------------------------------------------------------------------------
+
+
+def test_the_clock_guard_fails_closed_when_the_ledgers_time_is_unknown_beyond_the_grace(board):
+    grace = board.config.ledger.clock_grace_seconds
+    board.controller.check_clock()
+    assert board.controller.health.clock_ok
+    board.ledger.down = True
+    board.advance(grace - 5)
+    board.controller.check_clock()
+    assert board.controller.health.clock_ok  # within the grace, the board trusts its own clock
+    board.advance(10)
+    board.controller.check_clock()
+    assert not board.controller.health.clock_ok
+    assert len([e for e in board.events("alarm.clock") if e["fields"].get("reason") == "ledger time unknown"]) == 1
+    board.ledger.down = False
+    board.controller.check_clock()
+    assert board.controller.health.clock_ok
+    assert board.events("clock.ok")
+
+
+class SlowLedger(FakeLedger):
+    """Each attempt's answer takes 1.5 s of virtual time; the adapter retries twice with back-off."""
+
+    def __init__(self, clock, fail_first: int):
+        super().__init__(clock)
+        self.fail_first = fail_first
+
+    def server_time_ms(self):  # what the old clock guard called: retries inside, time passes
+        for _ in range(self.fail_first):
+            self.clock[0] += 2.0 + 0.2  # a timed-out attempt and the back-off before the next
+        self.clock[0] += 0.75
+        server = int(self.clock[0] * 1000)
+        self.clock[0] += 0.75
+        return server
+
+
+def test_the_skew_is_measured_on_one_attempts_round_trip(tmp_path):
+    board = Board(tmp_path)
+    board.ledger = SlowLedger(board.clock, fail_first=2)
+    board.controller = Controller(board.config, journal=board.journal, key=board.key, meters=Nothing(), dgr=Nothing(),
+                                  ledger=board.ledger, events=EventLog("house", board.log), clock=lambda: board.clock[0])
+    from firmware.ledger.rest import TimeSample
+
+    def one_attempt():
+        sent = int(board.clock[0] * 1000)
+        board.clock[0] += 0.01
+        server = int(board.clock[0] * 1000)
+        board.clock[0] += 0.01
+        return TimeSample(server_ms=server, sent_ms=sent, received_ms=int(board.clock[0] * 1000))
+
+    board.ledger.server_time_sample = one_attempt
+    board.controller.check_clock()
+    # Measured over one 20-ms round trip: the two retries before it do not count.
+    assert abs(board.controller.health.clock_skew_ms) <= 10
+    assert board.controller.health.clock_ok
+    board.journal.close()
+
+
+# --- part 6: no order for a market the ledger will never open ----------------------------------
+
+
+def test_no_market_after_the_ledgers_last_market_is_bid_for(board):
+    last = T0 + 3 * 30
+    board.ledger.info = lambda: {"ledger_id": LEDGER_ID, "last_market_id": last}
+    markets = board.controller.trading.open_markets(T0)
+    assert markets and max(markets) == last
+    assert markets == [m for m in board.config.market.open_markets(T0) if m <= last]
+    board.controller.trading.open_markets(T0 + 30)
+    assert len(board.events("ledger.last_market")) == 1
+
+
+def test_an_unbounded_ledger_leaves_every_open_market(board):
+    board.ledger.info = lambda: {"ledger_id": LEDGER_ID, "last_market_id": None}
+    assert board.controller.trading.open_markets(T0) == board.config.market.open_markets(T0)
