@@ -323,7 +323,7 @@ class World:
 
     def interchange_faulty(self, house: House, market_id: int) -> bool:
         """Was the interchange meter faulty around this slot (then an unmetered report is allowed)?"""
-        lo, hi = market_id, market_id + 3 * SLOT_S
+        lo, hi = market_id - SLOT_S, market_id + 3 * SLOT_S  # a reset just before the slot shifts its start edge
         f = house.ix_faults
         return any(a < hi and b > lo for a, b, _ in f.windows) or any(lo <= t < hi for t in house.ix_events)
 
