@@ -80,6 +80,12 @@ class Ledger:
                 self.proc.wait(timeout=5)
 
 
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_ledger(db: Path, token: str, offset_ms: int, extra: list[str]) -> Ledger:
     argv = [sys.executable, "-m", "host_tools.cli", "ledger", "serve", "--db", str(db), "--port", "0",
             "--ledger-id", LEDGER_ID, "--slot-seconds", str(SLOT_S), "--markets-ahead", "48", "--lot-wh", str(LOT_WH),
@@ -278,9 +284,11 @@ def main() -> int:
                         orders += 1
                 kinds.append(ks)
                 batches.append(raws)
-            t0 = time.perf_counter()
+            t0, server_cpu0, own_cpu0 = time.perf_counter(), cpu_s(ledger.proc.pid), time.process_time()
             answers_timed = asyncio.run(send_all_kinds(ledger.port, batches, kinds))
             elapsed = time.perf_counter() - t0
+            server_cpu = cpu_s(ledger.proc.pid) - server_cpu0
+            client_cpu = time.process_time() - own_cpu0
             book = asyncio.run(send_all(ledger.port, [[raw_request("GET", f"/v1/markets/{m1}/book")]], 1))[0]
             levels = json.loads(book[1])
             resting_after = sum(lv["orders"] for lv in levels["asks"] + levels["bids"])
@@ -300,6 +308,9 @@ def main() -> int:
     print(f"ledger_load: resting before={args.resting} after={resting_after}; messages {by_kind}; "
           f"messages_per_s={len(latencies) / elapsed:.0f}; ledger restart (book rebuilt from SQLite) {restart_s:.2f} s; "
           f"load average {load:.2f} on {os.cpu_count()} cores (shared machine)")
+    print(f"ledger_load: ledger CPU {1000 * server_cpu / len(latencies):.2f} ms per message "
+          f"({server_cpu / elapsed:.2f} cores busy over the phase), load generator CPU {1000 * client_cpu / len(latencies):.2f} ms "
+          f"per message; CPU-bound capacity of one ledger core ~{len(latencies) / server_cpu:.0f} messages/s")
     print(f"ledger_load: devices={args.devices} orders={orders} orders_per_s={int(orders / elapsed)} "
           f"p50_ms={int(round(p50))} p99_ms={int(round(p99))} errors={errors}")
     return 0

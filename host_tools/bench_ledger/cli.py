@@ -21,9 +21,9 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from ..cli_support import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, OneLineParser
 DEFAULT_CONFIG = "board_configs/sim.toml"
 DEFAULT_DB = "var/bench-ledger/ledger.sqlite3"
 TOKEN_ENV = "DGC_LEDGER_OPERATOR_TOKEN"
@@ -38,13 +38,6 @@ class UsageError(Exception):
 
 class LedgerFailure(Exception):
     """The ledger refused or could not be reached: one line on stderr, exit status 1."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (what was wrong, what was expected)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message} (see --help)\n")
 
 
 # ----------------------------------------------------------------------- argument types
@@ -440,7 +433,7 @@ def _wrap(func):
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     """Add the `ledger` command group to dgc-host's parser."""
     ledger = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
-    sub = ledger.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True, parser_class=_OneLineParser)
+    sub = ledger.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True, parser_class=OneLineParser)
 
     def url_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", type=_url, required=True, help="the ledger's base URL, e.g. http://127.0.0.1:8750")
