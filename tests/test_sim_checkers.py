@@ -237,3 +237,18 @@ def test_a_seed_replays_exactly(seed):
     assert first.trace == second.trace
     assert (first.steps, first.kills, first.faults) == (second.steps, second.kills, second.faults)
     assert len(first.trace) > 100
+
+
+def test_order_fresh_fires_for_an_order_after_an_implausible_reading_was_journalled(monkeypatch):
+    import firmware.scheduler.metering as metering
+
+    # a firmware without plausibility checks: every reading is journalled as read, and trusted
+    monkeypatch.setattr(metering.Metering, "read_plausible", lambda self, name: self.ctx.meters.read(name))
+    monkeypatch.setattr(metering.Metering, "house_data_problem", lambda self: None)
+
+    def spike(world):
+        world.houses[0].house_faults.spikes.append(world.now + 400)
+
+    found, result = violations(spike)
+    assert found == ["order_fresh"]
+    assert "implausible" in result.violations[0].detail
