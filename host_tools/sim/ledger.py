@@ -23,6 +23,11 @@ from firmware.messages import MessageError, SignedMessage, open_message
 
 from .devices import KillHooks, SimulatedKill
 
+try:  # the REST adapter's transient 4xx (408 timeout, 425 too early, 429 rate limited)
+    from firmware.ledger.rest import TRANSIENT_4XX as TRANSIENT_STATUSES
+except ImportError:  # pragma: no cover - an older adapter
+    TRANSIENT_STATUSES = (408, 425, 429)
+
 
 @dataclass
 class LedgerFaults:
@@ -79,6 +84,9 @@ class SimLedgerService:
         outcome = self.store.submit(fields, message.payload, message.signature, now)
         body = outcome.body
         self.observer.ledger_received(fields, message, body, now)
+        if outcome.http_status >= 500 or outcome.http_status in TRANSIENT_STATUSES:
+            # what the REST adapter makes of these (firmware/ledger/rest.py): try the same bytes later
+            raise LedgerUnavailable(f"simulated ledger: HTTP {outcome.http_status} {body.get('code')}")
         if outcome.http_status >= 400:
             return SubmitResult("rejected", body.get("duplicate") is True, str(body.get("code")), str(body.get("detail")), {})
         return SubmitResult("accepted", bool(body.get("duplicate")), None, "", dict(body.get("result") or {}))
