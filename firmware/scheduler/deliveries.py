@@ -243,9 +243,12 @@ class Deliveries:
             times = self.ctx.journal.delivery_times(row.trade_id)
             if times.started_at_ms is not None and times.started_at_ms > to_ms:
                 continue
-            if row.state == ds.INTERRUPTED and times.updated_at_ms is not None \
-                    and times.updated_at_ms + MIN_ROUTER_WATCHDOG_S * 1000 < from_ms:
-                continue
+            if row.state == ds.INTERRUPTED and times.updated_at_ms is not None:
+                # a lost link leaves the transfer to the router's watchdog; an END or a reboot
+                # the router told us about ended it then
+                margin_ms = MIN_ROUTER_WATCHDOG_S * 1000 if (row.detail or "").startswith("router link lost") else 0
+                if times.updated_at_ms + margin_ms <= from_ms:
+                    continue
             end = transfer_end(row.trade_id) if transfer_end is not None else None
             received_at = getattr(end, "received_at", 0.0) if end is not None else 0.0
             if received_at and received_at * 1000 < from_ms:

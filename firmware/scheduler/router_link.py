@@ -176,6 +176,12 @@ class RouterLink:
                                 events.emit("delivery.failed", trade=row.trade_id, detail=f"router ended the transfer: {reason}")
             elif event.kind == "BOOT":
                 events.emit("dgr.rebooted")
+                # A reboot loses every transfer (docs/dgr-protocol.md, section 11): what was
+                # running is interrupted now, so metering knows it moved nothing after this.
+                with ctx.delivery_lock:
+                    for row in journal.deliveries(states=(ds.RUNNING,)):
+                        if self._interrupt(row.trade_id, "router rebooted: transfer lost"):
+                            events.emit("delivery.failed", trade=row.trade_id, detail="router rebooted")
 
     def safe_state(self, *, cause: str) -> None:
         """Command SAFE for the daemon's own reason: ``daemon`` (an answer that contradicted a
