@@ -34,8 +34,8 @@ def _printer(stream=sys.stdout):
     lock = threading.Lock()
 
     def on_line(name: str, line: str) -> None:
-        if name == "ledger" or "/bench" in name:
-            if not line.startswith(("bench house ready", "ledger listening")):
+        if name in ("ledger", "relay") or "/bench" in name:
+            if not line.startswith(("bench house ready", "ledger listening", "relay listening")):
                 return
         elif not any(f" {event}" in line for event in SHOWN_EVENTS):
             return
@@ -58,13 +58,14 @@ def summarise(hood: Neighbourhood) -> tuple[str, bool]:
     return line, ok
 
 
-def run_demo(workdir: Path, *, houses: int, slots: int, timeout_s: float) -> int:
+def run_demo(workdir: Path, *, houses: int, slots: int, timeout_s: float, ledger: str = "rest") -> int:
     if workdir.exists():
         shutil.rmtree(workdir)
     started = time.monotonic()
-    hood = Neighbourhood(workdir, default_houses(houses), on_line=_printer(), last_market_slots=slots + 1)
+    hood = Neighbourhood(workdir, default_houses(houses), on_line=_printer(), last_market_slots=slots + 1, ledger=ledger)
     try:
-        print(f"demo: starting the bench ledger and {houses} houses in {workdir} ...", flush=True)
+        what = "a chain (anvil + market contract + relay)" if ledger == "evm" else "the bench ledger"
+        print(f"demo: starting {what} and {houses} houses in {workdir} ...", flush=True)
         hood.start()
         slot_s = hood.slot_seconds
         print(
@@ -104,6 +105,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     parser.add_argument("--slots", type=int, default=8, help="market slots to trade (default 8; 30 s each on the sim board)")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "var" / "demo", help="where configs, keys, journals and logs go")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default 600)")
+    parser.add_argument("--ledger", choices=("rest", "evm"), default="rest",
+                        help="rest: the bench ledger (default); evm: the market contract on anvil, through the relay")
     parser.set_defaults(func=lambda args: _main(args, parser))
 
 
@@ -112,4 +115,4 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--houses: expected at least 2 (one seller and one buyer)")
     if not 1 <= args.slots <= 50:
         parser.error("--slots: expected 1 to 50")
-    return run_demo(args.workdir, houses=args.houses, slots=args.slots, timeout_s=args.timeout)
+    return run_demo(args.workdir, houses=args.houses, slots=args.slots, timeout_s=args.timeout, ledger=args.ledger)

@@ -153,6 +153,7 @@ class House:
     directory: Path
     config_path: Path
     device_id: str = ""
+    address: str = ""  # the key's Ethereum address (ledger "evm")
     emulator: ManagedProcess | None = None
     daemon: ManagedProcess | None = None
     daemon_starts: int = 0
@@ -165,8 +166,15 @@ class Neighbourhood:
     def __init__(self, workdir: Path, houses: list[HouseSpec], *, template: Path = SIM_TEMPLATE,
                  on_line: Callable[[str, str], None] | None = None, market_overrides: dict | None = None,
                  cadence_overrides: dict | None = None, last_market_slots: int | None = None,
-                 ledger_args: list[str] | None = None, config_overrides: dict[str, dict] | None = None):
+                 ledger_args: list[str] | None = None, config_overrides: dict[str, dict] | None = None,
+                 ledger: str = "rest", chain_block_time_s: int = 1):
         self.workdir = Path(workdir).resolve()
+        # "rest": the bench ledger; "evm": anvil + the market contract + a relay (host_tools/evm/hood.py, G2)
+        if ledger not in ("rest", "evm"):
+            raise ValueError(f"ledger: expected 'rest' or 'evm', got {ledger!r}")
+        self.ledger_kind = ledger
+        self.chain_block_time_s = chain_block_time_s
+        self.chain = None
         self.specs = houses
         self.template = template
         self.on_line = on_line
@@ -191,7 +199,7 @@ class Neighbourhood:
 
     def start(self, *, start_daemons: bool = True) -> "Neighbourhood":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._start_ledger()
+        self._start_chain() if self.ledger_kind == "evm" else self._start_ledger()
         for spec in self.specs:
             house = self._prepare_house(spec)
             self.houses[spec.name] = house
@@ -218,6 +226,18 @@ class Neighbourhood:
         self.ledger = ManagedProcess("ledger", argv, self.workdir / "ledger.log", on_line=self.on_line).start()
         self.ledger_url = self.ledger.wait_for_line(LISTENING, timeout_s=30).group(1)
 
+    def _start_chain(self) -> None:
+        from host_tools.evm.hood import ChainLedger, rules_from_market_table
+
+        if self.last_market_slots is not None:
+            now = int(time.time())
+            self.last_market = now - now % self.slot_seconds + self.last_market_slots * self.slot_seconds
+        self.chain = ChainLedger(self.workdir, rules_from_market_table(self.base_config["market"]),
+                                 block_time_s=self.chain_block_time_s, last_market_id=self.last_market)
+        self.chain.start(lambda name, argv, log_path: ManagedProcess(name, argv, log_path, on_line=self.on_line).start())
+        self.ledger = self.chain.relay
+        self.ledger_url = self.chain.relay_url
+
     def _write_config(self, path: Path, data: dict) -> None:
         import tomli_w
 
@@ -230,6 +250,8 @@ class Neighbourhood:
         data = json.loads(json.dumps(self.base_config))  # deep copy of plain TOML data
         data["board"].update(name=spec.name, state_dir=str(directory / "state"), key_file=str(directory / "device.key"))
         data["ledger"]["url"] = self.ledger_url
+        if self.chain is not None:
+            data["ledger"].update(self.chain.board_ledger_table(max_clock_skew_ms=int(data["ledger"].get("max_clock_skew_ms", 2000))))
         data["bus"][0]["port"] = str(directory / "meter-bus")
         data["dgr"]["port"] = str(directory / "dgr")
         data.setdefault("policy", {})["battery_capacity_wh"] = spec.battery_capacity_wh
@@ -249,6 +271,9 @@ class Neighbourhood:
         else:
             out = self._run_ok(_python_module("firmware.cli", "pubkey", str(config_path)))
         house.device_id = re.search(r"device_id (\w+)", out).group(1)
+        if self.chain is not None:
+            house.address = self.chain.register(directory / "device.key")
+            return house
         self._run_ok(_python_module(
             "host_tools.cli", "ledger", "register", "--url", self.ledger_url, "--config", str(config_path),
             "--name", spec.name, "--operator-token", self.operator_token,
@@ -289,6 +314,8 @@ class Neighbourhood:
         return response.json()
 
     def stats(self) -> dict:
+        if self.chain is not None:
+            return self.chain.stats()
         return self.get("/v1/stats")
 
     def control_path(self, house: str) -> Path:
@@ -326,7 +353,9 @@ class Neighbourhood:
         for house in self.houses.values():
             if house.emulator:
                 house.emulator.stop()
-        if self.ledger:
+        if self.chain is not None:
+            self.chain.stop()  # the relay, then anvil by pid
+        elif self.ledger:
             self.ledger.stop()
 
     def __enter__(self) -> "Neighbourhood":

@@ -33,6 +33,7 @@ import http.client
 import itertools
 import json
 import logging
+import threading
 import time
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
@@ -41,7 +42,9 @@ from firmware import eip712
 from firmware.ledger.evm_abi import AbiError, decode_args, encode_call, event_topic, hex_bytes, message_calldata, selector
 from firmware.ledger.evm_tx import Eip1559Tx
 
-from .base import LedgerUnavailable, SubmitResult, TradeRecord
+from firmware.messages import SignedMessage, canonical_bytes
+
+from .base import LedgerRejected, LedgerUnavailable, SubmitResult, TradeRecord
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ class JsonHttp:
 
     Why not ``requests``: it and urllib3 cost about 7 MB of RSS on the board; http.client is
     already loaded by the standard library's own modules. Redirects are never followed.
+    One exchange at a time (a lock): the daemon's jobs run on several threads and an
+    http.client connection carries one request at a time ("CannotSendRequest: Request-sent").
     """
 
     def __init__(self, url: str, *, timeout_s: float, max_bytes: int = MAX_RESPONSE_BYTES) -> None:
@@ -103,6 +108,7 @@ class JsonHttp:
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.timeout_s, self.max_bytes = timeout_s, max_bytes
         self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
@@ -117,6 +123,10 @@ class JsonHttp:
 
     def exchange(self, method: str, body: Any = None, path: str | None = None) -> tuple[int, Any]:
         """(HTTP status, parsed JSON or None when the body is not JSON). Transport trouble is _Transient."""
+        with self._lock:
+            return self._exchange(method, body, path)
+
+    def _exchange(self, method: str, body: Any, path: str | None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = {"Accept": "application/json"}
         if data is not None:
@@ -175,6 +185,15 @@ class RelayClient:
 
     def __repr__(self) -> str:
         return f"RelayClient({self.url!r})"
+
+    def info(self) -> dict:
+        """The relay's ``GET /v1/info`` (only ``last_market_id`` is used: the service provider's
+        market day, e.g. a bounded demo day); {} when it does not answer usefully."""
+        try:
+            status, obj = JsonHttp(self.url + "/v1/info", timeout_s=self._http.timeout_s).exchange("GET")
+        except _Transient:
+            return {}
+        return obj if status == 200 and isinstance(obj, dict) else {}
 
     def submit(self, message: eip712.TypedMessage) -> SubmitResult:
         try:
@@ -261,21 +280,43 @@ class EvmLedger:
         self._ids = itertools.count(1)
         self._chain_checked = False
         self._cursor_hashes: dict[int, str] = {}  # block number of a returned cursor -> its hash
+        # The board's own device: the daemon names it by its sha256 device id (messages.py); on
+        # chain it is the Ethereum address of the same key. (device_id, address) or None.
+        self._own: tuple[str, bytes] | None = None
+
+    def own_device(self, device_id: str, public_key: bytes) -> "EvmLedger":
+        """Let ``trades_since``/``device_account`` take the board's own sha256 device id (what the
+        controller passes, whatever the backend) and read its Ethereum address instead."""
+        self._own = (device_id, eip712.address_from_public_key(public_key))
+        return self
+
+    def _address(self, device_id: str) -> bytes:
+        if self._own is not None and device_id == self._own[0]:
+            return self._own[1]
+        return eip712.address_bytes(device_id)
 
     @classmethod
-    def from_config(cls, config: Any, *, gas_signer: Any = None) -> "EvmLedger":
-        """Build from a board config's [ledger] table once it has the EVM keys (proposed on the board):
-        ``rpc_url``, ``chain_id``, ``contract``, ``relay_url`` (empty: direct submission with
-        ``gas_signer``), ``confirmations``, ``from_block``, ``timeout_ms``, ``retries``, ``backoff_ms``."""
-        relay_url = getattr(config, "relay_url", "") or ""
+    def from_config(cls, config: Any, *, signer: Any = None, gas_signer: Any = None) -> "EvmLedger":
+        """Build from a board config's [ledger] table with ``kind = "evm"`` (docs/board-config.md):
+        ``url`` is the relay (the same submit call as the bench ledger's), ``rpc_url`` the observer
+        node, ``chain_id`` and ``contract`` the domain, ``confirmations``, ``from_block``,
+        ``timeout_ms``, ``retries``, ``backoff_ms``. ``relay_url`` (an older spelling) wins over
+        ``url`` when present; an empty relay means direct submission with ``gas_signer``.
+        ``signer``: the device key, so the daemon's own device id reads this key's address."""
+        relay_url = getattr(config, "relay_url", None)
+        if relay_url is None:
+            relay_url = getattr(config, "url", "") or ""
         timeout_ms = int(getattr(config, "timeout_ms", 5000))
-        return cls(
+        ledger = cls(
             config.rpc_url, chain_id=int(config.chain_id), contract=config.contract,
             relay=RelayClient(relay_url, timeout_ms=max(timeout_ms, 30000)) if relay_url else None,
             gas_signer=None if relay_url else gas_signer,
             confirmations=int(getattr(config, "confirmations", 0)), from_block=int(getattr(config, "from_block", 0)),
             timeout_ms=timeout_ms, retries=int(getattr(config, "retries", 2)), backoff_ms=int(getattr(config, "backoff_ms", 200)),
         )
+        if signer is not None:
+            ledger.own_device(signer.device_id, signer.public_key)
+        return ledger
 
     def __repr__(self) -> str:
         return f"EvmLedger({self.rpc_url!r}, chain_id={self.domain.chain_id}, contract={self.contract})"
@@ -381,19 +422,45 @@ class EvmLedger:
 
     def info(self) -> dict:
         slot, gate, ahead, lot, pmin, pmax, deadline = self._view("rules")
-        return {
+        out = {
             "ledger_id": f"evm:{self.domain.chain_id}:{eip712.checksum_address(self.domain.verifying_contract)}",
             "chain_id": self.domain.chain_id, "contract": eip712.checksum_address(self.domain.verifying_contract),
             "slot_seconds": slot, "gate_closure_seconds": gate, "markets_ahead": ahead, "lot_wh": lot,
             "price_min_per_kwh_minor": pmin, "price_max_per_kwh_minor": pmax, "report_deadline_seconds": deadline,
         }
+        # The service provider may bound its market day (the relay refuses orders after it): the
+        # board then signs none (scheduler/trading.py reads ``last_market_id`` as from the bench ledger).
+        last = self.relay.info().get("last_market_id") if isinstance(self.relay, RelayClient) else None
+        if type(last) is int and last > 0:
+            out["last_market_id"] = last
+        return out
 
     def device_account(self, device_id: str) -> dict:
-        address = eip712.address_bytes(device_id)
+        """The device's account, in the bench ledger's shape where the daemon reads it.
+
+        An unregistered or revoked address is ``LedgerRejected`` with the bench ledger's codes
+        (``unknown_device``, ``revoked``), as the REST adapter raises it: the daemon pauses
+        trading instead of signing messages the contract must refuse. ``max_nonce`` (the start-up
+        nonce floor, ledger_link.sync_account) is the highest nonce of this device's messages on
+        chain: a journal restored from an old copy never reuses one.
+        """
+        address = self._address(device_id)
         status, min_nonce = self._view("devices", address)
+        name = eip712.checksum_address(address)
+        if status == 0:
+            raise LedgerRejected("unknown_device", f"device {name} is not registered with the market contract", 0)
+        if status == 2:
+            raise LedgerRejected("revoked", f"device {name} was revoked by the market's operator", 0)
+        max_nonce = 0
+        head = self.head()
+        for event in ("Accepted", "Rejected"):
+            for raw in self._logs(event, [_topic_address(address)], self.from_block, head):
+                log_ = self._decode(event, raw)
+                if not log_["removed"]:
+                    max_nonce = max(max_nonce, int.from_bytes(log_["topics"][1], "big"))
         return {
-            "device_id": eip712.checksum_address(address),
-            "registered": status == 1, "revoked": status == 2, "min_nonce": min_nonce,
+            "device_id": name, "name": name,
+            "registered": True, "revoked": False, "min_nonce": min_nonce, "max_nonce": max_nonce,
             "balance_milli_minor": self._view("balanceOf", address)[0],
             "locked_milli_minor": self._view("lockedOf", address)[0],
             "shortfall_wh": self._view("shortfallWhOf", address)[0],
@@ -445,10 +512,31 @@ class EvmLedger:
         kind, typed = eip712.from_canonical_fields(fields)
         return eip712.sign_typed(self.domain, kind, typed, signer)
 
-    def submit(self, message: eip712.TypedMessage) -> SubmitResult:
+    def sign_message(self, fields: Mapping[str, Any], signer: Any) -> SignedMessage:
+        """The journal's signing seam (journal.encode_message): the message as the journal stores it.
+
+        The stored payload stays the canonical fields (firmware.messages), from which the typed
+        struct follows by a pure mapping (``eip712.from_canonical_fields``); the stored signature is
+        the EIP-2098 signature of the EIP-712 digest for this contract's domain. So the journal and
+        the outbox keep one row shape for both backends, and a resend is the same bytes: ``submit``
+        rebuilds the identical typed message from them, nothing is signed again.
+        """
+        typed = self.sign(fields, signer)
+        return SignedMessage(payload=canonical_bytes(fields), signature=typed.signature)
+
+    @staticmethod
+    def typed(message: SignedMessage | eip712.TypedMessage) -> eip712.TypedMessage:
+        """The typed message a journalled one stands for (see sign_message); typed ones pass through."""
+        if isinstance(message, eip712.TypedMessage):
+            return message
+        if not isinstance(message, SignedMessage):
+            raise ValueError("submit: expected a firmware.eip712.TypedMessage or a journalled SignedMessage")
+        kind, fields = eip712.from_canonical_fields(message.fields)
+        return eip712.TypedMessage(kind=kind, fields=fields, signature=message.signature)
+
+    def submit(self, message: eip712.TypedMessage | SignedMessage) -> SubmitResult:
         """Send through the relay (or directly), then confirm on chain that the outcome reported is the real one."""
-        if not isinstance(message, eip712.TypedMessage):
-            raise ValueError("submit: expected a firmware.eip712.TypedMessage")
+        message = self.typed(message)
         if self.relay is None:
             if self.gas_signer is None:
                 raise ValueError("submit: no relay and no gas_signer configured for this EvmLedger")
@@ -456,8 +544,10 @@ class EvmLedger:
         device = message.signer(self.domain)
         result = self.relay.submit(message)
         if result.code in ("malformed", "bad_signature", "unknown_device", "revoked", "expired", "not_yet_valid",
-                           "nonce_cancelled", "nonce_conflict"):
-            return result  # refused before the rules: nothing on chain to confirm
+                           "nonce_cancelled", "nonce_conflict", "not_carried"):
+            # refused before the rules (or, not_carried, by the relay's own market day): nothing on
+            # chain to confirm. A relay that says so falsely only withholds, which it can always do.
+            return result
         outcome = self.landed(message, device)
         if outcome is None:
             raise LedgerUnavailable(f"the relay answered {result.status} for nonce {message.nonce}, but the chain has no such message")
@@ -535,7 +625,7 @@ class EvmLedger:
 
     def trades_since(self, device_id: str, cursor: int) -> tuple[list[TradeRecord], int]:
         """The device's trades after ``cursor`` in confirmed blocks; the cursor never passes the confirmed head."""
-        address = eip712.address_bytes(device_id)
+        address = self._address(device_id)
         cursor_block, cursor_index = decode_cursor(cursor)
         if cursor and cursor_block in self._cursor_hashes:
             block = self._block(cursor_block)

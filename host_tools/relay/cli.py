@@ -83,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     rpc, account = _account(args)
     market = _market(args, rpc)
-    relay = Relay(market, account, from_block=args.from_block)
+    relay = Relay(market, account, from_block=args.from_block, last_market_id=args.last_market)
     server = make_server(relay, args.host, args.port)
     stop = threading.Event()
 
@@ -212,6 +212,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_non_negative, default=8760, help="port (default 8760; 0 = any free port, printed when ready)")
     p.add_argument("--from-block", type=_non_negative, default=0, help="block the contract was deployed in (log searches start there)")
+    p.add_argument("--last-market", type=_non_negative, default=None,
+                   help="carry no order for a market after this one (a bounded market day, as the bench ledger's)")
     p.set_defaults(func=cmd_serve)
 
     def rule_args(p: argparse.ArgumentParser) -> None:

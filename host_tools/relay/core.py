@@ -76,8 +76,12 @@ def _rejected(http_status: int, code: str, detail: str, nonce: int | None, *, du
 class Relay:
     """Submits typed messages to one market contract with one funded account."""
 
-    def __init__(self, market: Market, account: Account, *, receipt_timeout_s: float = 60.0, from_block: int = 0) -> None:
+    def __init__(self, market: Market, account: Account, *, receipt_timeout_s: float = 60.0, from_block: int = 0,
+                 last_market_id: int | None = None) -> None:
         self.market = market
+        # The service provider's market day (a bounded demo day, like the bench ledger's --last-market):
+        # orders for a later market are not carried, and /v1/info says so (the board then signs none).
+        self.last_market_id = last_market_id
         self.account = account
         self.receipt_timeout_s = receipt_timeout_s
         self.from_block = from_block
@@ -112,6 +116,8 @@ class Relay:
             if pending_digest != digest:
                 return _rejected(409, "nonce_conflict", f"nonce {message.nonce} is already used for another message in flight", message.nonce)
             return self._answer_from_tx(tx_hash, device, message, duplicate=True)
+        if self.last_market_id is not None and message.kind == "order" and message.fields["market_id"] > self.last_market_id:
+            return _rejected(422, "not_carried", f"this relay carries no order for a market after {self.last_market_id}", message.nonce)
         data = message_calldata(message)
         refusal = self._preflight(data, device, message, digest)
         if refusal is not None:
@@ -279,6 +285,7 @@ class Relay:
             "relay_account": checksum_address(self.account.address),
             "slot_seconds": slot, "gate_closure_seconds": gate, "markets_ahead": ahead, "lot_wh": lot,
             "price_min_per_kwh_minor": pmin, "price_max_per_kwh_minor": pmax, "report_deadline_seconds": deadline,
+            **({"last_market_id": self.last_market_id} if self.last_market_id is not None else {}),
         }
 
     def device_account(self, device: bytes) -> dict:
