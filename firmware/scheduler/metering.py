@@ -35,6 +35,11 @@ class Metering:
 
         ctx = self.ctx
         health = ctx.health
+        if not health.clock_ok:
+            # A reading's time comes from the board's clock: stamped by a clock the guard has
+            # found wrong it would sit on the wrong side of a slot edge, and be judged against
+            # the wrong elapsed time. None is taken until the clock is good (sim F5).
+            return
         names = ctx.meters.read_order() if hasattr(ctx.meters, "read_order") else ctx.meters.names
         for name in names:
             try:
