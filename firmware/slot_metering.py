@@ -69,10 +69,16 @@ class Edge:
 
 
 def edge_value(edge_s: int, before: Counters | None, after: Counters | None, *,
-               active_before: dict[str, bool], active_after: dict[str, bool],
+               active_before: dict[str, bool | int], active_after: dict[str, bool | int],
                on_time_ms: int = EDGE_ON_TIME_MS) -> Edge | None:
     """The interchange counters at ``edge_s`` (see the module docstring), or None when there is
-    no reading at or after the edge yet (the slot before cannot be metered yet)."""
+    no reading at or after the edge yet (the slot before cannot be metered yet).
+
+    ``active_before[d]`` / ``active_after[d]``: for how many ms of the gap between the readings
+    a transfer of the slot before (after) could have moved energy in direction ``d`` — True for
+    the whole of its side of the gap, False or 0 for none. The energy that moved in the gap is
+    split in proportion: all of it to one side when only that side could flow, by time when
+    both (or neither) could."""
     edge_ms = edge_s * 1000
     if after is None:
         return None
@@ -82,20 +88,31 @@ def edge_value(edge_s: int, before: Counters | None, after: Counters | None, *,
     values, methods = {}, set()
     for d in DIRECTIONS:
         lo, hi = before.get(d), after.get(d)
-        was, will = active_before.get(d, False), active_after.get(d, False)
+        was = _window(active_before.get(d, False), edge_ms - before.taken_at_ms)
+        will = _window(active_after.get(d, False), after.taken_at_ms - edge_ms)
         if hi == lo or (was and not will):
             values[d], method = hi, "bracket"
         elif will and not was:
             values[d], method = lo, "bracket"
-        else:  # both sides ran a transfer (or neither did): split in time
-            span = max(1, after.taken_at_ms - before.taken_at_ms)
-            values[d] = lo + (hi - lo) * (edge_ms - before.taken_at_ms) // span
+        else:  # both sides could flow (or neither): split in proportion to time
+            if not was and not will:
+                was, will = edge_ms - before.taken_at_ms, after.taken_at_ms - edge_ms
+            values[d] = lo + (hi - lo) * was // max(1, was + will)
             method = "interpolated"
         methods.add(method)
     method = "interpolated" if "interpolated" in methods else "bracket"
     detail = (f"edge reading late: readings at {before.taken_at_ms - edge_ms:+d} ms and "
               f"{after.taken_at_ms - edge_ms:+d} ms around the edge")
     return Edge(edge_s, values["import"], values["export"], method, detail)
+
+
+def _window(active: bool | int, side_ms: int) -> int:
+    """ms of possible flow on one side of the edge, from a flag (whole side) or a duration."""
+    if active is True:
+        return max(1, side_ms)
+    if active is False:
+        return 0
+    return max(0, min(int(active), side_ms))
 
 
 @dataclass(frozen=True)

@@ -226,14 +226,16 @@ class Deliveries:
         except MeterReadError as exc:
             self.ctx.events.emit("alarm.meter", meter=self.metering.interchange, detail=f"delivery metering postponed: {exc}")
 
-    def _flowing_in(self, market_id: int, from_ms: int, to_ms: int) -> dict[str, bool]:
-        """Per direction: may a transfer of this slot have moved energy between ``from_ms`` and
-        ``to_ms``? A transfer known to have ended before ``from_ms`` (interrupted then, with the
-        router's watchdog time on top, or the router's END event) or started after ``to_ms``
-        did not: the energy in a gap of readings is then not given to its slot (sim F4)."""
+    def _flowing_in(self, market_id: int, from_ms: int, to_ms: int) -> dict[str, int]:
+        """Per direction: for how many ms between ``from_ms`` and ``to_ms`` a transfer of this
+        slot could have moved energy. A transfer flows from its START (journalled as the intent)
+        until the router ended it: an END or a reboot the router told us about ends it then, a
+        lost link leaves it to the router's watchdog; the slot's own bounds cap both. The
+        energy in a gap of readings is split by these windows (slot_metering.edge_value)."""
         from .router_link import MIN_ROUTER_WATCHDOG_S
 
-        flowing = {"export": False, "import": False}
+        rules = self.ctx.rules
+        flowing = {"export": 0, "import": 0}
         transfer_end = getattr(self.ctx.dgr, "transfer_end", None)
         for row in self.ctx.journal.deliveries(states=ds.STATES, market_id=market_id):
             ran = row.state in (ds.STARTING, *ds.FLOWING) or (
@@ -241,19 +243,16 @@ class Deliveries:
             if not ran:
                 continue
             times = self.ctx.journal.delivery_times(row.trade_id)
-            if times.started_at_ms is not None and times.started_at_ms > to_ms:
-                continue
+            start = max(from_ms, row.market_id * 1000, times.started_at_ms or 0)
+            end = min(to_ms, rules.slot_end(row.market_id) * 1000)
             if row.state == ds.INTERRUPTED and times.updated_at_ms is not None:
-                # a lost link leaves the transfer to the router's watchdog; an END or a reboot
-                # the router told us about ended it then
                 margin_ms = MIN_ROUTER_WATCHDOG_S * 1000 if (row.detail or "").startswith("router link lost") else 0
-                if times.updated_at_ms + margin_ms <= from_ms:
-                    continue
-            end = transfer_end(row.trade_id) if transfer_end is not None else None
-            received_at = getattr(end, "received_at", 0.0) if end is not None else 0.0
-            if received_at and received_at * 1000 < from_ms:
-                continue
-            flowing[row.direction] = True
+                end = min(end, times.updated_at_ms + margin_ms)
+            ended = transfer_end(row.trade_id) if transfer_end is not None else None
+            received_at = getattr(ended, "received_at", 0.0) if ended is not None else 0.0
+            if received_at:
+                end = min(end, int(received_at * 1000))
+            flowing[row.direction] = max(flowing[row.direction], end - start)
         return flowing
 
     def _edge(self, edge_s: int) -> tuple[Edge | None, bool]:
