@@ -499,6 +499,7 @@ def install(target: Target, bundle: Path, *, board_kind: str | None = None, keep
         target.upload_tree(Path(bundle), release,
                            on_progress=lambda done, total: progress.bytes("uploading the bundle", done, total))
         step("uploaded")
+        # The board's own decision, before any code of the new release runs (pip, check-config).
         if previous:
             verdict = _board_verify(target, layout, release, board_kind=None if config_kind else board_kind,
                                     force_downgrade=force_downgrade)
