@@ -38,7 +38,7 @@ def test_two_house_day():
     rep = report(market(2000), GRID_ONLY, TARIFF, days=1, skill_load=load, skill_net=net)
     assert ideal_local_wh(GRID_ONLY) == 600  # noon: min(1000 surplus, 600 shortage); evening: no surplus
     assert rep.ideal_local_wh == 600 and rep.delivered_wh == 600 and rep.contracted_sell_wh == 700
-    assert rep.delivered_pct_of_ideal == pytest.approx(100.0)
+    assert rep.delivered_pct_of_ideal == pytest.approx(100.0) and rep.used_pct_of_ideal == pytest.approx(100.0)
     assert rep.shortfall_pct == pytest.approx(100 * 100 / 700)
     assert rep.over_contract_pct == 0.0
     # self-sufficiency: load 1500 Wh; grid import 800 with the market (a 500, b 300), 1400 without
@@ -76,3 +76,5 @@ def test_battery_and_over_contract_balance():
     rep = report([r, e, b], [SlotRecord("a", 0, 100, 1100), SlotRecord("b", 0, 300, 0)], TARIFF, days=1,
                  skill_load=load, skill_net=net)
     assert rep.over_contract_pct == pytest.approx(50.0)
+    assert rep.delivered_pct_of_ideal == pytest.approx(100 * 600 / 300)  # ideal: min(1000 surplus, 300 shortage)
+    assert rep.used_pct_of_ideal == pytest.approx(100 * 300 / 300)

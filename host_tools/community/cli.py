@@ -44,6 +44,10 @@ def add_bench_command(bench_sub) -> None:
                    help="retail tariff, minor units (0.01 yen) per kWh (default: %(default)s)")
     p.add_argument("--feed-in", type=_positive, default=Tariffs().feed_in_per_kwh_minor, metavar="MINOR",
                    help="feed-in tariff, minor units per kWh (default: %(default)s, the post-FIT 8.5 yen)")
+    p.add_argument("--sell-quantile", type=int, default=25, metavar="Q",
+                   help="quantile (%%) of an unbacked surplus offered for sale (default: %(default)s)")
+    p.add_argument("--buy-quantile", type=int, default=50, metavar="Q",
+                   help="quantile (%%) of a shortage bid for (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object before the final line")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots there (needs matplotlib, host extra)")
     p.set_defaults(func=cmd_community)
@@ -59,8 +63,12 @@ def cmd_community(args: argparse.Namespace) -> int:
     except (CommunityError, ValueError) as exc:
         print(f"dgc-host bench community: {exc}", file=sys.stderr)
         return 2
+    if not (0 <= args.sell_quantile <= 50 and 50 <= args.buy_quantile <= 100):
+        print("dgc-host bench community: --sell-quantile must be 0..50 and --buy-quantile 50..100", file=sys.stderr)
+        return 2
     settings = BenchSettings(days=args.days, start_day=args.start_day, baseline=args.baseline,
-                             batteries=not args.no_batteries, tariffs=tariffs)
+                             batteries=not args.no_batteries, tariffs=tariffs,
+                             sell_quantile_percent=args.sell_quantile, buy_quantile_percent=args.buy_quantile)
     if args.community is not None:
         settings = replace(settings, site=None)  # another community's site is unknown: PV from statistics
     runs = [replace(settings, baseline=True), settings] if args.compare and not args.baseline else [settings]

@@ -10,7 +10,10 @@ Definitions (gsy-e's and Quartierstrom's, as issue 8 asks):
   the houses' grid-only balances (each battery run for its own house). The ideal saving is that
   energy times (retail - feed-in): a local kWh spares its buyer retail and earns its seller
   more than feed-in, and between them they gain exactly the spread.
-- **Delivered % of ideal** = local energy delivered / ideal local energy.
+- **Delivered % of ideal** = local energy delivered / ideal local energy. It can pass 100%:
+  a battery may sell to a neighbour what the grid-only run kept for its own house, and a buyer
+  that over-contracts passes energy on to the grid; **used % of ideal** counts only what the
+  buyers used (received within their own shortage).
 - **Seller shortfall** = contracted sales not delivered / contracted sales.
 - **Buyer over-contract** = local energy received beyond the buyer's own shortage (it flows
   on to the grid at feed-in) / local energy received.
@@ -128,6 +131,7 @@ class Report:
     contracted_sell_wh: int
     traded_wh: int
     delivered_pct_of_ideal: float
+    used_pct_of_ideal: float  # delivered and used by its buyer (not passed on to the grid)
     traded_pct_of_ideal: float
     shortfall_pct: float
     over_contract_pct: float
@@ -189,7 +193,8 @@ def report(market: Sequence[SlotRecord], grid_only: Sequence[SlotRecord], tariff
         skill_net_next_market=skill_next.skill if skill_next else 0.0,
         ideal_local_wh=ideal, delivered_wh=delivered, contracted_sell_wh=sold,
         traded_wh=sum(r.bought_wh for r in market),
-        delivered_pct_of_ideal=_pct(delivered, ideal), traded_pct_of_ideal=_pct(sold, ideal),
+        delivered_pct_of_ideal=_pct(delivered, ideal), used_pct_of_ideal=_pct(received - over, ideal),
+        traded_pct_of_ideal=_pct(sold, ideal),
         shortfall_pct=_pct(sold - delivered, sold), over_contract_pct=_pct(over, received),
         self_sufficiency_pct=self_sufficiency_pct(market), self_sufficiency_grid_only_pct=self_sufficiency_pct(grid_only),
         self_consumption_pct=self_consumption_pct(market), self_consumption_grid_only_pct=self_consumption_pct(grid_only),
@@ -214,7 +219,8 @@ def table(rep: Report, label: str = "") -> list[str]:
         f"  forecast refresh: median {rep.forecast_ms_median:.2f} ms, max {rep.forecast_ms_max:.2f} ms, "
         f"peak {rep.forecast_peak_kib} KiB (this machine)",
         f"  ideal per-slot netting {kwh(rep.ideal_local_wh)}; contracted {kwh(rep.contracted_sell_wh)} "
-        f"({rep.traded_pct_of_ideal:.1f}%), delivered {kwh(rep.delivered_wh)} ({rep.delivered_pct_of_ideal:.1f}% of ideal)",
+        f"({rep.traded_pct_of_ideal:.1f}%), delivered {kwh(rep.delivered_wh)} ({rep.delivered_pct_of_ideal:.1f}% of ideal; "
+        f"{rep.used_pct_of_ideal:.1f}% used by its buyers, the rest passed on to the grid)",
         f"  seller shortfall {rep.shortfall_pct:.1f}% of contracted; buyer over-contract {rep.over_contract_pct:.1f}% of received",
         f"  self-sufficiency {rep.self_sufficiency_pct:.1f}% (grid only {rep.self_sufficiency_grid_only_pct:.1f}%); "
         f"PV self-consumption {rep.self_consumption_pct:.1f}% (grid only {rep.self_consumption_grid_only_pct:.1f}%)",
