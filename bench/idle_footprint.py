@@ -8,7 +8,13 @@ measured window of the daemon's utime+stime and VmHWM/VmRSS from /proc.
 
 Side by side, in fresh processes of the same interpreter: the peak RSS of a bare
 `python -c pass`, of each library the daemon needs, of all of them together, and of the
-daemon's own modules imported but not run. Prints figures and ratios; never asserts.
+daemon's own modules imported but not run. Then where each MiB goes: the same imports added
+one step at a time (each step's cost is what it adds to the steps before it), and what running
+adds to importing (threads, heap, caches). Prints figures and ratios; never asserts.
+
+The reference bar is emonhub, a Raspberry Pi meter daemon, measured side by side on this
+machine while polling one Modbus meter and posting over HTTP (issue 7 part 7): 35.7 MiB peak
+RSS, 0.18 % of a core, 3 threads. The goal is the idle daemon within 1.0x of its RSS.
 
 The daemon is started with PYTHONPROFILEIMPORTTIME=1 (CPython's -X importtime: one stderr line
 per module as it is first imported, no memory kept), so the modules it really imported — also
@@ -36,18 +42,19 @@ from lib import (  # noqa: E402
 WARMUP_S = 15.0
 WINDOW_S = 60.0
 SAMPLE_EVERY_S = 5.0
-EMONHUB_RSS_MB = 39.0  # published figure for emonhub on a Raspberry Pi (not measured here)
-EMONHUB_CPU_PERCENT = 0.2
+EMONHUB_RSS_MIB = 35.7  # emonhub measured side by side on this machine (issue 7 part 7)
+EMONHUB_CPU_PERCENT = 0.18
+EMONHUB_THREADS = 3
+RSS_GOAL_RATIO = 1.0
 
 IMPORT_PROBES = [
     ("bare python -c pass", "pass"),
     ("pymodbus client", "from pymodbus.client import ModbusSerialClient"),
     ("apscheduler BackgroundScheduler", "from apscheduler.schedulers.background import BackgroundScheduler"),
-    ("requests", "import requests"),
     ("coincurve", "import coincurve"),
-    ("the 4 libraries together", "from pymodbus.client import ModbusSerialClient; "
+    ("the 3 libraries together", "from pymodbus.client import ModbusSerialClient; "
                                  "from apscheduler.schedulers.background import BackgroundScheduler; "
-                                 "import requests, coincurve"),
+                                 "import coincurve"),
     ("daemon modules, imported not run", "import firmware.cli, firmware.scheduler.daemon, firmware.scheduler.controller, "
                                          "firmware.drivers.meter, firmware.drivers.dgr, firmware.journal, "
                                          "firmware.ledger.rest, firmware.keystore, firmware.forecast, firmware.policy; "
@@ -57,8 +64,43 @@ IMPORT_PROBES = [
 ]
 PROBE_REPEATS = 3
 
+# Where each MiB goes: cumulative imports, in the order the daemon needs them.
+BREAKDOWN_STEPS = [
+    ("bare python", "pass"),
+    ("+ stdlib the daemon uses (sqlite3, json, http.client, tomllib, logging, threading)",
+     "import sqlite3, json, http.client, tomllib, logging, threading, argparse"),
+    ("+ pymodbus client (and asyncio, pyserial)", "from pymodbus.client import ModbusSerialClient"),
+    ("+ coincurve (secp256k1)", "import coincurve"),
+    ("+ the scheduler (APScheduler 3)", "from apscheduler.schedulers.background import BackgroundScheduler; "
+                                        "from apscheduler.executors.pool import ThreadPoolExecutor; "
+                                        "from apscheduler.triggers.interval import IntervalTrigger"),
+    ("+ the firmware's own modules", "import firmware.cli, firmware.scheduler.daemon, firmware.scheduler.controller, "
+                                     "firmware.drivers.meter, firmware.drivers.dgr, firmware.journal, firmware.ledger.rest, "
+                                     "firmware.keystore, firmware.forecast, firmware.policy"),
+]
+
+
+def probe_breakdown() -> list[tuple[str, float]]:
+    """[(step, cumulative peak RSS MiB)]: each step imports everything before it too."""
+    out, code = [], ""
+    for label, step in BREAKDOWN_STEPS:
+        code = f"{code}; {step}" if code else step
+        samples = [python_peak_rss(code) for _ in range(PROBE_REPEATS)]
+        out.append((label, sorted(samples)[len(samples) // 2]))
+    return out
+
+
+def thread_names(pid: int) -> list[str]:
+    names = []
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:
+            continue
+    return names
+
 IMPORTTIME = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s+)(\S+)")
-NOTABLE = ("pymodbus", "apscheduler", "requests", "urllib3", "charset_normalizer", "idna", "certifi", "ssl",
+NOTABLE = ("pymodbus", "apscheduler", "requests", "urllib3", "charset_normalizer", "idna", "certifi", "ssl", "multiprocessing",
            "http", "email", "coincurve", "cffi", "_cffi_backend", "serial", "sqlite3", "ecdsa", "tzlocal",
            "asyncio", "concurrent", "json", "tomllib", "logging")
 
@@ -78,11 +120,15 @@ def importtime_summary(lines: list[str]) -> tuple[int, list[tuple[str, int, floa
     per_pkg_us: dict[str, int] = defaultdict(int)
     per_pkg_count: dict[str, int] = defaultdict(int)
     count = 0
+    seen: set[str] = set()
     for line in lines:
         match = IMPORTTIME.search(line)
         if not match:
             continue
         name = match.group(4)
+        if name in seen:  # `dgc run` re-executes itself once (MALLOC_ARENA_MAX): count each module once
+            continue
+        seen.add(name)
         top = name.split(".")[0]
         per_pkg_us[top] += int(match.group(1))
         per_pkg_count[top] += 1
@@ -116,6 +162,7 @@ def main() -> int:
         # Side-by-side import probes run during the warm-up (peak RSS does not depend on CPU load).
         warm_until = time.monotonic() + WARMUP_S
         probes = probe_imports()
+        breakdown = probe_breakdown()
         while time.monotonic() < warm_until:
             time.sleep(min(0.5, warm_until - time.monotonic()))
         if not daemon.running:
@@ -137,6 +184,7 @@ def main() -> int:
         status = proc_status(pid)
         hwm = int(status["VmHWM"].split()[0])
         threads = status["Threads"]
+        names = thread_names(pid)
         window_lines = daemon.lines[lines_before:]
         all_lines = list(daemon.lines)
     except BaseException:
@@ -155,11 +203,12 @@ def main() -> int:
     cpu_percent = 100.0 * (cpu1 - cpu0) / wall
     daemon_mb = hwm / 1024.0
     bare = probes["bare python -c pass"]
-    libs = probes["the 4 libraries together"]
+    libs = probes["the 3 libraries together"]
     mods = probes["daemon modules, imported not run"]
 
     header("daemon (measured)")
-    print(f"window {wall:.1f} s after {WARMUP_S:.0f} s warm-up; threads {threads}; deliveries started in window: {deliveries}")
+    print(f"window {wall:.1f} s after {WARMUP_S:.0f} s warm-up; threads {threads} ({', '.join(names)}); "
+          f"deliveries started in window: {deliveries}")
     print(f"peak RSS (VmHWM)        {daemon_mb:6.1f} MiB   (VmHWM at window start {hwm_start / 1024:.1f} MiB)")
     print(f"RSS during window       min {min(rss_samples) / 1024:.1f} / max {max(rss_samples) / 1024:.1f} MiB "
           f"({len(rss_samples)} samples every {SAMPLE_EVERY_S:.0f} s)")
@@ -175,12 +224,22 @@ def main() -> int:
     print(f"{'dgc run daemon (idle, above)':<36} {daemon_mb:6.1f} MiB")
     header("ratios")
     print(f"daemon / bare python               {ratio(daemon_mb, bare)}")
-    print(f"daemon / 4 libraries imported      {ratio(daemon_mb, libs)}   (daemon - libraries = {daemon_mb - libs:+.1f} MiB)")
+    print(f"daemon / 3 libraries imported      {ratio(daemon_mb, libs)}   (daemon - libraries = {daemon_mb - libs:+.1f} MiB)")
     print(f"daemon / its modules imported      {ratio(daemon_mb, mods)}   (running - importing = {daemon_mb - mods:+.1f} MiB)")
     print(f"libraries / bare python            {ratio(libs, bare)}   (libraries - bare = {libs - bare:+.1f} MiB)")
-    header("reference bar (published, not measured here)")
-    print(f"emonhub (Raspberry Pi meter daemon): {EMONHUB_RSS_MB:.0f} MB RSS, {EMONHUB_CPU_PERCENT} % of a core")
-    print(f"daemon vs emonhub: RSS {ratio(daemon_mb, EMONHUB_RSS_MB)}, CPU {ratio(cpu_percent, EMONHUB_CPU_PERCENT)}")
+    header("where each MiB goes (cumulative imports in fresh processes, median of %d)" % PROBE_REPEATS)
+    previous = 0.0
+    for label, mib in breakdown:
+        print(f"{label:<84} {mib:6.1f} MiB  ({mib - previous:+5.1f})")
+        previous = mib
+    print(f"{'+ running: threads, heap, SQLite cache, buffers (daemon peak - all imports)':<84} {daemon_mb:6.1f} MiB  "
+          f"({daemon_mb - previous:+5.1f})")
+    header("reference bar: emonhub, measured side by side on this machine")
+    print(f"emonhub (Raspberry Pi meter daemon): {EMONHUB_RSS_MIB:.1f} MiB peak RSS, {EMONHUB_CPU_PERCENT} % of a core, "
+          f"{EMONHUB_THREADS} threads")
+    verdict = "within" if daemon_mb <= RSS_GOAL_RATIO * EMONHUB_RSS_MIB else "ABOVE"
+    print(f"daemon vs emonhub: RSS {ratio(daemon_mb, EMONHUB_RSS_MIB)} ({verdict} the {RSS_GOAL_RATIO:.1f}x goal), "
+          f"CPU {ratio(cpu_percent, EMONHUB_CPU_PERCENT)}, threads {threads} vs {EMONHUB_THREADS}")
 
     header("modules the daemon imported (its own -X importtime output, whole run)")
     count, table, tops, slowest = importtime_summary(all_lines)

@@ -152,7 +152,11 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
     now = time.time()
     next_edge = datetime.fromtimestamp(config.market.next_slot_start(int(now)), tz=timezone.utc)
     scheduler = BackgroundScheduler(
-        executors={"default": ThreadPoolExecutor(4), "edge": ThreadPoolExecutor(1), "health": ThreadPoolExecutor(1)},
+        # Threads are what the jobs need (issue 7 part 7), each lane so that nothing slow blocks what
+        # must not wait: "edge" starts deliveries at the slot edge; "devices" feeds the router's
+        # watchdog and reads the meters, never waiting on the ledger; "default" (2 workers) runs
+        # the jobs that talk to the ledger. The health check runs in the main thread (below).
+        executors={"default": ThreadPoolExecutor(2), "devices": ThreadPoolExecutor(1), "edge": ThreadPoolExecutor(1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": max(1, slot_s // 2)},
         timezone=timezone.utc,
     )
@@ -167,20 +171,20 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
         scheduler.add_job(monitor.wrap(job_id, fn), trigger, id=job_id, **kw)
 
     add(controller.slot_edge, every(slot_s, start_date=next_edge), "slot_edge", executor="edge")
-    add(controller.measure, every(cadence.measure_seconds), "measure")
+    add(controller.measure, every(cadence.measure_seconds), "measure", executor="devices")
     add(controller.bid, every(cadence.bid_seconds), "bid", next_run_time=datetime.now(timezone.utc))
     add(controller.review, every(cadence.review_seconds), "review")
     add(controller.poll_trades, every(cadence.poll_trades_seconds), "poll_trades")
     add(controller.flush_outbox, every(cadence.outbox_seconds), "outbox")
     add(controller.deliveries_tick, every(max(1, cadence.poll_trades_seconds)), "deliveries")
-    add(controller.heartbeat, every(max(1, config.dgr.heartbeat_seconds)), "dgr_heartbeat")
+    add(controller.heartbeat, every(max(1, config.dgr.heartbeat_seconds)), "dgr_heartbeat", executor="devices")
     add(controller.check_clock, every(cadence.clock_check_seconds), "clock")
 
     health_state = {"healthy": True}
 
     def health_job() -> None:
-        """The watchdog's heartbeat: it runs in the scheduler (its own executor, so slow ledger
-        calls cannot starve it) and pings systemd only when the health check passes."""
+        """The watchdog's heartbeat: it runs in the main thread (no job can starve it), judges the
+        scheduler's jobs from outside (status.py), and pings systemd only when the check passes."""
         verdict = status.check_health()
         line = _safe_status_line(status)
         if line.startswith("status unavailable"):  # the journal cannot even be read: do not ping
@@ -199,8 +203,6 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
                             action="watchdog pings stopped" if notifier.watchdog_interval_s else "none (no watchdog)")
 
     health_s = notifier.watchdog_interval_s or HEALTH_CHECK_SECONDS
-    # First run one interval after the start: READY=1 (below) comes before any WATCHDOG=1.
-    scheduler.add_job(health_job, every(health_s), id="health", executor="health")
     scheduler.start()
     if control is not None:
         control.serve(status.handle)
@@ -211,8 +213,12 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
                 console=config.console.tty or "-", watchdog_s=health_s if notifier.watchdog_interval_s else "-")
     notifier.ready(_safe_status_line(status))
     try:
-        while not stop.wait(1.0):
-            pass
+        # First health check one interval after the start: READY=1 (above) comes before any WATCHDOG=1.
+        next_health = time.monotonic() + health_s
+        while not stop.wait(max(0.05, min(1.0, next_health - time.monotonic()))):
+            if time.monotonic() >= next_health:
+                next_health += health_s
+                health_job()
     finally:
         events.emit("stopping", signal=received[0] if received else "-")
         notifier.stopping("stopping: finishing the running jobs")
