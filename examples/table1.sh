@@ -55,4 +55,4 @@ order newcomer sell 5000 1950
 echo "worked order 2: buy 26 kWh at 20.3"
 order newcomer buy 26000 2030
 echo "book after both:"
-"$BIN/dgc-host" ledger book --url "$URL" --market-id "$MARKET"
+"$BIN/dgc-host" ledger book --url "$URL" --market-id "$MARKET" --json

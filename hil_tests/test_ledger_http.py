@@ -665,7 +665,7 @@ def test_cli_serve_register_order_book_and_sigterm(tmp_path):
         r = run_cli("order", "--url", url, "--key-file", str(key_file), "--ledger-id", "cli-ledger", "--market-id",
                     str(market_id), "--side", "sell", "--energy-wh", "250", "--price", "2000")
         assert r.returncode == 1 and "not_whole_lots" in r.stderr and "expected a multiple of 100" in r.stderr
-        r = run_cli("book", "--url", url, "--market-id", str(market_id))
+        r = run_cli("book", "--url", url, "--market-id", str(market_id), "--json")
         assert r.returncode == 0 and json.loads(r.stdout)["asks"][0]["remaining_wh"] == 200
         r = run_cli("cancel", "--url", url, "--key-file", str(key_file), "--ledger-id", "cli-ledger",
                     "--market-id", str(market_id), "--order-nonce", "1")

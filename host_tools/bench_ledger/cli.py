@@ -1,6 +1,7 @@
 """`dgc-host ledger ...`: serve the bench ledger and talk to it by hand.
 
-Sub-commands: serve, register, order, cancel, report, book, trades, stats, verify, openapi.
+Sub-commands: serve, register, order, cancel, report, markets, book, trades, summary, stats, verify, openapi
+(markets/book/trades/summary are in views_cli.py).
 
 Why: an engineer at the bench must be able to reproduce by hand exactly what a board does -
 register a key, place a *signed* order with the board's own key file, cancel it, report a
@@ -384,16 +385,6 @@ def cmd_report(args: argparse.Namespace) -> int:
                             role=args.role, energy_wh=args.energy_wh, status=args.status)
 
 
-def cmd_book(args: argparse.Namespace) -> int:
-    status, body = _http("GET", f"{args.url}/v1/markets/{args.market_id}/book")
-    return _print_answer(status, body)
-
-
-def cmd_trades(args: argparse.Namespace) -> int:
-    status, body = _http("GET", f"{args.url}/v1/markets/{args.market_id}/trades", token=_token(args))
-    return _print_answer(status, body)
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     status, body = _http("GET", f"{args.url}/v1/stats")
     return _print_answer(status, body)
@@ -517,16 +508,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     p.add_argument("--status", choices=["delivered", "failed"], default="delivered")
     p.set_defaults(func=_wrap(cmd_report))
 
-    p = sub.add_parser("book", help="print a market's order book (JSON)")
-    url_arg(p)
-    p.add_argument("--market-id", type=_non_negative, required=True)
-    p.set_defaults(func=_wrap(cmd_book))
+    from . import views_cli  # markets, book, trades, summary: tables by default, --json
 
-    p = sub.add_parser("trades", help="print a market's trades (JSON; operator only)")
-    url_arg(p)
-    p.add_argument("--operator-token", help=f"operator token (or ${TOKEN_ENV})")
-    p.add_argument("--market-id", type=_non_negative, required=True)
-    p.set_defaults(func=_wrap(cmd_trades))
+    views_cli.add_commands(sub, sys.modules[__name__], url_arg)
 
     p = sub.add_parser("stats", help="print the ledger's counts and totals (JSON)")
     url_arg(p)

@@ -1235,3 +1235,66 @@ class LedgerStore:
                 "balance_milli_minor": one("SELECT COALESCE(SUM(balance_milli_minor), 0) FROM devices"),
                 "locked_milli_minor": one("SELECT COALESCE(SUM(locked_milli_minor), 0) FROM devices"),
             }
+
+    # ------------------------------------------------- read-only views (helper C2, issue 11 part 3)
+
+    def market_activity(self, first_market_id: int, last_market_id: int) -> list[dict]:
+        """Per market in [first, last] that has any order or trade: aggregate counts and volumes.
+
+        Aggregates only (no device ids): what `dgc-host ledger markets` shows anyone."""
+        with self._lock:
+            orders = {r["market_id"]: r for r in self._all(
+                "SELECT market_id, COUNT(*) AS orders, SUM(state = 'open') AS open_orders, "
+                "COALESCE(SUM(CASE WHEN state = 'open' AND side = 'buy' THEN remaining_wh END), 0) AS open_bid_wh, "
+                "COALESCE(SUM(CASE WHEN state = 'open' AND side = 'sell' THEN remaining_wh END), 0) AS open_ask_wh "
+                "FROM orders WHERE market_id BETWEEN ? AND ? GROUP BY market_id", (first_market_id, last_market_id))}
+            trades = {r["market_id"]: r for r in self._all(
+                "SELECT t.market_id, COUNT(*) AS trades, SUM(t.energy_wh) AS traded_wh, "
+                "MIN(t.price_per_kwh_minor) AS price_low, MAX(t.price_per_kwh_minor) AS price_high, "
+                "SUM(t.settled) AS settled_trades, COALESCE(SUM(s.settled_wh), 0) AS delivered_wh, "
+                "COALESCE(SUM(s.shortfall_wh), 0) AS shortfall_wh, COALESCE(SUM(s.paid_milli_minor), 0) AS paid_milli_minor "
+                "FROM trades t LEFT JOIN settlements s ON s.trade_id = t.trade_id "
+                "WHERE t.market_id BETWEEN ? AND ? GROUP BY t.market_id", (first_market_id, last_market_id))}
+        out = []
+        for market_id in sorted(set(orders) | set(trades)):
+            o, t = orders.get(market_id), trades.get(market_id)
+            out.append({
+                "market_id": market_id,
+                "orders": o["orders"] if o else 0,
+                "open_orders": o["open_orders"] if o else 0,
+                "open_bid_wh": o["open_bid_wh"] if o else 0,
+                "open_ask_wh": o["open_ask_wh"] if o else 0,
+                "trades": t["trades"] if t else 0,
+                "traded_wh": t["traded_wh"] if t else 0,
+                "settled_trades": t["settled_trades"] if t else 0,
+                "delivered_wh": t["delivered_wh"] if t else 0,
+                "shortfall_wh": t["shortfall_wh"] if t else 0,
+                "paid_milli_minor": t["paid_milli_minor"] if t else 0,
+                "price_low_per_kwh_minor": t["price_low"] if t else None,
+                "price_high_per_kwh_minor": t["price_high"] if t else None,
+            })
+        return out
+
+    def device_totals(self) -> list[dict]:
+        """Per registered device: energy and money both ways, shortfalls charged to it, open orders.
+
+        bought/sold are contracted Wh; received/delivered are settled Wh (what meters confirmed);
+        paid/received money is settled money. Operator data: it names every household."""
+        with self._lock:
+            rows = self._all(
+                "SELECT d.device_id, d.name, d.balance_milli_minor, d.locked_milli_minor, d.revoked_ms, d.open_shortfall_wh, "
+                "(SELECT COALESCE(SUM(energy_wh), 0) FROM trades WHERE buyer_device_id = d.device_id) AS bought_wh, "
+                "(SELECT COALESCE(SUM(energy_wh), 0) FROM trades WHERE seller_device_id = d.device_id) AS sold_wh, "
+                "(SELECT COALESCE(SUM(s.settled_wh), 0) FROM trades t JOIN settlements s ON s.trade_id = t.trade_id "
+                " WHERE t.buyer_device_id = d.device_id) AS received_wh, "
+                "(SELECT COALESCE(SUM(s.settled_wh), 0) FROM trades t JOIN settlements s ON s.trade_id = t.trade_id "
+                " WHERE t.seller_device_id = d.device_id) AS delivered_wh, "
+                "(SELECT COALESCE(SUM(s.paid_milli_minor), 0) FROM trades t JOIN settlements s ON s.trade_id = t.trade_id "
+                " WHERE t.buyer_device_id = d.device_id) AS paid_milli_minor, "
+                "(SELECT COALESCE(SUM(s.paid_milli_minor), 0) FROM trades t JOIN settlements s ON s.trade_id = t.trade_id "
+                " WHERE t.seller_device_id = d.device_id) AS received_milli_minor, "
+                "(SELECT COALESCE(SUM(shortfall_wh), 0) FROM settlements WHERE shortfall_device_id = d.device_id) AS shortfall_wh, "
+                "(SELECT COUNT(*) FROM orders WHERE device_id = d.device_id AND state = 'open') AS open_orders, "
+                "(SELECT COALESCE(SUM(remaining_wh), 0) FROM orders WHERE device_id = d.device_id AND state = 'open') AS open_order_wh "
+                "FROM devices d ORDER BY d.name, d.device_id")
+        return [dict(row) for row in rows]
