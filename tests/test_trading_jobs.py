@@ -366,3 +366,28 @@ def test_no_market_after_the_ledgers_last_market_is_bid_for(board):
 def test_an_unbounded_ledger_leaves_every_open_market(board):
     board.ledger.info = lambda: {"ledger_id": LEDGER_ID, "last_market_id": None}
     assert board.controller.trading.open_markets(T0) == board.config.market.open_markets(T0)
+
+
+# --- sim finding F2: a clock step between two clock checks -------------------------------------
+
+
+def test_a_clock_step_between_checks_stops_bidding_until_the_next_check(board):
+    mono = [500.0]
+    board.controller.ctx.monotonic = lambda: mono[0]
+    board.controller.check_clock()
+    assert board.controller.health.clock_ok
+    board.advance(4)
+    mono[0] += 4
+    board.controller.flush_outbox()
+    assert board.controller.health.clock_ok  # moved together: no step
+    board.advance(-600)  # an NTP step back by 10 minutes
+    board.ledger.offset_ms = 600_000  # the ledger's clock did not step
+    mono[0] += 2
+    board.controller.flush_outbox()
+    assert not board.controller.health.clock_ok
+    alarm = [e for e in board.events("alarm.clock") if e["fields"].get("reason") == "clock stepped"]
+    assert len(alarm) == 1 and int(alarm[0]["fields"]["step_ms"]) < -590_000
+    board.controller.trading.bid()
+    assert board.events("bid.skipped") and "stepped" in board.events("bid.skipped")[-1]["fields"]["reason"]
+    board.controller.check_clock()  # measured again: the skew is real now, so still not ok
+    assert not board.controller.health.clock_ok

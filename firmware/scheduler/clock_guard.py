@@ -12,6 +12,11 @@ Why these rules (issue 7 g):
   ``[ledger] clock_grace_seconds`` (no answer, or only useless ones, since the last good
   measurement or since start), the clock counts as bad: bidding stops and the deliveries module
   defers starts. A board may trust its own clock for a while, not forever.
+- **Steps between checks.** The board's clock can step (an NTP step, a Pi without RTC) between
+  two checks; jobs that act on time call :func:`check_step` first, which compares how far the
+  board's clock and a monotonic clock moved since the last good check and fails closed on a
+  difference beyond the bound, until the next check measures the skew again (sim finding F2:
+  a step back between checks let the board bid after a gate had closed).
 - Deferred deliveries are retried by the deliveries module when the clock is good again within
   their slot (scheduler/deliveries.py).
 """
@@ -54,6 +59,8 @@ class ClockGuard:
         with health.lock:
             health.clock_checked_at_ms = ctx.now_ms()
             health.clock_round_trip_ms = round_trip
+            if ctx.monotonic is not None:
+                health.clock_ref_ms = (ctx.now_ms(), int(ctx.monotonic() * 1000))
             health.clock_problem = None if ok else f"skew {skew} ms (round trip {round_trip} ms) beyond {bound} ms"
         if not ok:
             ctx.events.emit("alarm.clock", skew_ms=skew, round_trip_ms=round_trip, bound_ms=bound,
@@ -90,3 +97,23 @@ class ClockGuard:
         health.clock_ok = False
         ctx.events.emit("alarm.clock", reason="ledger time unknown", unknown_s=round(unknown_s), grace_s=grace_s,
                         detail=why, action="bidding and delivery stopped until the ledger's time is measured")
+
+
+def check_step(ctx: Context) -> bool:
+    """False (and the clock no longer trusted) when the board's clock stepped since the last good
+    check by more than the bound, measured against ``ctx.monotonic``. Cheap: no I/O."""
+    health = ctx.health
+    if ctx.monotonic is None or health.clock_ref_ms is None or not health.clock_ok:
+        return health.clock_ok
+    wall_ms, mono_ms = health.clock_ref_ms
+    drift = (ctx.now_ms() - wall_ms) - (int(ctx.monotonic() * 1000) - mono_ms)
+    bound = ctx.config.ledger.max_clock_skew_ms
+    if abs(drift) <= bound:
+        return True
+    with health.lock:
+        health.clock_problem = f"the board's clock stepped {drift:+d} ms since the last check"
+        health.clock_ref_ms = None
+    health.clock_ok = False
+    ctx.events.emit("alarm.clock", reason="clock stepped", step_ms=drift, bound_ms=bound,
+                    action="bidding and delivery stopped until the next clock check")
+    return False

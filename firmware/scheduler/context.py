@@ -37,6 +37,7 @@ class Health:
     clock_checked_at_ms: int | None = None
     clock_round_trip_ms: int | None = None
     clock_problem: str | None = None
+    clock_ref_ms: tuple[int, int] | None = None  # (board clock, monotonic) at the last good check
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
@@ -52,6 +53,10 @@ class Context:
         self.ledger = ledger
         self.events = events
         self.clock = clock
+        # A monotonic clock (seconds) beside ``clock``, for the clock guard to notice the board's
+        # clock stepping between two checks (A2). None: not checked (the daemon sets time.monotonic;
+        # a simulation sets its own virtual one).
+        self.monotonic: Callable[[], float] | None = None
         self.health = Health()
         # The delivery lock orders the slot edge, the heartbeat and the router's events: a row
         # is selected and changed under it, so one job never undoes another's decision.

@@ -114,6 +114,7 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
     from apscheduler.triggers.interval import IntervalTrigger
 
     controller = build_controller(config, key_path, events)
+    controller.ctx.monotonic = time.monotonic  # the clock guard notices clock steps between checks
     stop = stop_event or threading.Event()
     starting = threading.Event()
     starting.set()

@@ -28,6 +28,7 @@ from typing import Callable
 
 from ..journal import OutboxEntry
 from . import ledger_link
+from .clock_guard import check_step
 from .context import Context
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Outbox:
         if not self._flush_lock.acquire(blocking=False):
             return  # another thread is flushing; it will see our message
         try:
+            check_step(ctx)  # the cheapest frequent place to notice a clock step (deliveries read clock_ok)
             if ledger_link.paused(ctx):
                 return
             self._flush(ctx)

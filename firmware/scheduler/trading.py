@@ -13,6 +13,7 @@ from typing import Callable
 from ..forecast import SLOTS_PER_DAY, forecast_net_wh, slot_net_energy
 from ..policy import CancelOrder, PlaceOrder, desired_orders, reconcile_market
 from . import ledger_link
+from .clock_guard import check_step
 from .context import Context
 from .metering import Metering
 
@@ -72,6 +73,7 @@ class Trading:
 
     def _decide(self, markets: list[int], why: str) -> None:
         ctx = self.ctx
+        check_step(ctx)
         if not ctx.health.clock_ok:
             ctx.events.emit("bid.skipped", reason=ctx.health.clock_problem or "clock skew beyond bound",
                             skew_ms=ctx.health.clock_skew_ms)
