@@ -64,6 +64,7 @@ class Controller:
         self.trading = Trading(ctx, self.metering, flush_outbox=self.flush_outbox)
         self.trades = TradePoller(ctx)
         self.clock_guard = ClockGuard(ctx)
+        self._greeted = False
 
     # The shared state, as attributes for status.py, the console and the tests.
     config = property(lambda self: self.ctx.config)
@@ -88,14 +89,18 @@ class Controller:
     # -- start-up -----------------------------------------------------------------------
 
     def greet_router(self) -> None:
-        """Talk to the router before anything else after a (re)start (issue 7 o): the daemon
-        calls this first, so the router's watchdog never cuts a transfer across a restart."""
-        self.router.greet()
+        """Talk to the router before anything else after a (re)start (issue 7 o), so the
+        router's watchdog never cuts a transfer across a restart. The daemon calls it first;
+        the first job of a new process calls it too if nobody did (once per process)."""
+        if not self._greeted:
+            self._greeted = True
+            self.router.greet()
 
     def recover(self) -> None:
         """Rebuild from the journal: nonce floor from the ledger, resend the outbox, finish deliveries."""
         from .ledger_link import sync_account
 
+        self.greet_router()
         ctx = self.ctx
         journal = ctx.journal
         # Never raises for what the ledger says: a refused device alarms once and the jobs retry
@@ -111,6 +116,7 @@ class Controller:
     # -- jobs ---------------------------------------------------------------------------
 
     def measure(self) -> None:
+        self.greet_router()
         self.metering.measure()
 
     def bid(self) -> None:
