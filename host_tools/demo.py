@@ -5,7 +5,8 @@ without), each with its emulated meters and DGR on virtual serial lines and its 
 daemon and key. The market day is bounded (no market after ``--slots`` slots takes orders) so
 that every trade made can be delivered, reported by both sides and settled before the end.
 
-It prints a readable live log and ends with one line:
+It prints a readable live log, then the per-house table of `dgc-host ledger summary`, and ends
+with one line:
 
     summary: houses=N slots=N orders=N trades=N delivered_wh=N reported=N settled=N failed=N
 
@@ -58,6 +59,20 @@ def summarise(hood: Neighbourhood) -> tuple[str, bool]:
     return line, ok
 
 
+def per_house_table(hood: Neighbourhood) -> str | None:
+    """The ledger's per-house summary (dgc-host ledger summary) as a table; None on the EVM ledger."""
+    if hood.chain is not None:
+        return None
+    import requests
+
+    from .bench_ledger.views import format_summary
+
+    try:  # never costs the summary line below it
+        return format_summary(hood.get("/v1/summary"))
+    except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        return f"demo: no per-house table ({type(exc).__name__}: {exc})"
+
+
 def run_demo(workdir: Path, *, houses: int, slots: int, timeout_s: float, ledger: str = "rest") -> int:
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -92,9 +107,12 @@ def run_demo(workdir: Path, *, houses: int, slots: int, timeout_s: float, ledger
         return 130
     try:
         line, ok = summarise(hood)
+        houses_table = per_house_table(hood)
     finally:
         hood.stop()
     print(f"demo: finished in {time.monotonic() - started:.0f} s; logs in {workdir}", flush=True)
+    if houses_table:
+        print(houses_table, flush=True)
     print(line, flush=True)
     return 0 if ok else 1
 

@@ -241,3 +241,26 @@ def test_market_state_only_moves_forward_in_time(market, offsets, unsettled):
 
 def test_money_is_exact():
     assert views.money(0) == "0.000" and views.money(12_345) == "12.345" and views.money(-5) == "-0.005"
+
+
+def test_the_demo_closing_table_is_the_ledger_summary_per_house(tmp_path):
+    """The demo prints this table above its summary: line: a real neighbourhood (ledger process, bench
+    houses, registration by the demo's own code), two houses trading by hand instead of daemons."""
+    from host_tools.demo import per_house_table
+    from host_tools.neighbourhood import Neighbourhood, default_houses
+
+    with Neighbourhood(tmp_path / "hood", default_houses(2)) as hood:
+        hood.start(start_daemons=False)
+        names = list(hood.houses)
+        ledger_id = hood.base_config["ledger"]["ledger_id"]
+        for name, side, price in ((names[0], "sell", 2000), (names[1], "buy", 2100)):
+            r = dgc_host("order", "--url", hood.ledger_url, "--key-file", str(hood.houses[name].directory / "device.key"),
+                         "--ledger-id", ledger_id, "--market", "next", "--side", side, "--energy-wh", "100", "--price", str(price))
+            assert r.returncode == 0, r.stderr
+        table = per_house_table(hood)
+    lines = table.splitlines()
+    assert lines[0].split() == ["house", "bought_wh", "sold_wh", "received_wh", "delivered_wh", "paid", "received",
+                                "shortfall_wh", "open_orders"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert rows[names[0]][:2] == ["0", "100"] and rows[names[1]][:2] == ["100", "0"]  # traded at the seller's 2000
+    assert rows["total"] == ["100", "100", "0", "0", "0.000", "0.000", "0", "0"]
