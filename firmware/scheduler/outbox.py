@@ -12,7 +12,7 @@ What keeps one message from holding up the rest (issue 7 j, n):
 - a cancel never overtakes its order: it waits while the order's message is pending.
 - a message whose own expiry has passed is dropped and recorded as ``expired`` (the ledger would
   refuse it); an expired report is signed again (the energy must be reported).
-- a report the ledger rejects as ``expired`` is signed again at most ``MAX_REPORT_SIGNATURES``
+- a report the ledger rejects as ``expired`` (or ``not_yet_valid``) is signed again at most ``MAX_REPORT_SIGNATURES``
   times in all, each one waiting twice as long (``RESIGN_BACKOFF_SECONDS`` first). A board whose
   clock is far behind the ledger's once signed thousands of reports a minute for one trade.
 - ``stop_requested`` (set by the daemon on SIGTERM) ends a flush between two messages.
@@ -37,6 +37,9 @@ BACKOFF_CAP_SECONDS = 300
 FAILURES_BEFORE_GIVING_UP_A_FLUSH = 3
 MAX_REPORT_SIGNATURES = 6  # the first report and five re-signings
 RESIGN_BACKOFF_SECONDS = 30
+# A report refused for its timestamps (the board's clock behind or ahead of the ledger's) is
+# signed again with new ones: the energy must be reported (sim finding F5 for not_yet_valid).
+RESIGN_REPORT_CODES = frozenset({"expired", "not_yet_valid"})
 # Answers to a submit that refuse the device, not the message.
 SUBMIT_DEVICE_REFUSALS = frozenset({"unknown_device", "revoked", "unauthorized"})
 
@@ -137,7 +140,7 @@ class Outbox:
                             filled_wh=(answer.result or {}).get("filled_wh", "-") if entry.kind == "order" else "-")
             return
         ctx.events.emit(f"{entry.kind}.rejected", nonce=entry.nonce, code=answer.code, detail=answer.detail)
-        if entry.kind == "delivery_report" and answer.code == "expired":
+        if entry.kind == "delivery_report" and answer.code in RESIGN_REPORT_CODES:
             self._resign(entry.message.fields["trade_id"])
 
     def _resign(self, trade_id: int) -> None:
