@@ -125,9 +125,13 @@ def _reexec_with_malloc_arena_max() -> None:
 def cmd_run(args: argparse.Namespace, config: BoardConfig) -> int:
     check_state_dir(config, create=True)  # before the control socket and the journal are made in it
     _reexec_with_malloc_arena_max()
+    from .journal import JournalSchemaError
     from .scheduler.daemon import run_daemon
 
-    return run_daemon(config, key_path=_key_path(args, config))
+    try:
+        return run_daemon(config, key_path=_key_path(args, config))
+    except JournalSchemaError as exc:  # a journal of a newer release (A/B rollback): one line, exit 2
+        raise UsageError(str(exc)) from None
 
 
 def cmd_status(args: argparse.Namespace, config: BoardConfig) -> int:

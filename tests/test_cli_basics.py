@@ -231,3 +231,20 @@ def test_run_accepts_the_largest_values_check_config_accepts(board, tmp_path):
     assert daemon.returncode == 0, err
     assert "Traceback" not in err, err
     assert " stopped" in out
+
+
+def test_run_refuses_a_journal_of_a_newer_release_with_one_line(board, tmp_path):
+    """An A/B rollback shares one journal: a release must not open one a newer release wrote."""
+    import sqlite3
+
+    assert dgc("keygen", board, cwd=tmp_path).returncode == 0
+    journal = tmp_path / "state" / "journal.sqlite3"
+    db = sqlite3.connect(journal)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('schema_version', 99)")
+    db.commit()
+    db.close()
+    ran = dgc("run", board, cwd=tmp_path)
+    assert ran.returncode == 2, ran.stderr
+    lines = [ln for ln in ran.stderr.splitlines() if ln.startswith("dgc: ")]
+    assert len(lines) == 1 and "99" in lines[0] and "Traceback" not in ran.stderr, ran.stderr

@@ -109,12 +109,16 @@ def run_daemon(config: BoardConfig, *, key_path: Path, stop_event: threading.Eve
 
 def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None, events: EventLog, tee: ConsoleTee,
          notifier: Notifier, control: ControlServer | None) -> int:
+    controller = build_controller(config, key_path, events)
+    # The router first (issue 7 o): a restarted process's first frame reaches the router's
+    # watchdog before anything slow (imports, meters, the ledger), so a transfer running across
+    # the restart is not cut short; an operator's SAFE from before the restart is commanded again.
+    controller.greet_router()
+    controller.ctx.monotonic = time.monotonic  # the clock guard notices clock steps between checks
+
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.interval import IntervalTrigger
-
-    controller = build_controller(config, key_path, events)
-    controller.ctx.monotonic = time.monotonic  # the clock guard notices clock steps between checks
     stop = stop_event or threading.Event()
     starting = threading.Event()
     starting.set()
