@@ -70,6 +70,7 @@ class Edge:
 
 def edge_value(edge_s: int, before: Counters | None, after: Counters | None, *,
                active_before: dict[str, bool | int], active_after: dict[str, bool | int],
+               room_before: dict[str, int] | None = None,
                on_time_ms: int = EDGE_ON_TIME_MS) -> Edge | None:
     """The interchange counters at ``edge_s`` (see the module docstring), or None when there is
     no reading at or after the edge yet (the slot before cannot be metered yet).
@@ -78,7 +79,9 @@ def edge_value(edge_s: int, before: Counters | None, after: Counters | None, *,
     a transfer of the slot before (after) could have moved energy in direction ``d`` — True for
     the whole of its side of the gap, False or 0 for none. The energy that moved in the gap is
     split in proportion: all of it to one side when only that side could flow, by time when
-    both (or neither) could."""
+    both (or neither) could. ``room_before[d]`` (mWh), when known: how much the slot before's
+    transfers could still move (their contracts minus what the meter already shows for them);
+    its share of the gap never exceeds that (the router stops each transfer at its target)."""
     edge_ms = edge_s * 1000
     if after is None:
         return None
@@ -97,7 +100,10 @@ def edge_value(edge_s: int, before: Counters | None, after: Counters | None, *,
         else:  # both sides could flow (or neither): split in proportion to time
             if not was and not will:
                 was, will = edge_ms - before.taken_at_ms, after.taken_at_ms - edge_ms
-            values[d] = lo + (hi - lo) * was // max(1, was + will)
+            share = (hi - lo) * was // max(1, was + will)
+            if room_before is not None and d in room_before:
+                share = min(share, max(0, room_before[d]))  # never more than its contracts left
+            values[d] = lo + share
             method = "interpolated"
         methods.add(method)
     method = "interpolated" if "interpolated" in methods else "bracket"

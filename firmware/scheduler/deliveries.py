@@ -255,7 +255,7 @@ class Deliveries:
             flowing[row.direction] = max(flowing[row.direction], end - start)
         return flowing
 
-    def _edge(self, edge_s: int) -> tuple[Edge | None, bool]:
+    def _edge(self, edge_s: int, start_before: Edge | None = None) -> tuple[Edge | None, bool]:
         """The counters at a slot edge: the stored value, else computed from the journalled
         readings that bracket it. (edge, newly computed)."""
         journal = self.ctx.journal
@@ -277,8 +277,28 @@ class Deliveries:
         t1 = after[0] if after else edge_ms
         edge = edge_value(edge_s, Counters(*before) if before else None, Counters(*after) if after else None,
                           active_before=self._flowing_in(edge_s - slot_s, t0, edge_ms),
-                          active_after=self._flowing_in(edge_s, edge_ms, t1))
+                          active_after=self._flowing_in(edge_s, edge_ms, t1),
+                          room_before=self._room(edge_s - slot_s, before, start_before))
         return edge, True
+
+    def _room(self, market_id: int, before, start: Edge | None) -> dict[str, int] | None:
+        """Per direction, how much more (mWh) the slot's transfers could have moved after the
+        reading ``before``: their contracts minus what the meter shows since the slot began.
+        None when the slot's start edge is not known (then the gap is split by time)."""
+        if before is None:
+            return None
+        if start is None:
+            stored = self.ctx.journal.meter_edge(market_id)
+            if stored is None:
+                return None
+            start = Edge(stored.edge_s, stored.import_energy_mwh, stored.export_energy_mwh, stored.method)
+        room = {}
+        rows = self.ctx.journal.deliveries(states=ds.STATES, market_id=market_id)
+        for d, index in (("import", 1), ("export", 2)):
+            contracted = sum(r.energy_wh for r in rows if r.direction == d and r.state not in (ds.SCHEDULED, ds.REFUSED))
+            start_mwh = start.get(d)
+            room[d] = contracted * 1000 - (before[index] - start_mwh)
+        return room
 
     def _meter_slot(self, market_id: int) -> None:
         """Meter one ended slot: every delivery of it, and the edge values used, in ONE journal
@@ -298,7 +318,7 @@ class Deliveries:
             return
         slot_end = ctx.rules.slot_end(market_id)
         start, start_new = self._edge(market_id)
-        end, end_new = self._edge(slot_end)
+        end, end_new = self._edge(slot_end, start_before=start)
         if start is None or end is None:
             return  # no reading at or after an edge yet: metered at a later tick
         delta = {d: max(0, end.get(d) - start.get(d)) for d in ("export", "import")}
