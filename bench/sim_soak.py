@@ -34,6 +34,8 @@ def main() -> int:
     elapsed = time.monotonic() - started
     print(f"sim_soak: {totals.trades} trades in {elapsed:.0f} s, {totals.seeds / elapsed:.1f} seeds/s "
           f"({args.jobs} processes, {args.slots} trading slots per seed)")
+    if totals.by_invariant:
+        print("sim_soak: violations by invariant: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.by_invariant.items())))
     print(totals.line())
     return 1 if totals.violations else 0
 

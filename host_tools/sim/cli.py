@@ -15,7 +15,7 @@ import argparse
 import multiprocessing
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TRACE_TAIL_LINES = 60
@@ -29,6 +29,7 @@ class Totals:
     faults: int = 0
     violations: int = 0
     trades: int = 0
+    by_invariant: dict = field(default_factory=dict)
 
     def line(self) -> str:
         return (f"sim: seeds={self.seeds} steps={self.steps} kills={self.kills} faults={self.faults} "
@@ -69,6 +70,7 @@ def run_seeds(seeds: list[int], *, slots: int = 3, jobs: int = 1, community: str
             if violation is not None:
                 totals.violations += 1
                 invariant, detail = violation
+                totals.by_invariant[invariant] = totals.by_invariant.get(invariant, 0) + 1
                 print(f"VIOLATION seed={seed} invariant={invariant}: {detail}", file=out)
                 if trace_tail:
                     replay = run_seed(seed, trace=True, n_slots=slots, profile_dir=community)
@@ -123,5 +125,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         totals = run_seeds(seeds, slots=args.slots, jobs=args.jobs, community=community)
         elapsed = time.monotonic() - started
         print(f"sim: {totals.trades} trades; {elapsed:.1f} s, {totals.seeds / elapsed:.1f} seeds/s")
+        if totals.by_invariant:
+            print("sim: violations by invariant: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.by_invariant.items())))
     print(totals.line())
     return 1 if totals.violations else 0
