@@ -94,11 +94,21 @@ def _check_dgr(config: BoardConfig) -> Check:
     return Check("dgr", True, f"router {hello.router_id} (fw {hello.firmware}) on {config.dgr.port} answered, mode {status.mode}{faults}")
 
 
-def _check_ledger(config: BoardConfig, clock: Callable[[], float]):
-    from .ledger.base import LedgerError
+def _ledger_for(config: BoardConfig, signer=None):
+    """The backend [ledger] kind names (G2, issue 9): the bench ledger's REST API, or the market contract."""
+    if config.ledger.kind == "evm":
+        from .ledger.evm import EvmLedger
+
+        return EvmLedger.from_config(config.ledger, signer=signer)
     from .ledger.rest import RestLedger
 
-    ledger = RestLedger.from_config(config.ledger)
+    return RestLedger.from_config(config.ledger, signer=signer)
+
+
+def _check_ledger(config: BoardConfig, clock: Callable[[], float]):
+    from .ledger.base import LedgerError
+
+    ledger = _ledger_for(config)
     try:
         info = ledger.info()
         sent = clock()
@@ -106,7 +116,8 @@ def _check_ledger(config: BoardConfig, clock: Callable[[], float]):
         received = clock()
     except LedgerError as exc:
         return Check("ledger", False, f"{config.ledger.url}: {exc}"), None, None
-    if info["ledger_id"] != config.ledger.ledger_id:
+    # (On a chain the adapter has already checked the node's chain id; the contract is the config's.)
+    if config.ledger.kind != "evm" and info["ledger_id"] != config.ledger.ledger_id:
         return (Check("ledger", False, f"{config.ledger.url} is ledger {info['ledger_id']!r}; expected {config.ledger.ledger_id!r} "
                                        "([ledger] ledger_id of the config)"), None, None)
     # The ledger read its clock somewhere between sending and receiving: compare with the midpoint.
@@ -138,9 +149,7 @@ def _check_device(ledger, key, key_check: Check, config: BoardConfig) -> Check:
     if ledger is None:
         return Check("device", False, f"device {key.device_id} not looked up: the ledger is unreachable")
     try:
-        from .ledger.rest import RestLedger
-
-        account = RestLedger.from_config(config.ledger, signer=key).device_account(key.device_id)  # a signed read
+        account = _ledger_for(config, signer=key).device_account(key.device_id)  # a signed read (REST)
     except LedgerRejected as exc:
         # The same refusals the daemon alarms on once and then retries slowly (issue 7 h): say why.
         if exc.code in ("not_found", "unknown_device"):

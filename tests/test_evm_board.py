@@ -101,3 +101,28 @@ def test_the_daemons_device_id_reads_the_keys_address():
     other = "0x" + "cd" * 20
     assert ledger._address(other) == bytes.fromhex("cd" * 20)
     assert ledger.relay.url == "http://127.0.0.1:1"
+
+
+def test_selftest_checks_the_chain_and_the_devices_registration(tmp_path):
+    """`dgc selftest` with kind = "evm": the ledger check reads the chain (real anvil), the device
+    check finds a registered address and names an unregistered one."""
+    import time
+
+    from firmware.selftest import Check, _check_device, _check_ledger
+    from host_tools.evm.devchain import start_chain
+
+    chain = start_chain()
+    try:
+        extra = (f'kind = "evm"\nrpc_url = "{chain.node.url}"\nchain_id = {chain.market.chain_id}\n'
+                 f'contract = "{chain.market.address_hex}"\n')
+        config = _evm_config(tmp_path, extra)
+        check, ledger, skew_ms = _check_ledger(config, time.time)
+        assert check.ok, check.detail
+        assert isinstance(ledger, EvmLedger) and abs(skew_ms) < 5000
+        registered = chain.device().key
+        assert _check_device(ledger, registered, Check("key", True, ""), config).ok
+        stranger = _key()
+        refused = _check_device(ledger, stranger, Check("key", True, ""), config)
+        assert not refused.ok and "not registered" in refused.detail and "unknown_device" in refused.detail
+    finally:
+        chain.node.stop()
