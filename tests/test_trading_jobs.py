@@ -395,3 +395,36 @@ def test_a_clock_step_between_checks_stops_bidding_until_the_next_check(board):
     assert board.events("bid.skipped") and "stepped" in board.events("bid.skipped")[-1]["fields"]["reason"]
     board.controller.check_clock()  # measured again: the skew is real now, so still not ok
     assert not board.controller.health.clock_ok
+
+
+# --- the trading call site (issue 8's forecast and policy, F's modules) ------------------------
+
+
+@pytest.mark.parametrize("strategy, method", [("tariff", "robust"), ("baseline", "baseline")])
+def test_bid_signs_orders_from_the_journals_readings(tmp_path, strategy, method):
+    """A house importing ~1 kWh a slot for a while: the bid job forecasts from the journal and signs
+    buy orders within the price band, with either the tariff or the baseline strategy."""
+    import dataclasses
+
+    board = Board(tmp_path)
+    config = board.config
+    config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, strategy=strategy),
+                                 forecast=dataclasses.replace(config.forecast, method=method))
+    board.controller = Controller(config, journal=board.journal, key=board.key, meters=Nothing(), dgr=Nothing(),
+                                  ledger=board.ledger, events=EventLog("house", board.log), clock=lambda: board.clock[0])
+    start = T0 - 40 * 30
+    imported = 0
+    for t in range(start, T0 + 1, 2):  # a reading every 2 s, 1200 Wh per 30-s slot imported
+        board.journal.add_reading("house", t * 1000, imported, 0, 2400)
+        imported += 80
+    board.clock[0] = float(T0 + 1)
+    board.controller.trading.bid()
+    signed = board.events("order.signed")
+    assert signed, board.log.getvalue()[-2000:]
+    rules = config.market
+    for event in signed:
+        f = event["fields"]
+        assert f["side"] == "buy"
+        assert rules.price_min_per_kwh_minor <= int(f["price"]) <= rules.price_max_per_kwh_minor
+        assert int(f["energy_wh"]) % rules.lot_wh == 0
+    board.journal.close()

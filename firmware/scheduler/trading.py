@@ -10,8 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from ..forecast import SLOTS_PER_DAY, forecast_net_wh, slot_net_energy
-from ..policy import CancelOrder, PlaceOrder, desired_orders, reconcile_market
+from ..policy import CancelOrder, PlaceOrder, reconcile_market
 from . import ledger_link
 from .clock_guard import check_step
 from .context import Context
@@ -89,19 +88,13 @@ class Trading:
             return
         journal, rules = ctx.journal, ctx.rules
         with self._decide_lock:
-            slot_s = rules.slot_seconds
-            since_ms = (ctx.now() - (ctx.config.forecast.history_days * SLOTS_PER_DAY + 2) * slot_s) * 1000
-            history = slot_net_energy(journal.readings(self.metering.house, since_ms), slot_s)
-            forecast = forecast_net_wh(
-                history, markets, slot_seconds=slot_s,
-                history_days=ctx.config.forecast.history_days, smoothing_percent=ctx.config.forecast.smoothing_percent,
-            )
+            now = ctx.now()
+            forecast = self._forecast(markets, now)
             if not forecast:
                 ctx.events.emit("bid.skipped", reason="no complete slot of meter history yet")
                 return
-            desired = desired_orders(forecast, rules, ctx.config.policy, self._battery_soc())
+            desired = self._desired(forecast, now)
             placed = cancelled = 0
-            now = ctx.now()
             for market_id in markets:
                 if not rules.gate_open(market_id, now):
                     continue
@@ -119,6 +112,52 @@ class Trading:
             if placed or cancelled:
                 ctx.events.emit(f"{why}.done", markets=len(markets), placed=placed, cancelled=cancelled)
         self._flush_outbox()
+
+    def _forecast(self, markets: list[int], now: int) -> dict:
+        """The forecast of each market from the journal's readings: [forecast] method "robust"
+        (load and PV apart, weekday-aware median, optional clear-sky PV: firmware/forecast.py,
+        issue 8) or "baseline" (the smoothed same-slot net energy, as before)."""
+        from ..forecast import SLOTS_PER_DAY, Site, forecast_net_wh, forecast_slots, history_seconds, slot_net_energy
+
+        ctx = self.ctx
+        fc, slot_s = ctx.config.forecast, ctx.rules.slot_seconds
+        # The baseline's day is 48 slots unless configured (as it always was); the robust
+        # forecast's is a real day unless configured (a bench compresses it: board_configs/sim.toml).
+        day_s = fc.day_seconds or (slot_s * SLOTS_PER_DAY if fc.method == "baseline" else 86_400)
+        since_ms = (now - history_seconds(fc.history_days, day_s, slot_s)) * 1000
+        net = slot_net_energy(ctx.journal.readings(self.metering.house, since_ms), slot_s)  # export - import
+        if fc.method == "baseline":
+            return forecast_net_wh(net, markets, slot_seconds=slot_s, history_days=fc.history_days,
+                                   smoothing_percent=fc.smoothing_percent, day_seconds=day_s)
+        pv_meter = next((m.name for m in ctx.config.meters if m.role == "pv"), None)
+        pv = slot_net_energy(ctx.journal.readings(pv_meter, since_ms), slot_s) if pv_meter else {}  # generation: export
+        load = {slot: pv.get(slot, 0) - value for slot, value in net.items()}
+        site = Site(fc.site_latitude_millideg / 1000, fc.site_longitude_millideg / 1000) if fc.clear_sky_pv else None
+        return forecast_slots(load, pv, markets, now_s=now, slot_seconds=slot_s, day_seconds=day_s,
+                              history_days=fc.history_days, weekday_aware=fc.weekday_aware, site=site)
+
+    def _desired(self, forecast: dict, now: int) -> dict:
+        """The policy's orders: [policy] strategy "tariff" (reservation prices from the grid's
+        tariffs, ramped towards the gate: firmware/policy.py, issue 8) or "baseline" (fixed limits)."""
+        from ..policy import Battery, PriceRamp, Tariffs, desired_orders
+
+        ctx = self.ctx
+        pol, rules = ctx.config.policy, ctx.rules
+        soc = self._battery_soc()
+        if pol.strategy == "baseline":
+            return desired_orders(forecast, rules, pol, soc)
+        battery = None
+        if pol.battery_capacity_wh and soc is not None:
+            battery = Battery(pol.battery_capacity_wh, pol.battery_capacity_wh * soc // 100,
+                              pol.battery_capacity_wh * pol.battery_reserve_percent // 100, pol.battery_power_w,
+                              pol.battery_efficiency_percent, pol.battery_efficiency_percent)
+        return desired_orders(
+            forecast, rules, pol, soc,
+            tariffs=Tariffs(pol.retail_per_kwh_minor, pol.feed_in_per_kwh_minor, pol.band_min_per_kwh_minor,
+                            pol.band_max_per_kwh_minor, pol.subsidy_percent),
+            now_s=now, ramp=PriceRamp(pol.price_ramp_seconds, max(1, ctx.config.cadence.review_seconds)),
+            sell_quantile_percent=pol.sell_quantile_percent, buy_quantile_percent=pol.buy_quantile_percent,
+            router_power_w=0, battery=battery)
 
     def _battery_soc(self) -> int | None:
         ctx = self.ctx
