@@ -14,7 +14,7 @@ STATES = (ds.RUNNING, ds.INTERRUPTED, ds.REFUSED)
 rows_strategy = st.lists(
     st.builds(SlotRow, trade_id=st.integers(1, 10**6), direction=st.sampled_from(("export", "import")),
               contracted_wh=st.integers(1, 5_000), state=st.sampled_from(STATES)),
-    max_size=6,
+    max_size=6, unique_by=lambda r: r.trade_id,  # one delivery per trade
 )
 
 
@@ -134,3 +134,28 @@ def test_slots_add_up_to_the_meter_and_nothing_counts_twice(readings, edges, act
 
 def test_mwh_to_wh_rounds_half_up():
     assert [mwh_to_wh(v) for v in (0, 499, 500, 99_500, 99_499, -5)] == [0, 0, 1, 100, 99, 0]
+
+
+def test_router_counts_share_a_shortfall_where_it_happened():
+    """Two transfers of 200 Wh; the meter certifies 392 Wh; the router says the first moved 200
+    and the second 192. Trade order would give the shortfall to the second anyway; with counts
+    of 196 each (both short) it is shared, not put on one (HIL finding H3)."""
+    rows = [SlotRow(1, "export", 200, ds.RUNNING), SlotRow(2, "export", 200, ds.RUNNING)]
+    even = allocate_slot(rows, 392_000, 0, net_only=False, tolerance_wh=0, router_wh={1: 196, 2: 196})
+    assert [s.delivered_wh for s in even] == [196, 196]
+    plain = allocate_slot(rows, 392_000, 0, net_only=False, tolerance_wh=0)
+    assert [s.delivered_wh for s in plain] == [200, 192]
+    partial = allocate_slot(rows, 392_000, 0, net_only=False, tolerance_wh=0, router_wh={1: 196})
+    assert [s.delivered_wh for s in partial] == [200, 192]  # counts for some only: trade order
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=rows_strategy, exp=st.integers(0, 30_000_000), imp=st.integers(0, 30_000_000),
+       counts=st.lists(st.integers(0, 6_000), min_size=6, max_size=6))
+def test_allocation_with_router_counts_keeps_the_invariants(rows, exp, imp, counts):
+    router = {r.trade_id: c for r, c in zip(rows, counts)}
+    shares = allocate_slot(rows, exp, imp, net_only=False, tolerance_wh=0, router_wh=router)
+    for d, measured in (("export", exp), ("import", imp)):
+        ran = [(r, s) for r, s in zip(rows, shares) if r.direction == d and r.state in ds.FLOWING]
+        assert all(0 <= s.delivered_mwh <= r.contracted_wh * 1000 for r, s in ran)
+        assert sum(s.delivered_mwh for _, s in ran) == min(measured, sum(r.contracted_wh * 1000 for r, _ in ran))

@@ -300,6 +300,17 @@ class Deliveries:
             room[d] = contracted * 1000 - (before[index] - start_mwh)
         return room
 
+    def _router_counts(self, rows: list[DeliveryRow]) -> dict[int, int]:
+        """What the router said each transfer moved (its END events, kept by the driver)."""
+        counts = {}
+        transfer_end = getattr(self.ctx.dgr, "transfer_end", None)
+        for row in rows:
+            ended = transfer_end(row.trade_id) if transfer_end is not None else None
+            moved = (getattr(ended, "args", None) or {}).get("moved_wh") if ended is not None else None
+            if isinstance(moved, (int, str)) and str(moved).isdigit():
+                counts[row.trade_id] = int(moved)
+        return counts
+
     def _meter_slot(self, market_id: int) -> None:
         """Meter one ended slot: every delivery of it, and the edge values used, in ONE journal
         transaction. Rows that never got going are first resolved (scheduled -> refused;
@@ -323,7 +334,8 @@ class Deliveries:
             return  # no reading at or after an edge yet: metered at a later tick
         delta = {d: max(0, end.get(d) - start.get(d)) for d in ("export", "import")}
         shares = allocate_slot([SlotRow(r.trade_id, r.direction, r.energy_wh, r.state) for r in rows],
-                               delta["export"], delta["import"], net_only=self.net_only, tolerance_wh=self.tolerance_wh)
+                               delta["export"], delta["import"], net_only=self.net_only, tolerance_wh=self.tolerance_wh,
+                               router_wh=self._router_counts(rows))
         estimated = next((e for e in (start, end) if e.method == "interpolated"), None)
         verdicts = [
             MeteredDelivery(s.trade_id, s.delivered_wh, s.delivered_mwh, s.outcome,
