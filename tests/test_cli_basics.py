@@ -200,6 +200,7 @@ def test_run_accepts_the_largest_values_check_config_accepts(board, tmp_path):
         _edited(board, "heartbeat_seconds = 2", f"heartbeat_seconds = {config_module.int_bounds(DgrConfig, 'heartbeat_seconds')[1]}")
         _edited(board, "timeout_ms = 2000", f"timeout_ms = {config_module.int_bounds(LedgerConfig, 'timeout_ms')[1]}")
         _edited(board, "slot_seconds = 30", f"slot_seconds = {config_module.int_bounds(MarketRules, 'slot_seconds')[1]}")
+        _edited(board, "day_seconds = 1440", "day_seconds = 0")  # a day is whole slots: one 86400-s slot
         for key in ("measure_seconds", "bid_seconds", "review_seconds", "poll_trades_seconds", "outbox_seconds",
                     "clock_check_seconds"):
             text = board.read_text()
