@@ -72,10 +72,23 @@ class GroupCommitter:
                 results = [exc] * len(batch)
             self.batches += 1
             self.messages += len(batch)
+            # One wake-up per event loop for the whole batch (call_soon_threadsafe writes to the
+            # loop's self-pipe: a syscall per call), not one per message.
+            by_loop: dict[Any, list] = {}
             for (_, loop, future), result in zip(batch, results):
-                loop.call_soon_threadsafe(_resolve, future, result)
+                by_loop.setdefault(loop, []).append((future, result))
+            for loop, done in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve_all, done)
+                except RuntimeError:  # that loop is closed: nobody waits for these answers any more
+                    pass
             if stop:
                 return
+
+
+def _resolve_all(done: list) -> None:
+    for future, result in done:
+        _resolve(future, result)
 
 
 def _resolve(future: asyncio.Future, result: Any) -> None:

@@ -238,6 +238,10 @@ class Outcome:
     body: dict
 
 
+class _NotLean(Exception):
+    """A lean batch cannot finish without savepoints (see LedgerStore.submit_batch)."""
+
+
 class LedgerStore:
     """All ledger state and every state change. Thread-safe (one lock around one connection)."""
 
@@ -296,6 +300,9 @@ class LedgerStore:
         self._load_books()
         self._next_order_id = self._one("SELECT COALESCE(MAX(order_id), 0) + 1 FROM orders")[0]
         self._trade_leaves: list[tuple[int, bytes]] = []
+        self._lean = False  # inside a lean batch (submit_batch): outcome and record rows are collected
+        self._batch_messages: dict[tuple[str, int], tuple] = {}
+        self._batch_entries: list[tuple] = []
         if self._one("SELECT 1 FROM log_entries WHERE block_height IS NULL LIMIT 1") is not None:
             self._pending_since_ms = 0  # entries left unsealed by the last run: seal at the first chance
 
@@ -500,10 +507,15 @@ class LedgerStore:
     def submit_batch(self, items: list[tuple[Mapping[str, Any], bytes, bytes]], now_ms: int | None = None) -> list[Any]:
         """Apply several verified messages, in order, in ONE transaction (one fsync): group commit.
 
-        Each message runs in its own savepoint, so one that fails with an unexpected error is
-        undone alone (its result is that exception, and the books are rebuilt from the
-        transaction's state); the others keep their effects. Returns an Outcome or an exception
-        per item. Nothing is answered before the COMMIT: if it fails, every item gets the error.
+        Usual case (``_apply_batch(lean=True)``): no savepoint per message, and the stored
+        outcomes and record entries of the whole batch are written with one ``executemany``
+        each just before the COMMIT - a rejected message changes nothing but its outcome row, so
+        it needs nothing undone. If any message fails unexpectedly (a bug, an I/O error), or a
+        rejection is raised after a write, the whole transaction is rolled back, the books are
+        rebuilt from SQLite, and the batch is applied again with a savepoint per message, so the
+        failing one is undone alone (its result is that exception) and the others keep their
+        effects. Returns an Outcome or an exception per item. Nothing is answered before the
+        COMMIT: if it fails, every item gets the error.
         """
         with self._lock:
             if now_ms is None:
@@ -512,28 +524,64 @@ class LedgerStore:
                 now_ms = self._clock()  # read under the lock: no sweep can run between this and the apply
             self._sweep_locked(now_ms)
             pending_before = self._pending_since_ms
-            results: list[Any] = []
-            self._begin()
             try:
-                for fields, payload, signature in items:
-                    digest = hashlib.sha256(payload).hexdigest()
-                    try:
-                        results.append(self._submit_locked(fields, payload, signature, digest, now_ms))
-                    except Exception as exc:  # a bug or an I/O error in one message: undone alone (its savepoint)
-                        self._load_books()
-                        log.exception("message from %s could not be applied", fields.get("device_id"))
-                        results.append(exc)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                return self._apply_batch(items, now_ms, lean=True)
+            except _NotLean:
                 self._pending_since_ms = pending_before
                 self._load_books()
-                raise
+            return self._apply_batch(items, now_ms, lean=False)
+
+    def _apply_batch(self, items: list[tuple[Mapping[str, Any], bytes, bytes]], now_ms: int, *, lean: bool) -> list[Any]:
+        pending_before = self._pending_since_ms
+        results: list[Any] = []
+        self._lean = lean
+        self._batch_messages: dict[tuple[str, int], tuple] = {}  # rows to write at the end (lean)
+        self._batch_entries: list[tuple] = []
+        self._begin()
+        try:
+            for fields, payload, signature in items:
+                digest = hashlib.sha256(payload).hexdigest()
+                try:
+                    results.append(self._submit_locked(fields, payload, signature, digest, now_ms))
+                except _NotLean:
+                    raise
+                except Exception as exc:
+                    if lean:  # undo the whole batch and apply it again with a savepoint per message
+                        raise _NotLean() from exc
+                    self._load_books()  # a bug or an I/O error in one message: undone alone (its savepoint)
+                    log.exception("message from %s could not be applied", fields.get("device_id"))
+                    results.append(exc)
+            try:
+                if self._batch_messages:
+                    self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self._batch_messages.values())
+                if self._batch_entries:
+                    self._conn.executemany("INSERT INTO log_entries (kind, device_id, nonce, trade_id, leaf) VALUES (?, ?, ?, ?, ?)",
+                                           self._batch_entries)
+            except sqlite3.Error as exc:  # which message? the savepoint pass will say
+                raise _NotLean() from exc
+            self._conn.execute("COMMIT")
+        except _NotLean:
+            self._conn.execute("ROLLBACK")
+            self._pending_since_ms = pending_before
+            raise
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            self._pending_since_ms = pending_before
+            self._load_books()
+            raise
+        finally:
+            self._lean = False
+            self._batch_messages, self._batch_entries = {}, []
         return results
 
     def _submit_locked(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int) -> Outcome:
         device_id, nonce, kind = fields["device_id"], fields["nonce"], fields["type"]
-        stored = self._one("SELECT * FROM messages WHERE device_id = ? AND nonce = ?", (device_id, nonce))
+        stored = self._batch_messages.get((device_id, nonce))  # a resend within this very batch (lean)
+        if stored is not None:
+            stored = {"payload_sha256": stored[2], "kind": stored[3], "http_status": stored[7], "outcome": stored[8]}
+        else:
+            stored = self._one("SELECT payload_sha256, kind, http_status, outcome FROM messages WHERE device_id = ? AND nonce = ?",
+                               (device_id, nonce))
         if stored is not None:
             if stored["payload_sha256"] == digest:
                 body = json.loads(stored["outcome"])
@@ -579,23 +627,12 @@ class LedgerStore:
             )
             return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
 
+        if self._lean:
+            return self._apply_lean(fields, payload, signature, digest, now_ms)
         self._conn.execute("SAVEPOINT apply")  # the message's effects, its stored outcome and its record entries
         self._trade_leaves = []
         try:
-            if kind == "order":
-                result = self._apply_order(fields, now_ms)
-            elif kind == "cancel":
-                result = self._apply_cancel(fields, now_ms)
-            elif kind == "delivery_report":
-                result = self._apply_report(fields, now_ms)
-            else:  # messages.validate_fields admits only the kinds above
-                raise Rejection("malformed", f"type: expected one of order, cancel, delivery_report, got {kind!r}")
-            outcome = Outcome(200, {"status": "accepted", "duplicate": False, "nonce": nonce, "type": kind, "result": result})
-            self._store_message(fields, payload, signature, digest, now_ms, outcome)
-            # the record: the accepted message, then the trades it made
-            self._append("message", record.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
-            for trade_id, leaf in self._trade_leaves:
-                self._append("trade", leaf, now_ms, trade_id=trade_id)
+            outcome = self._apply(fields, payload, signature, digest, now_ms)
             self._conn.execute("RELEASE apply")
         except Rejection as rejection:
             self._conn.execute("ROLLBACK TO apply")
@@ -608,20 +645,58 @@ class LedgerStore:
             raise
         return outcome
 
+    def _apply_lean(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int) -> Outcome:
+        """``_apply`` without a savepoint: a rejection must have changed nothing (every rule is
+        checked before the first write, and SQLite's change counter proves it), else the batch
+        is redone with savepoints."""
+        changes = self._conn.total_changes
+        self._trade_leaves = []
+        try:
+            return self._apply(fields, payload, signature, digest, now_ms)
+        except Rejection as rejection:
+            if self._conn.total_changes != changes:
+                raise _NotLean() from rejection
+            outcome = Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=fields["nonce"]))
+            self._store_message(fields, payload, signature, digest, now_ms, outcome)
+            return outcome
+
+    def _apply(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int) -> Outcome:
+        """The message's effects, its stored outcome and its record entries (the accepted
+        message, then the trades it made). Raises Rejection for a rule it breaks."""
+        device_id, nonce, kind = fields["device_id"], fields["nonce"], fields["type"]
+        if kind == "order":
+            result = self._apply_order(fields, now_ms)
+        elif kind == "cancel":
+            result = self._apply_cancel(fields, now_ms)
+        elif kind == "delivery_report":
+            result = self._apply_report(fields, now_ms)
+        else:  # messages.validate_fields admits only the kinds above
+            raise Rejection("malformed", f"type: expected one of order, cancel, delivery_report, got {kind!r}")
+        outcome = Outcome(200, {"status": "accepted", "duplicate": False, "nonce": nonce, "type": kind, "result": result})
+        self._store_message(fields, payload, signature, digest, now_ms, outcome)
+        self._append("message", record.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
+        for trade_id, leaf in self._trade_leaves:
+            self._append("trade", leaf, now_ms, trade_id=trade_id)
+        return outcome
+
     def _store_message(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int,
                        outcome: Outcome) -> None:
-        self._conn.execute(
-            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (fields["device_id"], fields["nonce"], digest, fields["type"], payload.decode("ascii"), signature.hex(), now_ms,
-             outcome.http_status, json.dumps(outcome.body, sort_keys=True)),
-        )
+        row = (fields["device_id"], fields["nonce"], digest, fields["type"], payload.decode("ascii"), signature.hex(), now_ms,
+               outcome.http_status, json.dumps(outcome.body, sort_keys=True))
+        if self._lean:  # written with the batch's other rows, before its COMMIT
+            self._batch_messages[row[0], row[1]] = row
+        else:
+            self._conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
 
     # ------------------------------------------------------------- the record
 
     def _append(self, kind: str, leaf: bytes, now_ms: int, *, device_id: str | None = None, nonce: int | None = None,
                 trade_id: int | None = None) -> None:
-        self._conn.execute("INSERT INTO log_entries (kind, device_id, nonce, trade_id, leaf) VALUES (?, ?, ?, ?, ?)",
-                           (kind, device_id, nonce, trade_id, leaf.decode("ascii")))
+        row = (kind, device_id, nonce, trade_id, leaf.decode("ascii"))
+        if self._lean:  # written with the batch's other rows, in order, before its COMMIT
+            self._batch_entries.append(row)
+        else:
+            self._conn.execute("INSERT INTO log_entries (kind, device_id, nonce, trade_id, leaf) VALUES (?, ?, ?, ?, ?)", row)
         if self._pending_since_ms is None:
             self._pending_since_ms = now_ms
 
