@@ -264,3 +264,11 @@ def test_the_demo_closing_table_is_the_ledger_summary_per_house(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
     assert rows[names[0]][:2] == ["0", "100"] and rows[names[1]][:2] == ["100", "0"]  # traded at the seller's 2000
     assert rows["total"] == ["100", "100", "0", "0", "0.000", "0.000", "0", "0"]
+
+
+def test_the_live_api_page_lists_the_views(ledger):
+    """docs/walkthrough.md points people at the ledger's /docs page: it is served, and documents the views."""
+    page = ledger.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text and "/openapi.json" in page.text
+    paths = ledger.get("/openapi.json").json()["paths"]
+    assert {"/v1/markets", "/v1/summary", "/v1/markets/{market_id}/book"} <= set(paths)
