@@ -27,9 +27,9 @@ unmetered report would settle them as 0 Wh; the interpolated split conserves the
 meter measured across the two slots, so neither side can be paid twice.
 
 **Allocation.** A slot's metered energy in a direction goes to the deliveries that ran
-(``running``/``interrupted``), each up to its contract: in proportion to what the router says
-each transfer moved when it told us (its END events), else in trade order; a refused one gets
-0 Wh whatever the meter says. A net-only meter (a real bidirectional meter) sees export minus
+(``running``/``interrupted``), each up to its contract, in proportion to what each transfer
+moved by the router's count or the daemon's estimate (``weights_wh``), the rest in trade order;
+a refused one gets 0 Wh whatever the meter says. A net-only meter (a real bidirectional meter) sees export minus
 import: when a slot has both, the net is split so that export - import credited equals the
 net measured (see ``allocate_slot``).
 """
@@ -144,7 +144,7 @@ def mwh_to_wh(mwh: int) -> int:
 
 
 def allocate_slot(rows: Sequence[SlotRow], delta_export_mwh: int, delta_import_mwh: int, *,
-                  net_only: bool, tolerance_wh: int, router_wh: dict[int, int] | None = None) -> list[Share]:
+                  net_only: bool, tolerance_wh: int, weights_wh: dict[int, int] | None = None) -> list[Share]:
     """Share one slot's metered energy among its deliveries (same order as ``rows``).
 
     Invariants (tests/test_slot_metering.py, property tests): each share is between 0 and the
@@ -170,10 +170,11 @@ def allocate_slot(rows: Sequence[SlotRow], delta_export_mwh: int, delta_import_m
     given = {r.trade_id: 0 for r in ran}
     for d, total in totals.items():
         mine = [r for r in ran if r.direction == d]
-        counts = [router_wh.get(r.trade_id) for r in mine] if router_wh else []
+        counts = [weights_wh.get(r.trade_id) for r in mine] if weights_wh else []
         if mine and counts and all(c is not None and c >= 0 for c in counts) and sum(counts) > 0:
-            # The router says how much each transfer moved (not certified): the certified total
-            # is shared in those proportions, so one transfer's shortfall is not put on another.
+            # What each transfer moved by the router's count, or by estimate (not certified):
+            # the certified total is shared in those proportions, so one transfer's shortfall
+            # is not put on another.
             weight = sum(counts)
             for r, c in zip(mine, counts):
                 given[r.trade_id] = min(r.contracted_wh * 1000, total * c // weight)

@@ -297,3 +297,33 @@ def test_g_deferred_by_the_clock_guard_then_started_and_nothing_metered_by_a_bad
     assert w.router.starts == [1]
     energy, status = reported(w)[1]
     assert 0 < energy <= 100
+
+
+def test_f_a_start_lost_on_the_line_does_not_leave_the_router_safe(tmp_path):
+    """Sim finding F6: START gets no answer (link lost), the driver's best-effort SAFE reaches
+    the router, and every later heartbeat succeeds. The link must count as down so the next
+    good heartbeat lifts that safe mode; the next slot's transfer then starts."""
+    from firmware.drivers.dgr import DgrLinkError
+
+    w = World(tmp_path)
+    w.trades(Trade(1, M, "sell", 100), Trade(2, N, "sell", 100))
+    w.run_until(M - 2)
+
+    def lost(*_args):
+        w.router.mode = "safe"  # the driver's SAFE got through; its answer did not
+        raise DgrLinkError("no answer to START after 4 attempts", safe_confirmed=False)
+
+    w.router.start_naks.append(None)
+    real_start = w.router.start_transfer
+
+    def start(*args):
+        if w.router.start_naks and w.router.start_naks[0] is None:
+            w.router.start_naks.pop(0)
+            lost()
+        return real_start(*args)
+
+    w.router.start_transfer = start
+    w.run_until(N + SLOT_S + 6)
+    assert w.router.starts == [2]
+    got = reported(w)
+    assert got[1] == (0, "failed") and got[2] == (100, "delivered")

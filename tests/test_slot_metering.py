@@ -141,11 +141,11 @@ def test_router_counts_share_a_shortfall_where_it_happened():
     and the second 192. Trade order would give the shortfall to the second anyway; with counts
     of 196 each (both short) it is shared, not put on one (HIL finding H3)."""
     rows = [SlotRow(1, "export", 200, ds.RUNNING), SlotRow(2, "export", 200, ds.RUNNING)]
-    even = allocate_slot(rows, 392_000, 0, net_only=False, tolerance_wh=0, router_wh={1: 196, 2: 196})
+    even = allocate_slot(rows, 392_000, 0, net_only=False, tolerance_wh=0, weights_wh={1: 196, 2: 196})
     assert [s.delivered_wh for s in even] == [196, 196]
     plain = allocate_slot(rows, 392_000, 0, net_only=False, tolerance_wh=0)
     assert [s.delivered_wh for s in plain] == [200, 192]
-    partial = allocate_slot(rows, 392_000, 0, net_only=False, tolerance_wh=0, router_wh={1: 196})
+    partial = allocate_slot(rows, 392_000, 0, net_only=False, tolerance_wh=0, weights_wh={1: 196})
     assert [s.delivered_wh for s in partial] == [200, 192]  # counts for some only: trade order
 
 
@@ -154,7 +154,7 @@ def test_router_counts_share_a_shortfall_where_it_happened():
        counts=st.lists(st.integers(0, 6_000), min_size=6, max_size=6))
 def test_allocation_with_router_counts_keeps_the_invariants(rows, exp, imp, counts):
     router = {r.trade_id: c for r, c in zip(rows, counts)}
-    shares = allocate_slot(rows, exp, imp, net_only=False, tolerance_wh=0, router_wh=router)
+    shares = allocate_slot(rows, exp, imp, net_only=False, tolerance_wh=0, weights_wh=router)
     for d, measured in (("export", exp), ("import", imp)):
         ran = [(r, s) for r, s in zip(rows, shares) if r.direction == d and r.state in ds.FLOWING]
         assert all(0 <= s.delivered_mwh <= r.contracted_wh * 1000 for r, s in ran)

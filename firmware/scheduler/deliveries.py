@@ -184,6 +184,9 @@ class Deliveries:
                     events.emit("delivery.failed", trade=row.trade_id, detail=str(exc))
                 continue
             except DgrLinkError as exc:
+                # The link counts as down: the next good heartbeat checks the router's transfers
+                # and lifts the safe mode the driver's SAFE (or the watchdog) caused (sim F6).
+                ctx.health.dgr_ok = False
                 if self._move(row, ds.INTERRUPTED, f"router link lost: {exc}"):
                     events.emit("delivery.failed", trade=row.trade_id, detail="router link lost",
                                 safe_confirmed=exc.safe_confirmed)
@@ -204,13 +207,15 @@ class Deliveries:
         """STOP the transfers of slots that have ended. The router stops each one by itself at its
         energy target or end time; the explicit STOP (harmless when it already ended) makes sure,
         and the read-back confirms the router agrees before the slot is metered."""
-        from ..drivers.dgr import DgrError
+        from ..drivers.dgr import DgrError, DgrLinkError
 
         ctx = self.ctx
         for row in ctx.journal.deliveries(states=(ds.RUNNING,), before_market=current):
             try:
                 ctx.dgr.stop_transfer(row.trade_id)
             except DgrError as exc:
+                if isinstance(exc, DgrLinkError):
+                    ctx.health.dgr_ok = False  # the next good heartbeat takes the link-back path
                 ctx.events.emit("alarm.dgr", detail=f"stop of trade {row.trade_id} not confirmed: {exc}")
 
     # -- metering -------------------------------------------------------------------------------
@@ -300,16 +305,37 @@ class Deliveries:
             room[d] = contracted * 1000 - (before[index] - start_mwh)
         return room
 
-    def _router_counts(self, rows: list[DeliveryRow]) -> dict[int, int]:
-        """What the router said each transfer moved (its END events, kept by the driver)."""
-        counts = {}
+    def _weights(self, rows: list[DeliveryRow]) -> dict[int, int]:
+        """What each transfer of a slot moved, for sharing the certified total (Wh, not certified):
+        the router's count when it told us (its END event, kept by the driver) for every transfer
+        of that direction, else an estimate for all of them: transfers are sized to move their
+        contract in the first 95 % of the time left at their START, so a transfer moved about
+        contract x (time it could flow / that time) — a cut one less, one that ran to the end all."""
+        from .router_link import MIN_ROUTER_WATCHDOG_S
+
         transfer_end = getattr(self.ctx.dgr, "transfer_end", None)
+        counted: dict[int, int] = {}
+        estimated: dict[int, int] = {}
         for row in rows:
             ended = transfer_end(row.trade_id) if transfer_end is not None else None
             moved = (getattr(ended, "args", None) or {}).get("moved_wh") if ended is not None else None
             if isinstance(moved, (int, str)) and str(moved).isdigit():
-                counts[row.trade_id] = int(moved)
-        return counts
+                counted[row.trade_id] = int(moved)
+            times = self.ctx.journal.delivery_times(row.trade_id)
+            end_ms = self.ctx.rules.slot_end(row.market_id) * 1000
+            start_ms = max(row.market_id * 1000, times.started_at_ms or row.market_id * 1000)
+            usable_ms = max(1, (end_ms - start_ms) * (100 - DELIVERY_MARGIN_PERCENT) // 100)
+            flow_end = end_ms
+            if row.state == ds.INTERRUPTED and times.updated_at_ms is not None:
+                margin = MIN_ROUTER_WATCHDOG_S * 1000 if (row.detail or "").startswith("router link lost") else 0
+                flow_end = min(flow_end, times.updated_at_ms + margin)
+            estimated[row.trade_id] = row.energy_wh * min(usable_ms, max(0, flow_end - start_ms)) // usable_ms
+        weights = {}
+        for d in ("export", "import"):
+            mine = [r.trade_id for r in rows if r.direction == d and r.state in ds.FLOWING]
+            source = counted if all(t in counted for t in mine) else estimated
+            weights.update({t: source[t] for t in mine})
+        return weights
 
     def _meter_slot(self, market_id: int) -> None:
         """Meter one ended slot: every delivery of it, and the edge values used, in ONE journal
@@ -335,7 +361,7 @@ class Deliveries:
         delta = {d: max(0, end.get(d) - start.get(d)) for d in ("export", "import")}
         shares = allocate_slot([SlotRow(r.trade_id, r.direction, r.energy_wh, r.state) for r in rows],
                                delta["export"], delta["import"], net_only=self.net_only, tolerance_wh=self.tolerance_wh,
-                               router_wh=self._router_counts(rows))
+                               weights_wh=self._weights(rows))
         estimated = next((e for e in (start, end) if e.method == "interpolated"), None)
         verdicts = [
             MeteredDelivery(s.trade_id, s.delivered_wh, s.delivered_mwh, s.outcome,
