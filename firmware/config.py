@@ -127,7 +127,7 @@ class PolicyConfig:
     subsidy_percent: int = _between(1, 1000, " (the renewable subsidy factor mu x 100)", default=100)
     price_ramp_seconds: int = _between(0, DAY_SECONDS, default=900)
     sell_quantile_percent: int = _between(0, 50, default=25)
-    buy_quantile_percent: int = _between(50, 100, default=50)
+    buy_quantile_percent: int = _between(50, 100, default=60)
     battery_power_w: int = _between(0, 1_000_000, " (0 = half the capacity per hour)", default=0)
     battery_efficiency_percent: int = _between(50, 100, " (each way)", default=95)
 

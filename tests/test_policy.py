@@ -76,8 +76,10 @@ def test_sells_a_conservative_quantile_and_buys_the_median_shortfall():
     d = desired_orders({MARKET: fc(1000, 500)}, RULES, POLICY, tariffs=TARIFFS, now_s=at(60))
     assert d[MARKET].side == "sell" and d[MARKET].energy_wh == 700  # 25% quantile of 500..1500 = 750 -> lots
     assert d[MARKET].price_per_kwh_minor == 850
-    d = desired_orders({MARKET: fc(-1000, 500)}, RULES, POLICY, tariffs=TARIFFS, now_s=at(60))
+    d = desired_orders({MARKET: fc(-1000, 500)}, RULES, POLICY, tariffs=TARIFFS, now_s=at(60), buy_quantile_percent=50)
     assert d[MARKET].side == "buy" and d[MARKET].energy_wh == 1000 and d[MARKET].price_per_kwh_minor == 3000
+    d = desired_orders({MARKET: fc(-1000, 500)}, RULES, POLICY, tariffs=TARIFFS, now_s=at(60))  # default: 60%
+    assert d[MARKET].energy_wh == 1100  # 60% quantile of a 500..1500 shortage = 1100
 
 
 def test_router_rating_and_max_order_cap_quantities():
@@ -153,7 +155,7 @@ def test_orders_are_whole_lots_within_caps_and_never_beyond_the_tariffs(
             assert order.energy_wh <= router_w * 1800 // 3600
         if order.side == "buy":
             assert order.price_per_kwh_minor <= retail  # a buyer never pays above retail
-            assert order.energy_wh <= -forecast.net_wh + lot // 2  # the nearest lot
+            assert order.energy_wh <= -forecast.net_quantile_wh(0) + lot // 2  # the largest shortage, nearest lot
         else:
             assert order.price_per_kwh_minor * mu >= feed_in * 100  # never below feed-in (after the subsidy)
             assert order.energy_wh <= forecast.net_wh  # never sell more than the forecast surplus

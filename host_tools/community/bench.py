@@ -55,7 +55,7 @@ class BenchSettings:
     review_seconds: int = 300
     ramp_seconds: int = 900
     sell_quantile_percent: int = 25
-    buy_quantile_percent: int = 50
+    buy_quantile_percent: int = 60
     lot_wh: int = 100
     markets_ahead: int = 48
     site: Site | None = FIXTURE_SITE

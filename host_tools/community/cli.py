@@ -46,7 +46,7 @@ def add_bench_command(bench_sub) -> None:
                    help="feed-in tariff, minor units per kWh (default: %(default)s, the post-FIT 8.5 yen)")
     p.add_argument("--sell-quantile", type=int, default=25, metavar="Q",
                    help="quantile (%%) of an unbacked surplus offered for sale (default: %(default)s)")
-    p.add_argument("--buy-quantile", type=int, default=50, metavar="Q",
+    p.add_argument("--buy-quantile", type=int, default=60, metavar="Q",
                    help="quantile (%%) of a shortage bid for (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object before the final line")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots there (needs matplotlib, host extra)")
