@@ -13,8 +13,8 @@ Why it is built this way:
   transaction is rolled back for any reason other than a rejection, the books are rebuilt from
   the database, so they cannot drift from it. (Rebuilding the book from SQL for every order made
   the ledger slower the fuller its book.)
-- **Group commit.** ``submit_batch`` applies many messages in one transaction, each in its own
-  savepoint, and one fsync makes them all durable; no answer leaves before that commit, so a
+- **Group commit.** ``submit_batch`` applies many messages in one transaction (no savepoint per
+  message in the usual case; see submit_batch), and one fsync makes them all durable; no answer leaves before that commit, so a
   crash loses only unanswered messages, which the boards resend and which are then applied once.
 - **Integers only.** Energy in Wh, prices in minor units per kWh, money in milli-minor units
   (Wh x minor/kWh = minor/1000, exact). ``balance_milli_minor`` is what a device can spend;
