@@ -253,9 +253,12 @@ def test_the_demo_closing_table_is_the_ledger_summary_per_house(tmp_path):
         hood.start(start_daemons=False)
         names = list(hood.houses)
         ledger_id = hood.base_config["ledger"]["ledger_id"]
+        # one market for both orders, two slots past the next one: both land in it even across a slot edge
+        market = requests.get(hood.ledger_url + "/v1/markets", timeout=10).json()["next_market_id"] + 2 * hood.slot_seconds
         for name, side, price in ((names[0], "sell", 2000), (names[1], "buy", 2100)):
             r = dgc_host("order", "--url", hood.ledger_url, "--key-file", str(hood.houses[name].directory / "device.key"),
-                         "--ledger-id", ledger_id, "--market", "next", "--side", side, "--energy-wh", "100", "--price", str(price))
+                         "--ledger-id", ledger_id, "--market-id", str(market), "--side", side, "--energy-wh", "100",
+                         "--price", str(price))
             assert r.returncode == 0, r.stderr
         table = per_house_table(hood)
     lines = table.splitlines()
