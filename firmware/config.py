@@ -79,6 +79,12 @@ class LedgerConfig:
     # measured (ledger down, answers too slow to measure): then the clock guard fails closed.
     clock_grace_seconds: int = _between(1, DAY_SECONDS, default=600)
     message_ttl_seconds: int = _between(1, DAY_SECONDS, default=600)
+    # Issue 10 part 4 (A3): the ledger authority's public key, pinned at provisioning (dgc-host
+    # provision writes it here and into /etc/dgc/identity.toml). A trade moves energy only once
+    # it is proven in the record this key signed (scheduler/trade_record.py). Empty: unpinned.
+    authority_public_key: str = _spec("empty, or the ledger authority's compressed public key: 66 lowercase hex digits (02/03...)",
+                                      lambda v: v == "" or (len(v) == 66 and v[:2] in ("02", "03")
+                                                            and all(c in "0123456789abcdef" for c in v)), default="")
     # Issue 9 (G2): which backend. "evm": ``url`` is the relay, the board reads the chain itself
     # from ``rpc_url`` (firmware/ledger/evm.py, docs/ledger-evm.md); the other keys are unused by "rest".
     kind: str = _spec('"rest" (the bench ledger\'s HTTP API) or "evm" (a market contract, through a relay)',
@@ -99,6 +105,9 @@ class CadenceConfig:
 
     measure_seconds: int = _between(1, DAY_SECONDS, default=60)
     bid_seconds: int = _between(1, DAY_SECONDS, default=1800)
+    # Issue 10 part 5 (A3): the bid job runs at a per-device offset (firmware/jitter.py) of up to
+    # this many seconds (never more than bid_seconds / 2), so a fleet does not bid in one second.
+    bid_jitter_seconds: int = _between(0, 3600, " (0 = no jitter)", default=60)
     review_seconds: int = _between(1, DAY_SECONDS, default=300)
     review_horizon_seconds: int = _between(1, DAY_SECONDS, default=1800)
     poll_trades_seconds: int = _between(1, DAY_SECONDS, default=60)

@@ -222,15 +222,25 @@ class OrdersMixin:
         """:meth:`record_trades_checked`, returning only the ids of the trades newly recorded."""
         return self.record_trades_checked(trades, cursor).new_ids
 
-    def record_trades_checked(self, trades: list, cursor: int) -> TradeBatch:
+    def unknown_trades(self, trades: list) -> list:
+        """The trades of ``trades`` neither recorded nor refused yet (the ones still to confirm)."""
+        with self._lock:
+            return [t for t in trades if not self._db.execute(
+                "SELECT 1 FROM trades WHERE trade_id = ? UNION ALL SELECT 1 FROM refused_trades WHERE trade_id = ?",
+                (t.trade_id, t.trade_id)).fetchone()]
+
+    def record_trades_checked(self, trades: list, cursor: int, refusals: dict | None = None) -> TradeBatch:
         """Store newly contracted trades, schedule their deliveries and advance the cursor atomically.
 
         A trade is recorded only when it matches one of this board's orders (issue 7 i, the rule
         in firmware/trade_matching.py, judged here inside the transaction so two polls cannot
         both fit into one order's remaining quantity); otherwise it goes to ``refused_trades``
         with the reason and never gets a delivery. A trade seen twice (recorded or refused) is
-        ignored, so polling is idempotent and each refusal is reported once.
+        ignored, so polling is idempotent and each refusal is reported once. ``refusals`` maps a
+        trade id to a reason found before (the ledger's signed record does not hold it,
+        scheduler/trade_record.py): that trade is refused with it whatever the orders say.
         """
+        refusals = refusals or {}
         new_ids: list[int] = []
         refused: list[tuple[object, str]] = []
         with self._transaction() as db:
@@ -240,7 +250,8 @@ class OrdersMixin:
                 if known:
                     continue
                 order = self._own_order(db, t.order_nonce)
-                reason = trade_refusal(ListedTrade(t.market_id, t.side, t.energy_wh, t.price_per_kwh_minor, t.order_nonce), order)
+                reason = refusals.get(t.trade_id) or trade_refusal(
+                    ListedTrade(t.market_id, t.side, t.energy_wh, t.price_per_kwh_minor, t.order_nonce), order)
                 if reason is not None:
                     db.execute(
                         "INSERT INTO refused_trades (trade_id, market_id, side, energy_wh, price_per_kwh_minor, order_nonce, "

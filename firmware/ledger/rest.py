@@ -475,6 +475,19 @@ class RestLedger:
         proof.verify(authority_public_key, ledger_id=self._ledger_id)
         return proof
 
+    def confirm_trade(self, trade: TradeRecord, device_id: str, authority_public_key: bytes | None) -> None:
+        """The backend-specific landing check the scheduler asks before a trade may move energy
+        (firmware/scheduler/trade_record.py, A3): here, the inclusion proof under the pinned key."""
+        if authority_public_key is None:
+            raise record.RecordError("no pinned authority key: the trade cannot be checked")
+        self.verify_trade_recorded(trade, device_id, authority_public_key)
+
+    def confirm_message(self, message: SignedMessage, authority_public_key: bytes | None) -> None:
+        """Same seam for an accepted own message (the outbox asks after an accepted submit)."""
+        if authority_public_key is None:
+            raise record.RecordError("no pinned authority key: the message cannot be checked")
+        self.verify_message_recorded(message, authority_public_key)
+
     def submit(self, message: SignedMessage) -> SubmitResult:
         """Submit a signed message; 4xx rejections are returned, transient failures raised."""
         try:

@@ -38,6 +38,7 @@ class Health:
     clock_round_trip_ms: int | None = None
     clock_problem: str | None = None
     clock_ref_ms: tuple[int, int] | None = None  # (board clock, monotonic) at the last good check
+    unpinned_told: bool = False  # A3 (trade_record.py): alarm.ledger_unpinned was emitted
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 

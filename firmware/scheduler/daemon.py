@@ -27,6 +27,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import jitter
 from ..config import BoardConfig
 from ..console import ConsoleTee, SerialConsole
 from ..sdnotify import Notifier
@@ -177,7 +178,14 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
 
     add(controller.slot_edge, every(slot_s, start_date=next_edge), "slot_edge", executor="edge")
     add(controller.measure, every(cadence.measure_seconds), "measure", executor="devices")
-    add(controller.bid, every(cadence.bid_seconds), "bid", next_run_time=datetime.now(timezone.utc))
+    # Per-device bid jitter (issue 10 part 5, firmware/jitter.py): the grid k*bid_seconds + offset,
+    # the first bid offset after the start.
+    bid_offset_ms = jitter.bid_offset_ms(controller.ctx.key.device_id, cadence.bid_seconds, cadence.bid_jitter_seconds)
+    now_s = time.time()
+    add(controller.bid, every(cadence.bid_seconds,
+                              start_date=datetime.fromtimestamp(jitter.bid_anchor_s(now_s, cadence.bid_seconds, bid_offset_ms),
+                                                                timezone.utc)),
+        "bid", next_run_time=datetime.fromtimestamp(now_s + bid_offset_ms / 1000, timezone.utc))
     add(controller.review, every(cadence.review_seconds), "review")
     add(controller.poll_trades, every(cadence.poll_trades_seconds), "poll_trades")
     add(controller.flush_outbox, every(cadence.outbox_seconds), "outbox")

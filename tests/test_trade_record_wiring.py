@@ -1,0 +1,147 @@
+"""Issue 10 part 4 (board side) and part 5 (bid jitter): a trade moves energy only once the
+ledger proves it is in its authority-signed record; the bid job's per-device offset.
+
+Driven through the real Controller and a real journal (tests/test_trading_jobs.py's harness).
+Mocked, because it is outside the system under test: the ledger adapter's ``confirm_trade``
+(scripted to answer as RestLedger.verify_trade_recorded does: proof ok, RecordError,
+LedgerRejected('not_found'), LedgerUnavailable). The proof itself is checked over real HTTP in
+hil_tests/test_ledger_record.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from firmware import jitter
+from firmware.config import ConfigError, load_config, parse_config
+from firmware.ledger.base import LedgerRejected, LedgerUnavailable, TradeRecord
+from firmware.ledger.record import RecordError
+from tests.test_trading_jobs import REPO, T0, Board
+
+PINNED = "02" + "ab" * 32
+
+
+class Confirming:
+    """The scripted record check: ``answers[trade_id]`` is None (proven) or an exception."""
+
+    def __init__(self, board: Board):
+        self.answers: dict[int, BaseException | None] = {}
+        self.asked: list[tuple[int, str, bytes | None]] = []
+        board.ledger.confirm_trade = self.confirm
+
+    def confirm(self, trade, device_id, key):
+        self.asked.append((trade.trade_id, device_id, key))
+        answer = self.answers.get(trade.trade_id)
+        if answer is not None:
+            raise answer
+
+
+def pin(board: Board, key: str = PINNED, kind: str | None = None) -> None:
+    cfg = board.config
+    cfg = dataclasses.replace(cfg, ledger=dataclasses.replace(cfg.ledger, authority_public_key=key))
+    if kind:
+        cfg = dataclasses.replace(cfg, board=dataclasses.replace(cfg.board, kind=kind))
+    board.controller.ctx.config = cfg
+
+
+@pytest.fixture
+def board(tmp_path):
+    b = Board(tmp_path)
+    yield b
+    b.journal.close()
+
+
+def _trades(board: Board, *ids: int) -> list[TradeRecord]:
+    order = board.order(market_offset=3, side="buy", energy_wh=1000, price=2500)
+    board.controller.flush_outbox()
+    return [TradeRecord(i, T0 + 90, "buy", 100, 2400, order.fields["nonce"], "cd" * 20, "contracted") for i in ids]
+
+
+def _scheduled(board: Board) -> list[int]:
+    return sorted(d.trade_id for d in board.journal.deliveries(states=("scheduled",)))
+
+
+def test_a_trade_not_in_the_signed_record_is_refused_journalled_alarmed_and_never_scheduled(board):
+    pin(board)
+    check = Confirming(board)
+    board.ledger.trades = _trades(board, 7, 8, 9)
+    check.answers[8] = RecordError("proof of trade 8: the recorded trade differs from the one reported to the board")
+    check.answers[9] = LedgerRejected("not_found", "no such trade in the record", 404)
+    board.controller.poll_trades()
+    board.controller.poll_trades()
+    assert _scheduled(board) == [7]
+    assert {(r["trade_id"], r["reason"].split(" (")[0].split(":")[0]) for r in board.journal.refused_trades()} == {
+        (8, "the ledger's signed record contradicts the trade"), (9, "not in the ledger's signed record")}
+    assert sorted(a["fields"]["trade"] for a in board.events("alarm.trade_refused")) == ["8", "9"]
+    assert all(key == bytes.fromhex(PINNED) and dev == board.key.device_id for _, dev, key in check.asked)
+    assert sorted(t for t, _, _ in check.asked) == [7, 8, 9]  # each asked once: known trades are not re-checked
+
+
+def test_an_unavailable_record_leaves_the_trade_waiting_unscheduled_and_it_is_retried(board):
+    pin(board)
+    check = Confirming(board)
+    board.ledger.trades = _trades(board, 7, 8)
+    check.answers[7] = LedgerUnavailable("ledger GET /v1/trades/7/proof failed: connection refused")
+    board.controller.poll_trades()
+    assert _scheduled(board) == [8]
+    assert board.journal.trade_cursor() == 0  # not past the waiting trade: it is not lost
+    assert [e["fields"]["trade"] for e in board.events("trade.unconfirmed")] == ["7"]
+    board.controller.poll_trades()  # still down: waits, told once
+    assert _scheduled(board) == [8] and len(board.events("trade.unconfirmed")) == 1
+    check.answers[7] = None
+    board.controller.poll_trades()
+    assert _scheduled(board) == [7, 8]
+    assert board.journal.trade_cursor() == 8
+    assert board.journal.refused_trades() == []
+
+
+def test_a_field_board_without_a_pinned_key_refuses_every_trade_and_says_so_once(board):
+    pin(board, key="", kind="rpi4-sdm630")
+    Confirming(board)
+    board.ledger.trades = _trades(board, 7, 8)
+    board.controller.poll_trades()
+    board.controller.poll_trades()
+    assert _scheduled(board) == []
+    assert {r["trade_id"] for r in board.journal.refused_trades()} == {7, 8}
+    assert len(board.events("alarm.ledger_unpinned")) == 1
+
+
+def test_a_sim_board_without_a_pinned_key_trades_unchecked_with_one_alarm(board):
+    Confirming(board)
+    board.ledger.trades = _trades(board, 7, 8)
+    board.controller.poll_trades()
+    assert _scheduled(board) == [7, 8]
+    assert len(board.events("alarm.ledger_unpinned")) == 1
+
+
+def test_the_pinned_key_is_checked_in_the_config():
+    text = (REPO / "board_configs" / "sim.toml").read_text()
+    ok = parse_config(text.replace("[ledger]\n", f'[ledger]\nauthority_public_key = "{PINNED}"\n', 1), REPO / "x.toml")
+    assert ok.ledger.authority_public_key == PINNED
+    with pytest.raises(ConfigError, match="authority_public_key"):
+        parse_config(text.replace("[ledger]\n", '[ledger]\nauthority_public_key = "04abc"\n', 1), REPO / "x.toml")
+
+
+# --- issue 10 part 5: per-device bid jitter ------------------------------------------------------
+
+
+def test_bid_jitter_is_deterministic_bounded_and_spreads_a_thousand_houses():
+    ids = [f"{i:064x}" for i in range(1000)]
+    offsets = [jitter.bid_offset_ms(d, 1800, 60) for d in ids]
+    assert offsets == [jitter.bid_offset_ms(d, 1800, 60) for d in ids]
+    assert all(0 <= o <= 60_000 for o in offsets)
+    per_second: dict[int, int] = {}
+    for o in offsets:
+        per_second[o // 1000] = per_second.get(o // 1000, 0) + 1
+    assert len(per_second) >= 60 and max(per_second.values()) <= 40  # ~16 a second, not 1,000
+    assert all(jitter.bid_offset_ms(d, 30, 60) <= 15_000 for d in ids)  # at most half the interval
+    assert jitter.bid_offset_ms(ids[0], 1800, 0) == 0
+    anchor = jitter.bid_anchor_s(T0 + 1000.5, 1800, 12_345)
+    assert anchor <= T0 + 1000.5 < anchor + 1800 and round((anchor - 12.345) % 1800, 6) in (0, 1800)
+
+
+def test_the_jitter_bound_is_a_config_key():
+    config = load_config(REPO / "board_configs" / "sim.toml")
+    assert config.cadence.bid_jitter_seconds == 60
