@@ -191,6 +191,8 @@ def test_a_local_directory_target_stands_for_an_sd_card_or_a_bench_board(board, 
     assert requests.get(f"{ledger.url}/v1/devices/{device_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).status_code == 200
     identity = tomllib.loads((board / "etc/dgc/identity.toml").read_text())["identity"]  # the record's key is pinned
     assert identity["ledger_authority_public_key"] == requests.get(f"{ledger.url}/v1/info", timeout=5).json()["authority_public_key"]
+    config = next(p for p in board.rglob("*.toml") if "[ledger]" in p.read_text() and p.name != "identity.toml")
+    assert tomllib.loads(config.read_text())["ledger"]["authority_public_key"] == identity["ledger_authority_public_key"]
 
 
 def test_bad_input_and_unreachable_boards_fail_with_one_clear_line(sshd, board, ledger, tmp_path):

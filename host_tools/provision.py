@@ -259,6 +259,10 @@ def provision(target: Target, ledger_url: str, *, operator_token: str | None = N
         data.setdefault("ledger", {})
         data["ledger"]["url"] = ledger.url
         data["ledger"]["ledger_id"] = ledger_id
+        authority = info.get("authority_public_key")  # pinned: the board checks the ledger's signed record with it
+        pinned = isinstance(authority, str) and len(authority) == 66 and all(c in "0123456789abcdef" for c in authority)
+        if pinned:
+            data["ledger"]["authority_public_key"] = authority  # the daemon reads it here (issue 10, A3)
         if name:
             data.setdefault("board", {})["name"] = name
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -284,8 +288,7 @@ def provision(target: Target, ledger_url: str, *, operator_token: str | None = N
             "device_id": device_id, "public_key": public_key.hex(), "name": board_name, "ledger_url": ledger.url,
             "ledger_id": ledger_id, "key_file": key_file, "provisioned_at": stamp, "revoked_device_ids": revoked,
         }}
-        authority = info.get("authority_public_key")  # pinned: the board checks the ledger's signed record with it
-        if isinstance(authority, str) and len(authority) == 66 and all(c in "0123456789abcdef" for c in authority):
+        if pinned:
             identity["identity"]["ledger_authority_public_key"] = authority
         target.write_file(identity_file, ("# Written by dgc-host provision; public data only.\n\n" + tomli_w.dumps(identity)).encode(),
                           mode=0o644)
