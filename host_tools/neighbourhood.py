@@ -188,6 +188,7 @@ class Neighbourhood:
         self.operator_token = secrets.token_hex(16)
         self.ledger: ManagedProcess | None = None
         self.ledger_url = ""
+        self.authority_public_key = ""  # the REST ledger's, read at set-up (GET /v1/info)
         self.houses: dict[str, House] = {}
         with open(template, "rb") as handle:
             self.base_config = tomllib.load(handle)
@@ -225,6 +226,9 @@ class Neighbourhood:
             argv += ["--last-market", str(self.last_market)]
         self.ledger = ManagedProcess("ledger", argv, self.workdir / "ledger.log", on_line=self.on_line).start()
         self.ledger_url = self.ledger.wait_for_line(LISTENING, timeout_s=30).group(1)
+        # Pin the ledger's authority key in every house, as dgc-host provision does on a real board
+        # (issue 10 part 4: a trade moves energy only once it is in the record this key signed).
+        self.authority_public_key = requests.get(self.ledger_url + "/v1/info", timeout=10).json()["authority_public_key"]
 
     def _start_chain(self) -> None:
         from host_tools.evm.hood import ChainLedger, rules_from_market_table
@@ -250,6 +254,8 @@ class Neighbourhood:
         data = json.loads(json.dumps(self.base_config))  # deep copy of plain TOML data
         data["board"].update(name=spec.name, state_dir=str(directory / "state"), key_file=str(directory / "device.key"))
         data["ledger"]["url"] = self.ledger_url
+        if self.authority_public_key:
+            data["ledger"]["authority_public_key"] = self.authority_public_key
         if self.chain is not None:
             data["ledger"].update(self.chain.board_ledger_table(max_clock_skew_ms=int(data["ledger"].get("max_clock_skew_ms", 2000))))
         data["bus"][0]["port"] = str(directory / "meter-bus")

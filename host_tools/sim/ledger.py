@@ -165,6 +165,44 @@ class SimLedgerClient:
             return trades, new_cursor
         return self._call("trades", run)
 
+    # The record checks (A3, issue 10 part 4; firmware/scheduler/trade_record.py): the same proof
+    # the REST adapter checks (firmware.ledger.record), from the store in-process, with the seed's
+    # transport faults (an unreachable ledger = the trade waits, never moves energy).
+    def _proof(self, what: str, fetch):
+        from firmware.ledger.base import LedgerRejected
+        from firmware.ledger.record import InclusionProof
+
+        def run():
+            if self._s._transport() in ("5xx_before", "5xx_after", "slow_lost"):
+                raise LedgerUnavailable("simulated ledger: HTTP 503")
+            obj = fetch(self._s.now_ms())
+            if obj is None:
+                raise LedgerRejected("not_found", f"{what} is not in the record", 404)
+            return InclusionProof.from_obj(obj)
+        return self._call(f"proof {what}", run)
+
+    def confirm_trade(self, trade: TradeRecord, device_id: str, authority_public_key: bytes | None) -> None:
+        from firmware.ledger.record import RecordError, trade_matches_leaf
+
+        if authority_public_key is None:
+            raise RecordError("no pinned authority key: the trade cannot be checked")
+        proof = self._proof(f"trade {trade.trade_id}", lambda now: self._s.store.trade_proof(trade.trade_id, now))
+        if not trade_matches_leaf(trade, device_id, proof.leaf):
+            raise RecordError(f"proof of trade {trade.trade_id}: the recorded trade differs from the one reported to the board")
+        proof.verify(authority_public_key, ledger_id=self._s.ledger_id)
+
+    def confirm_message(self, message: SignedMessage, authority_public_key: bytes | None) -> None:
+        from firmware.ledger.record import RecordError, message_leaf
+
+        if authority_public_key is None:
+            raise RecordError("no pinned authority key: the message cannot be checked")
+        fields = message.fields
+        proof = self._proof(f"message {fields['nonce']}",
+                            lambda now: self._s.store.message_proof(fields["device_id"], fields["nonce"], now))
+        if proof.leaf != message_leaf(message.payload, message.signature):
+            raise RecordError(f"proof of nonce {fields['nonce']}: the recorded entry is not the message the board signed")
+        proof.verify(authority_public_key, ledger_id=fields["ledger_id"])
+
     def device_account(self, device_id: str) -> dict:
         def run():
             if self._s._transport() in ("5xx_before", "5xx_after", "slow_lost"):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import coincurve
 
+from firmware.jitter import bid_offset_ms
 from firmware.config import parse_config
 from firmware.journal import Journal
 from firmware.keystore import DeviceKey
@@ -64,6 +65,7 @@ key_file = "{state_dir}/device.key"
 [ledger]
 url = "http://127.0.0.1:1"
 ledger_id = "{ledger_id}"
+authority_public_key = "{authority}"
 timeout_ms = {ledger_timeout_ms}
 max_clock_skew_ms = {max_skew_ms}
 message_ttl_seconds = 900
@@ -164,12 +166,14 @@ class House:
             name=self.name, state_dir=state_dir, ledger_id=LEDGER_ID, ledger_timeout_ms=int(LEDGER_TIMEOUT_S * 1000),
             max_skew_ms=MAX_SKEW_MS, slot_s=SLOT_S, markets_ahead=MARKETS_AHEAD, gate_s=GATE_S, measure_s=MEASURE_S,
             review_s=REVIEW_S, horizon_s=2 * SLOT_S, poll_s=POLL_S, outbox_s=OUTBOX_S, clock_s=CLOCK_S, buy=buy,
-            sell=sell, dgr_timeout_ms=int(DGR_TIMEOUT_S * 1000), dgr_retries=DGR_RETRIES, heartbeat_s=HEARTBEAT_S),
+            sell=sell, dgr_timeout_ms=int(DGR_TIMEOUT_S * 1000), dgr_retries=DGR_RETRIES, heartbeat_s=HEARTBEAT_S,
+            authority=world.ledger_store.authority_public_key.hex()),
             state_dir / "board.toml")
         self.jobs = dict(jobs_of(self.config))
         self.metering_tolerance_wh = int(getattr(self.config.meter_by_role("interchange"), "tolerance_wh", 0))
         self.key = DeviceKey(coincurve.PrivateKey(rng.randbytes(32)))
         self.device_id = self.key.device_id
+        self.bid_offset_ms = bid_offset_ms(self.device_id, self.config.cadence.bid_seconds, self.config.cadence.bid_jitter_seconds)
         self.journal_path = state_dir / "journal.sqlite3"
         self.hooks = KillHooks()
         self.hooks.on_kill = lambda what, phase: world.trace_line(f"{self.name} KILL {phase} {what}")
@@ -271,7 +275,8 @@ class World:
         self.checker = Checker(self)
         rules = MarketRules(slot_seconds=SLOT_S, markets_ahead=MARKETS_AHEAD, lot_wh=100, gate_closure_seconds=GATE_S,
                             price_min_per_kwh_minor=1000, price_max_per_kwh_minor=4000)
-        self.ledger_store = LedgerStore(":memory:", rules, REPORT_DEADLINE_S, last_market_id=self.last_market)
+        self.ledger_store = LedgerStore(":memory:", rules, REPORT_DEADLINE_S, last_market_id=self.last_market,
+                                        ledger_id=LEDGER_ID)  # its record's blocks name the ledger the boards pin
         self.ledger_faults = LedgerFaults()
         self.ledger = SimLedgerService(self.ledger_store, ledger_id=LEDGER_ID, clock=lambda: self.now,
                                        delay=self.delay, faults=self.ledger_faults, observer=self.checker,
@@ -364,7 +369,8 @@ class World:
         board_now = now + off
         self.schedule(house.config.market.next_slot_start(int(board_now)) - off, house, "slot_edge")
         for job, interval in house.jobs.items():
-            self.schedule(now if job == "bid" else now + interval, house, job)
+            # the first bid after the board's per-device jitter, as daemon.py (A3, firmware/jitter.py)
+            self.schedule(now + house.bid_offset_ms / 1000 if job == "bid" else now + interval, house, job)
 
     def kill_house(self, house: House, why: str) -> None:
         self.result.kills += 1
