@@ -145,3 +145,42 @@ def test_bid_jitter_is_deterministic_bounded_and_spreads_a_thousand_houses():
 def test_the_jitter_bound_is_a_config_key():
     config = load_config(REPO / "board_configs" / "sim.toml")
     assert config.cadence.bid_jitter_seconds == 60
+
+
+# --- own accepted messages are checked as included ----------------------------------------------
+
+
+def test_accepted_messages_are_checked_in_the_record_after_the_sends_and_a_missing_one_alarms(board):
+    pin(board)
+    asked: list[int] = []
+    missing = {2}
+    down = [False]
+
+    def confirm_message(message, key):
+        assert key == bytes.fromhex(PINNED)
+        if down[0]:
+            raise LedgerUnavailable("ledger GET proof: connection refused")
+        asked.append(message.fields["nonce"])
+        if message.fields["nonce"] in missing:
+            raise LedgerRejected("not_found", "no such message in the record", 404)
+
+    board.ledger.confirm_message = confirm_message
+    nonces = [board.order(market_offset=3 + i).fields["nonce"] for i in range(6)]
+    down[0] = True
+    board.controller.flush_outbox()  # all six accepted; the record cannot be asked: they wait
+    assert asked == [] and board.controller.outbox.record_check.pending() == 6
+    down[0] = False
+    board.controller.flush_outbox()  # bounded: at most CHECKS_PER_RUN per run
+    assert len(asked) == 4
+    board.controller.flush_outbox()
+    assert sorted(asked) == sorted(nonces)
+    alarms = board.events("alarm.message_unrecorded")
+    assert [a["fields"]["nonce"] for a in alarms] == ["2"]
+    assert board.controller.outbox.record_check.pending() == 0
+
+
+def test_without_a_pinned_key_no_message_check_is_queued(board):
+    board.ledger.confirm_message = lambda message, key: pytest.fail("asked without a pinned key")
+    board.order()
+    board.controller.flush_outbox()
+    assert board.controller.outbox.record_check.pending() == 0

@@ -18,6 +18,8 @@ What keeps one message from holding up the rest (issue 7 j, n):
 - ``stop_requested`` (set by the daemon on SIGTERM) ends a flush between two messages.
 - a refusal of the device itself (unregistered, revoked) pauses the outbox (ledger_link.py);
   the message stays pending, since it is not the message that is wrong.
+- an accepted message is then checked as included in the ledger's signed record, a few per run
+  after the sends (message_record.py, issue 10 part 4).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..journal import OutboxEntry
 from . import ledger_link
 from .clock_guard import check_step
 from .context import Context
+from .message_record import MessageRecordCheck
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class Outbox:
         self._flush_lock = threading.Lock()
         self.stop_requested = threading.Event()
         self._gave_up: set[int] = set()
+        self.record_check = MessageRecordCheck(ctx)
 
     def flush(self) -> None:
         """Send the messages that are due, oldest first, past the ones that must wait."""
@@ -64,6 +68,8 @@ class Outbox:
             if ledger_link.paused(ctx):
                 return
             self._flush(ctx)
+            if not self.stop_requested.is_set() and not ledger_link.paused(ctx):
+                self.record_check.run()
         finally:
             self._flush_lock.release()
 
@@ -136,6 +142,7 @@ class Outbox:
                   "detail": answer.detail, "result": answer.result}
         ctx.journal.settle_outbox(entry, accepted=accepted, answer=record)
         if accepted:
+            self.record_check.accepted(entry.nonce, entry.kind, entry.message)
             ctx.events.emit(f"{entry.kind}.acked", nonce=entry.nonce, duplicate=answer.duplicate,
                             filled_wh=(answer.result or {}).get("filled_wh", "-") if entry.kind == "order" else "-")
             return
