@@ -167,7 +167,7 @@ class Neighbourhood:
                  on_line: Callable[[str, str], None] | None = None, market_overrides: dict | None = None,
                  cadence_overrides: dict | None = None, last_market_slots: int | None = None,
                  ledger_args: list[str] | None = None, config_overrides: dict[str, dict] | None = None,
-                 ledger: str = "rest", chain_block_time_s: int = 1):
+                 ledger: str = "rest", chain_block_time_s: int = 1, meter_overrides: dict[str, dict] | None = None):
         self.workdir = Path(workdir).resolve()
         # "rest": the bench ledger; "evm": anvil + the market contract + a relay (host_tools/evm/hood.py, G2)
         if ledger not in ("rest", "evm"):
@@ -184,6 +184,9 @@ class Neighbourhood:
         self.ledger_args = list(ledger_args or [])
         # Tables merged into every house's board config (not the ledger's), e.g. {"console": {"tty": ...}}.
         self.config_overrides = {table: dict(values) for table, values in (config_overrides or {}).items()}
+        # Keys merged into the [[meter]] of that name in every house (an array of tables, which
+        # config_overrides cannot reach), e.g. {"interchange": {"net_only": True}} (issue 7 m).
+        self.meter_overrides = {name: dict(values) for name, values in (meter_overrides or {}).items()}
         self.last_market: int | None = None
         self.operator_token = secrets.token_hex(16)
         self.ledger: ManagedProcess | None = None
@@ -267,8 +270,16 @@ class Neighbourhood:
             "battery_capacity_wh": spec.battery_capacity_wh,
             "start_hour": spec.start_hour,
         }
+        if spec.replay_house:
+            data["sim"].update(replay_house=spec.replay_house, replay_start_day=spec.replay_start_day,
+                               battery_soc_percent=spec.battery_soc_percent)
         for table, values in self.config_overrides.items():
             data.setdefault(table, {}).update(values)
+        for meter_name, values in self.meter_overrides.items():
+            meters = [m for m in data.get("meter", []) if m.get("name") == meter_name]
+            if not meters:
+                raise NeighbourhoodError(f"meter_overrides: no [[meter]] named {meter_name!r} in {self.template}")
+            meters[0].update(values)
         config_path = directory / "board.toml"
         self._write_config(config_path, data)
         house = House(spec=spec, directory=directory, config_path=config_path)

@@ -298,7 +298,8 @@ async def run_bench_house(config_path: str | Path, *, stop: asyncio.Event | None
         control.handle = BenchHouseControl(config, model, dgr, meter_emulators, clock).handle
         print(
             f"bench house ready house={config.board.name} meter_bus={config.buses[0].port} dgr={config.dgr.port} "
-            f"control={control_path} pv_peak_w={model.params.pv_peak_w:g} battery_wh={model.params.battery_capacity_wh:g}",
+            f"control={control_path} pv_peak_w={model.params.pv_peak_w:g} battery_wh={model.params.battery_capacity_wh:g} "
+            f"interchange={'net' if getattr(interchange, 'net_only', False) else 'gross'}",
             flush=True,
         )
         interval = status_every_s or config.market.slot_seconds
