@@ -153,7 +153,11 @@ def main() -> int:
         house = hood.houses["idle-house"]
         os.environ["PYTHONPROFILEIMPORTTIME"] = "1"  # only the daemon's environment gets it
         try:
-            daemon = hood.start_daemon("idle-house")
+            # As systemd starts it: MALLOC_ARENA_MAX=2 (systemd/dgc.service). IDLE_FOOTPRINT_ARENA_MAX=unset
+            # (or a number) measures the daemon without it / with another value, for comparison.
+            arena = os.environ.get("IDLE_FOOTPRINT_ARENA_MAX", "2")
+            print(f"MALLOC_ARENA_MAX={arena} in the daemon's environment", flush=True)
+            daemon = hood.start_daemon("idle-house", env={"MALLOC_ARENA_MAX": None if arena == "unset" else arena})
         finally:
             os.environ.pop("PYTHONPROFILEIMPORTTIME", None)
         pid = daemon.process.pid

@@ -103,28 +103,16 @@ def cmd_meter_read(args: argparse.Namespace, config: BoardConfig) -> int:
 
 
 # glibc gives each thread that allocates its own malloc arena (up to 8 per core), and each
-# arena keeps freed memory in its own pool: with the daemon's threads that is ~0.5 MiB of
-# resident memory for nothing (measured by bench/idle_footprint.py). Two arenas are plenty for
-# jobs that mostly wait. glibc reads the variable only at start, so `dgc run` re-executes itself
-# once with it set (same pid: systemd and supervisors see one process) unless it is set already.
+# arena keeps freed memory in its own pool: ~0.5 MiB of resident memory for nothing with the
+# daemon's threads (bench/idle_footprint.py). glibc reads MALLOC_ARENA_MAX only at process start,
+# so it is set by whoever starts the daemon: systemd/dgc.service (Environment=MALLOC_ARENA_MAX=2)
+# and the demo/test launchers (host_tools/neighbourhood.py). `dgc run` no longer re-executes
+# itself to set it: the re-exec delayed the first router frame of a restart (issue 7 o).
 MALLOC_ARENA_MAX = "2"
-
-
-def _reexec_with_malloc_arena_max() -> None:
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return
-    os.environ["MALLOC_ARENA_MAX"] = MALLOC_ARENA_MAX
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execv(sys.executable, [sys.executable, "-m", "firmware.cli", *sys.argv[1:]])
-    except OSError:  # cannot re-execute (unusual sandbox): run as we are
-        return
 
 
 def cmd_run(args: argparse.Namespace, config: BoardConfig) -> int:
     check_state_dir(config, create=True)  # before the control socket and the journal are made in it
-    _reexec_with_malloc_arena_max()
     from .journal import JournalSchemaError
     from .scheduler.daemon import run_daemon
 

@@ -24,6 +24,8 @@ from typing import Callable, TextIO
 
 import requests
 
+from firmware.cli import MALLOC_ARENA_MAX
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +44,11 @@ class HouseSpec:
     battery_capacity_wh: int = 0
     load_peak_w: int = 1200
     start_hour: float = 11.0
+    # Replay a community house (docs/community.md; the committed fixture) instead of the analytic
+    # curves: its own load and PV of each slot from day ``replay_start_day`` at ``start_hour``.
+    replay_house: str = ""
+    replay_start_day: int = 0
+    battery_soc_percent: float = 50.0
 
 
 def default_houses(count: int = 4) -> list[HouseSpec]:
@@ -53,6 +60,32 @@ def default_houses(count: int = 4) -> list[HouseSpec]:
         else:
             houses.append(HouseSpec(f"house-{i}", pv_peak_w=0, battery_capacity_wh=0, load_peak_w=1500 + 200 * i))
     return houses
+
+
+# The demo's day (issue 8 part 5): 29 April of the fixture's weather year (day 119), a sunny
+# spring day, from 11:00. The bench compresses a day 60x (30-s slots = the fixture's 30-min
+# slots), so the demo's ~10 slots replay 11:00-16:00: every PV house has a surplus of ~1 kWh a
+# slot and the consumers chosen below (the day's largest midday loads) need 350-450 Wh a slot,
+# enough for both PV houses to sell. Measured with the fixture's slots; see fixture_houses().
+FIXTURE_DAY = 119
+FIXTURE_START_HOUR = 11.0
+FIXTURE_PV_HOUSES = ("p04", "p05", "p03", "p01", "p02")
+FIXTURE_CONSUMERS = ("c02", "c07", "c09", "c06", "c10", "c04", "c03", "c05", "c01", "c08")
+
+
+def fixture_houses(count: int = 4, *, day: int = FIXTURE_DAY, start_hour: float = FIXTURE_START_HOUR) -> list[HouseSpec]:
+    """Houses of the committed community fixture, replayed by the bench house model: half of
+    them PV houses (with the fixture's 7 kWh battery, nearly full at midday so the surplus goes
+    to the market rather than into the battery), the rest consumers. Names are the fixture's."""
+    pv_count = min(count // 2, len(FIXTURE_PV_HOUSES))
+    consumers = count - pv_count
+    if consumers > len(FIXTURE_CONSUMERS):
+        raise ValueError(f"fixture houses: at most {len(FIXTURE_PV_HOUSES) + len(FIXTURE_CONSUMERS)} houses, asked for {count}")
+    specs = [HouseSpec(name, battery_capacity_wh=7000, battery_soc_percent=90.0, start_hour=start_hour,
+                       replay_house=name, replay_start_day=day) for name in FIXTURE_PV_HOUSES[:pv_count]]
+    specs += [HouseSpec(name, start_hour=start_hour, replay_house=name, replay_start_day=day)
+              for name in FIXTURE_CONSUMERS[:consumers]]
+    return specs
 
 
 class ManagedProcess:
@@ -73,6 +106,7 @@ class ManagedProcess:
     def start(self) -> "ManagedProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self._env or {}))
+        env = {k: v for k, v in env.items() if v is not None}  # None: leave the variable unset
         self.process = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, bufsize=1, env=env, cwd=REPO_ROOT, start_new_session=True,
@@ -314,6 +348,8 @@ class Neighbourhood:
         """``env``: extra environment for this daemon (e.g. NOTIFY_SOCKET, WATCHDOG_USEC as systemd sets them)."""
         house = self.houses[name]
         argv = _python_module("firmware.cli", "run", str(house.config_path))
+        # As systemd/dgc.service starts it (MALLOC_ARENA_MAX: firmware/cli.py); env may override.
+        env = {"MALLOC_ARENA_MAX": MALLOC_ARENA_MAX, **(env or {})}
         house.daemon = ManagedProcess(name, argv, house.directory / "daemon.log", on_line=self.on_line, env=env).start()
         house.daemon_starts += 1
         house.daemon.wait_for_line(r" running jobs=", timeout_s=30)
