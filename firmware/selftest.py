@@ -140,7 +140,7 @@ def _check_clock(config: BoardConfig, clock: Callable[[], float], skew_ms: int |
 
 
 def _check_device(ledger, key, key_check: Check, config: BoardConfig) -> Check:
-    from .ledger.base import LedgerError, LedgerRejected
+    from .ledger.base import LedgerError, LedgerRejected, Refusal
 
     if key is None:
         if key_check.ok:  # no key yet, allowed: nothing to look up
@@ -152,10 +152,10 @@ def _check_device(ledger, key, key_check: Check, config: BoardConfig) -> Check:
         account = _ledger_for(config, signer=key).device_account(key.device_id)  # a signed read (REST)
     except LedgerRejected as exc:
         # The same refusals the daemon alarms on once and then retries slowly (issue 7 h): say why.
-        if exc.code in ("not_found", "unknown_device"):
+        if exc.refusal in (Refusal.NOT_FOUND, Refusal.DEVICE_UNKNOWN):
             return Check("device", False, f"device {key.device_id} is not registered at {config.ledger.url} "
                                           f"({exc.code}: {exc.detail}; register it with dgc-host provision)")
-        if exc.code == "revoked":
+        if exc.refusal is Refusal.DEVICE_REVOKED:
             return Check("device", False, f"device {key.device_id} was revoked at the ledger; this key can no longer trade "
                                           f"({exc.detail}; rotate it with dgc-host provision --rotate)")
         return Check("device", False, f"device {key.device_id}: {exc}")

@@ -16,7 +16,7 @@ import pytest
 
 from firmware import jitter
 from firmware.config import ConfigError, load_config, parse_config
-from firmware.ledger.base import LedgerRejected, LedgerUnavailable, TradeRecord
+from firmware.ledger.base import LedgerRejected, LedgerUnavailable, Refusal, TradeRecord
 from firmware.ledger.record import RecordError
 from tests.test_trading_jobs import REPO, T0, Board
 
@@ -68,7 +68,7 @@ def test_a_trade_not_in_the_signed_record_is_refused_journalled_alarmed_and_neve
     check = Confirming(board)
     board.ledger.trades = _trades(board, 7, 8, 9)
     check.answers[8] = RecordError("proof of trade 8: the recorded trade differs from the one reported to the board")
-    check.answers[9] = LedgerRejected("not_found", "no such trade in the record", 404)
+    check.answers[9] = LedgerRejected("not_found", "no such trade in the record", Refusal.NOT_FOUND)
     board.controller.poll_trades()
     board.controller.poll_trades()
     assert _scheduled(board) == [7]
@@ -162,7 +162,7 @@ def test_accepted_messages_are_checked_in_the_record_after_the_sends_and_a_missi
             raise LedgerUnavailable("ledger GET proof: connection refused")
         asked.append(message.fields["nonce"])
         if message.fields["nonce"] in missing:
-            raise LedgerRejected("not_found", "no such message in the record", 404)
+            raise LedgerRejected("not_found", "no such message in the record", Refusal.NOT_FOUND)
 
     board.ledger.confirm_message = confirm_message
     nonces = [board.order(market_offset=3 + i).fields["nonce"] for i in range(6)]

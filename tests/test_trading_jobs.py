@@ -17,7 +17,7 @@ import pytest
 
 from firmware.config import load_config
 from firmware.journal import Journal
-from firmware.ledger.base import LedgerRejected, LedgerUnavailable, SubmitResult, TradeRecord
+from firmware.ledger.base import LedgerRejected, LedgerUnavailable, Refusal, SubmitResult, TradeRecord
 from firmware.scheduler.controller import Controller
 from firmware.scheduler.events import EventLog
 from tests.trading_helpers import device_key, place_order
@@ -198,7 +198,7 @@ def _reported_delivery(board: Board) -> int:
 @pytest.mark.parametrize("code", ["expired", "not_yet_valid"])
 def test_a_report_rejected_as_expired_is_signed_again_a_bounded_number_of_times(board, code):
     trade_id = _reported_delivery(board)
-    board.ledger.submit_rule = lambda f: (SubmitResult("rejected", False, code, "the report's time is out of range")
+    board.ledger.submit_rule = lambda f: (SubmitResult("rejected", False, code, "the report's time is out of range", {}, Refusal.RESIGN)
                                           if f["type"] == "delivery_report" else SubmitResult("accepted", False, None, "", {}))
     board.ledger.submitted.clear()
     for _ in range(1800):  # an hour of the sim board's 2-s outbox cadence
@@ -213,7 +213,7 @@ def test_a_report_rejected_as_expired_is_signed_again_a_bounded_number_of_times(
 
 def test_re_signed_reports_wait_longer_each_time(board):
     _reported_delivery(board)
-    board.ledger.submit_rule = lambda f: (SubmitResult("rejected", False, "expired", "too old")
+    board.ledger.submit_rule = lambda f: (SubmitResult("rejected", False, "expired", "too old", {}, Refusal.RESIGN)
                                           if f["type"] == "delivery_report" else SubmitResult("accepted", False, None, "", {}))
     sent_at = []
     for _ in range(900):
@@ -248,7 +248,7 @@ def test_the_poll_refuses_a_forged_trade_alarms_once_and_schedules_nothing(board
 
 
 def test_an_unregistered_device_at_start_up_and_in_polling_alarms_once_and_retries_slowly(board):
-    board.ledger.read_refusal = LedgerRejected("unknown_device", "no device is registered with this id", 401)
+    board.ledger.read_refusal = LedgerRejected("unknown_device", "no device is registered with this id", Refusal.DEVICE_UNKNOWN)
     board.controller.recover()  # must not raise
     calls = board.ledger.calls
     for _ in range(60):  # two minutes of 2-s trade polls

@@ -44,7 +44,7 @@ from firmware.ledger.evm_tx import Eip1559Tx
 
 from firmware.messages import SignedMessage, canonical_bytes
 
-from .base import LedgerRejected, LedgerUnavailable, SubmitResult, TradeRecord
+from .base import LedgerRejected, LedgerUnavailable, Refusal, SubmitResult, TradeRecord
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,23 @@ REJECTION_CODES = {
     6: "insufficient_funds", 7: "too_many_open_orders", 8: "unknown_order", 9: "order_closed", 10: "unknown_trade",
     11: "not_a_party", 12: "wrong_role", 13: "trade_settled", 14: "malformed",
 }
+# What the contract's and the relay's refusals (as the code strings above and the relay's own:
+# nonce_conflict, not_carried, not_found, too_large, ...) mean to the board
+# (firmware.ledger.base.Refusal). Only this adapter knows them; any other code is REFUSED.
+REFUSALS: dict[str, Refusal] = {
+    "expired": Refusal.RESIGN,  # MessageExpired: the block time is past the message's expiry
+    "not_yet_valid": Refusal.RESIGN,  # NotYetValid: the block time is before its issue time
+    "unknown_device": Refusal.DEVICE_UNKNOWN,
+    "revoked": Refusal.DEVICE_REVOKED,
+    "unauthorized": Refusal.DEVICE_UNAUTHORISED,  # a relay that wants the device's credentials
+    "order_closed": Refusal.ORDER_CLOSED,
+    "not_found": Refusal.NOT_FOUND,
+}
+
+
+def refusal_for(code: str) -> Refusal:
+    """What a chain or relay rejection ``code`` means to the board."""
+    return REFUSALS.get(code, Refusal.REFUSED)
 
 
 class _Transient(Exception):
@@ -207,7 +224,7 @@ class RelayClient:
             if obj.get("status") != "rejected" or type(code) is not str or type(detail) is not str:
                 raise LedgerUnavailable(f"relay {self.url}: HTTP {status} without a rejection body")
             return SubmitResult(status="rejected", duplicate=obj.get("duplicate") is True, code=code[:100],
-                                detail=detail[:1000], result={})
+                                detail=detail[:1000], result={}, refusal=refusal_for(code[:100]))
         if status != 200 or obj.get("status") != "accepted" or obj.get("nonce") != message.nonce \
                 or type(obj.get("duplicate")) is not bool or not isinstance(obj.get("result"), dict):
             raise LedgerUnavailable(f"relay {self.url}: malformed answer (HTTP {status})")
@@ -438,8 +455,8 @@ class EvmLedger:
     def device_account(self, device_id: str) -> dict:
         """The device's account, in the bench ledger's shape where the daemon reads it.
 
-        An unregistered or revoked address is ``LedgerRejected`` with the bench ledger's codes
-        (``unknown_device``, ``revoked``), as the REST adapter raises it: the daemon pauses
+        An unregistered or revoked address is ``LedgerRejected`` (``Refusal.DEVICE_UNKNOWN`` /
+        ``DEVICE_REVOKED``, codes ``unknown_device`` / ``revoked`` as text), as the REST adapter raises it: the daemon pauses
         trading instead of signing messages the contract must refuse. ``max_nonce`` (the start-up
         nonce floor, ledger_link.sync_account) is the highest nonce of this device's messages on
         chain: a journal restored from an old copy never reuses one.
@@ -448,9 +465,10 @@ class EvmLedger:
         status, min_nonce = self._view("devices", address)
         name = eip712.checksum_address(address)
         if status == 0:
-            raise LedgerRejected("unknown_device", f"device {name} is not registered with the market contract", 0)
+            raise LedgerRejected("unknown_device", f"device {name} is not registered with the market contract",
+                                 Refusal.DEVICE_UNKNOWN)
         if status == 2:
-            raise LedgerRejected("revoked", f"device {name} was revoked by the market's operator", 0)
+            raise LedgerRejected("revoked", f"device {name} was revoked by the market's operator", Refusal.DEVICE_REVOKED)
         max_nonce = 0
         head = self.head()
         for event in ("Accepted", "Rejected"):
@@ -556,7 +574,7 @@ class EvmLedger:
                                     f"but the chain says {outcome['status']} {outcome.get('code', '')}")
         self._require_confirmed(outcome, message)
         return SubmitResult(status=result.status, duplicate=result.duplicate, code=result.code, detail=result.detail,
-                            result={**result.result, "landed_block": outcome["block"]})
+                            result={**result.result, "landed_block": outcome["block"]}, refusal=result.refusal)
 
     def _submit_direct(self, message: eip712.TypedMessage) -> SubmitResult:
         """The device sends its own transaction and pays the gas (no relay): estimate, sign, send, wait."""
@@ -614,13 +632,15 @@ class EvmLedger:
         if outcome["status"] == "accepted":
             return SubmitResult(status="accepted", duplicate=duplicate, code=None, detail="", result=extra)
         return SubmitResult(status="rejected", duplicate=duplicate, code=outcome["code"],
-                            detail=f"refused by the market contract's rules ({outcome['code']})", result=extra)
+                            detail=f"refused by the market contract's rules ({outcome['code']})", result=extra,
+                            refusal=refusal_for(outcome["code"]))
 
     def _pre_rule_error(self, text: str) -> SubmitResult | None:
         """A contract error raised before the rules (seen in an estimate's revert) as a rejection, else None."""
         for selector_hex, code in PRE_RULE_SELECTORS.items():
             if selector_hex in text:
-                return SubmitResult(status="rejected", duplicate=False, code=code, detail=f"the market contract refused it ({code})")
+                return SubmitResult(status="rejected", duplicate=False, code=code, detail=f"the market contract refused it ({code})",
+                                    refusal=refusal_for(code))
         return None
 
     # The scheduler's landing checks (firmware/scheduler/trade_record.py, A3). On a chain there is

@@ -45,6 +45,7 @@ from .base import (
     TRADE_STATES,
     LedgerRejected,
     LedgerUnavailable,
+    Refusal,
     SubmitResult,
     TradeRecord,
 )
@@ -56,6 +57,42 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 MAX_TEXT_CHARS = 1000
 TRANSIENT_4XX = (408, 425, 429)
 _TRANSPORT_ERRORS = (http.client.HTTPException, OSError, ValueError)
+
+# The bench ledger's rejection codes (docs/ledger.md, "All codes") -> what they mean to the board
+# (firmware.ledger.base.Refusal). Only this adapter knows these strings; the scheduler branches on
+# the Refusal. report_too_early (425), rate_limited (429) never get here: transient 4xx are
+# LedgerUnavailable. A code not listed (a newer ledger) is a plain permanent refusal.
+REFUSALS: dict[str, Refusal] = {
+    "expired": Refusal.RESIGN,
+    "not_yet_valid": Refusal.RESIGN,
+    "unknown_device": Refusal.DEVICE_UNKNOWN,
+    "revoked": Refusal.DEVICE_REVOKED,
+    "unauthorized": Refusal.DEVICE_UNAUTHORISED,
+    "not_found": Refusal.NOT_FOUND,
+    "order_closed": Refusal.ORDER_CLOSED,
+    **{code: Refusal.REFUSED for code in (
+        "malformed", "bad_signature", "nonce_conflict", "too_large", "wrong_ledger", "unknown_market", "gate_closed",
+        "price_out_of_band", "not_whole_lots", "energy_too_large", "insufficient_funds", "over_capacity",
+        "too_many_orders", "unknown_order", "not_owner", "unknown_trade", "not_a_party", "wrong_role",
+        "trade_settled", "report_too_late", "audit_failed", "method_not_allowed",
+        "report_too_early", "rate_limited",  # only if ever sent without their transient status
+    )},
+}
+
+
+def refusal_for(code: str) -> Refusal:
+    """What the bench ledger's rejection ``code`` means to the board."""
+    return REFUSALS.get(code, Refusal.REFUSED)
+
+
+class RestRejected(LedgerRejected):
+    """``LedgerRejected`` from the REST ledger, with the HTTP status (REST-only; the scheduler
+    never reads it: it acts on ``refusal``)."""
+
+    def __init__(self, code: str, detail: str, http_status: int) -> None:
+        super().__init__(code, detail, refusal_for(code), message=f"ledger refused the request ({http_status} {code}): {detail}")
+        self.http_status = http_status
+
 
 
 @dataclass(frozen=True)
@@ -349,7 +386,7 @@ class RestLedger:
              signed: bool = False) -> Mapping[str, Any]:
         status, obj = self._call("GET", path, params=params, attempts=attempts, signed=signed)
         if status >= 400:
-            raise LedgerRejected(obj["code"][:100], obj["detail"][:MAX_TEXT_CHARS], status)
+            raise RestRejected(obj["code"][:100], obj["detail"][:MAX_TEXT_CHARS], status)
         if status != 200:
             raise LedgerUnavailable(f"ledger GET {path}: unexpected HTTP {status}, expected 200")
         return obj
@@ -497,12 +534,14 @@ class RestLedger:
         status, obj = self._call("POST", "/v1/messages", body=message.to_wire())
         try:
             if status >= 400:
+                code = _str(obj, "code", "rejection")[:100]
                 return SubmitResult(
                     status="rejected",
                     duplicate=obj.get("duplicate") is True,
-                    code=_str(obj, "code", "rejection")[:100],
+                    code=code,
                     detail=_str(obj, "detail", "rejection"),
                     result={},
+                    refusal=refusal_for(code),
                 )
             if status != 200 or obj.get("status") != "accepted":
                 raise _BadAnswer(f"expected HTTP 200 with status 'accepted', got HTTP {status} with status {str(obj.get('status'))[:40]!r}")

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from .context import Context
 
-# The ledger's codes that refuse the device, not a request: asking again changes nothing until
-# an operator registers or re-provisions the board.
-DEVICE_REFUSAL_CODES = frozenset({"unknown_device", "revoked", "unauthorized", "not_found", "forbidden"})
+# What refuses the device, not a request (asking again changes nothing until an operator
+# registers or re-provisions the board): firmware.ledger.base.DEVICE_REFUSALS for a submit; any
+# LedgerRejected of the device's own reads (account, trades). ``code`` below is the adapter's
+# wire code, kept as text for the alarm and dgc status.
 REFUSAL_RETRY_SECONDS = 300
 
 

@@ -12,8 +12,8 @@ What keeps one message from holding up the rest (issue 7 j, n):
 - a cancel never overtakes its order: it waits while the order's message is pending.
 - a message whose own expiry has passed is dropped and recorded as ``expired`` (the ledger would
   refuse it); an expired report is signed again (the energy must be reported).
-- a report the ledger rejects as ``expired`` (or ``not_yet_valid``) is signed again at most ``MAX_REPORT_SIGNATURES``
-  times in all, each one waiting twice as long (``RESIGN_BACKOFF_SECONDS`` first). A board whose
+- a report the ledger refuses for its timestamps (``Refusal.RESIGN``: expired, not yet valid)
+  is signed again at most ``MAX_REPORT_SIGNATURES`` times in all, each one waiting twice as long (``RESIGN_BACKOFF_SECONDS`` first). A board whose
   clock is far behind the ledger's once signed thousands of reports a minute for one trade.
 - ``stop_requested`` (set by the daemon on SIGTERM) ends a flush between two messages.
 - a refusal of the device itself (unregistered, revoked) pauses the outbox (ledger_link.py);
@@ -40,11 +40,10 @@ BACKOFF_CAP_SECONDS = 300
 FAILURES_BEFORE_GIVING_UP_A_FLUSH = 3
 MAX_REPORT_SIGNATURES = 6  # the first report and five re-signings
 RESIGN_BACKOFF_SECONDS = 30
-# A report refused for its timestamps (the board's clock behind or ahead of the ledger's) is
-# signed again with new ones: the energy must be reported (sim finding F5 for not_yet_valid).
-RESIGN_REPORT_CODES = frozenset({"expired", "not_yet_valid"})
-# Answers to a submit that refuse the device, not the message.
-SUBMIT_DEVICE_REFUSALS = frozenset({"unknown_device", "revoked", "unauthorized"})
+# A report refused for its timestamps (Refusal.RESIGN: the board's clock behind or ahead of the
+# ledger's) is signed again with new ones: the energy must be reported (sim finding F5).
+# Answers that refuse the device, not the message: base.DEVICE_REFUSALS. The adapters map their
+# wire codes onto these (firmware/ledger/base.py); the outbox never reads a code string.
 
 
 class Outbox:
@@ -76,7 +75,7 @@ class Outbox:
     def _flush(self, ctx: Context) -> None:
         """One pass over the due messages. A transient failure backs off that message only; the
         ledger counts as unavailable (ledger_link) only when nothing got through in this pass."""
-        from ..ledger.base import LedgerUnavailable
+        from ..ledger.base import DEVICE_REFUSALS, LedgerUnavailable
 
         journal = ctx.journal
         after = 0
@@ -112,7 +111,7 @@ class Outbox:
                     got_through = True
                     if ledger_link.answered(ctx, job="outbox"):
                         journal.clear_outbox_backoff()  # they all failed for the outage's reason
-                    if answer.status != "accepted" and answer.code in SUBMIT_DEVICE_REFUSALS:
+                    if answer.status != "accepted" and answer.refusal in DEVICE_REFUSALS:
                         ledger_link.device_refused(ctx, answer.code, answer.detail, job="outbox")
                         return
                     self._settle(entry, answer)
@@ -136,6 +135,8 @@ class Outbox:
             self._resign(entry.message.fields["trade_id"])
 
     def _settle(self, entry: OutboxEntry, answer) -> None:
+        from ..ledger.base import Refusal
+
         ctx = self.ctx
         accepted = answer.status == "accepted"
         record = {"status": answer.status, "duplicate": answer.duplicate, "code": answer.code,
@@ -147,7 +148,7 @@ class Outbox:
                             filled_wh=(answer.result or {}).get("filled_wh", "-") if entry.kind == "order" else "-")
             return
         ctx.events.emit(f"{entry.kind}.rejected", nonce=entry.nonce, code=answer.code, detail=answer.detail)
-        if entry.kind == "delivery_report" and answer.code in RESIGN_REPORT_CODES:
+        if entry.kind == "delivery_report" and answer.refusal is Refusal.RESIGN:
             self._resign(entry.message.fields["trade_id"])
 
     def _resign(self, trade_id: int) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from firmware.ledger.base import LedgerUnavailable, SubmitResult, TradeRecord
+from firmware.ledger.rest import RestRejected, refusal_for  # the REST adapter's code -> Refusal mapping
 from firmware.messages import MessageError, SignedMessage, open_message
 
 from .devices import KillHooks, SimulatedKill
@@ -77,9 +78,9 @@ class SimLedgerService:
             fields = open_message(message, self.public_keys[device_id])
         except (MessageError, KeyError, ValueError, TypeError) as exc:
             self.observer.bad_message(message, str(exc))
-            return SubmitResult("rejected", False, "bad_signature", str(exc), {})
+            return SubmitResult("rejected", False, "bad_signature", str(exc), {}, refusal_for("bad_signature"))
         if fields["ledger_id"] != self.ledger_id:
-            return SubmitResult("rejected", False, "wrong_ledger", "wrong ledger id", {})
+            return SubmitResult("rejected", False, "wrong_ledger", "wrong ledger id", {}, refusal_for("wrong_ledger"))
         self.arrived.add((device_id, fields["nonce"], message.payload, message.signature))
         outcome = self.store.submit(fields, message.payload, message.signature, now)
         body = outcome.body
@@ -88,7 +89,8 @@ class SimLedgerService:
             # what the REST adapter makes of these (firmware/ledger/rest.py): try the same bytes later
             raise LedgerUnavailable(f"simulated ledger: HTTP {outcome.http_status} {body.get('code')}")
         if outcome.http_status >= 400:
-            return SubmitResult("rejected", body.get("duplicate") is True, str(body.get("code")), str(body.get("detail")), {})
+            code = str(body.get("code"))
+            return SubmitResult("rejected", body.get("duplicate") is True, code, str(body.get("detail")), {}, refusal_for(code))
         return SubmitResult("accepted", bool(body.get("duplicate")), None, "", dict(body.get("result") or {}))
 
 
@@ -169,7 +171,6 @@ class SimLedgerClient:
     # the REST adapter checks (firmware.ledger.record), from the store in-process, with the seed's
     # transport faults (an unreachable ledger = the trade waits, never moves energy).
     def _proof(self, what: str, fetch):
-        from firmware.ledger.base import LedgerRejected
         from firmware.ledger.record import InclusionProof
 
         def run():
@@ -177,7 +178,7 @@ class SimLedgerClient:
                 raise LedgerUnavailable("simulated ledger: HTTP 503")
             obj = fetch(self._s.now_ms())
             if obj is None:
-                raise LedgerRejected("not_found", f"{what} is not in the record", 404)
+                raise RestRejected("not_found", f"{what} is not in the record", 404)
             return InclusionProof.from_obj(obj)
         return self._call(f"proof {what}", run)
 
