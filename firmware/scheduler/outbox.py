@@ -13,8 +13,9 @@ What keeps one message from holding up the rest (issue 7 j, n):
 - a message whose own expiry has passed is dropped and recorded as ``expired`` (the ledger would
   refuse it); an expired report is signed again (the energy must be reported).
 - a report the ledger refuses for its timestamps (``Refusal.RESIGN``: expired, not yet valid)
-  is signed again at most ``MAX_REPORT_SIGNATURES`` times in all, each one waiting twice as long (``RESIGN_BACKOFF_SECONDS`` first). A board whose
-  clock is far behind the ledger's once signed thousands of reports a minute for one trade.
+  is signed again at most ``MAX_REPORT_SIGNATURES`` times in all, each one waiting twice as long
+  (``RESIGN_BACKOFF_SECONDS`` first). A board whose clock is far behind the ledger's once signed
+  thousands of reports a minute for one trade.
 - ``stop_requested`` (set by the daemon on SIGTERM) ends a flush between two messages.
 - a refusal of the device itself (unregistered, revoked) pauses the outbox (ledger_link.py);
   the message stays pending, since it is not the message that is wrong.
