@@ -73,6 +73,12 @@ def test_delivered_le_contracted_fires_when_a_board_reports_more_than_the_ledger
 
         world.restore.append(lambda: setattr(sim_ledger.SimLedgerClient, "trades_since", original))
         sim_ledger.SimLedgerClient.trades_since = inflated
+        # ... and the record check is bypassed (A3): the board now refuses a trade its ledger's
+        # signed record does not hold as told (firmware/scheduler/trade_record.py), which would
+        # stop this lie before any checker sees it
+        confirm = sim_ledger.SimLedgerClient.confirm_trade
+        world.restore.append(lambda: setattr(sim_ledger.SimLedgerClient, "confirm_trade", confirm))
+        sim_ledger.SimLedgerClient.confirm_trade = lambda self, trade, device_id, key: None
         world.checker.transfer_started = lambda *args: None  # isolate this checker: START checks fire first
 
     found, _ = violations(inflate)

@@ -184,3 +184,33 @@ def test_without_a_pinned_key_no_message_check_is_queued(board):
     board.order()
     board.controller.flush_outbox()
     assert board.controller.outbox.record_check.pending() == 0
+
+
+# --- in the deterministic simulation: a ledger that lies about its trades moves no energy -------
+
+
+def test_in_the_sim_a_trade_inflated_by_the_ledger_is_refused_and_moves_no_energy():
+    """The same lie as tests/test_sim_checkers.py's delivered_le_contracted scenario (the trade
+    poll says one lot more than the ledger recorded), with the record check left on: no board
+    delivers or reports more than contracted; the lie is refused instead. (The boards then never
+    close their real trades - the sim's trade_closed invariant says so - which is the point.)"""
+    from dataclasses import replace
+
+    from host_tools.sim import ledger as sim_ledger
+    from tests.test_sim_checkers import violations
+
+    def inflate(world):
+        original = sim_ledger.SimLedgerClient.trades_since
+
+        def inflated(self, device_id, cursor):
+            trades, new_cursor = original(self, device_id, cursor)
+            return [replace(t, energy_wh=t.energy_wh + 100) for t in trades], new_cursor
+
+        world.restore.append(lambda: setattr(sim_ledger.SimLedgerClient, "trades_since", original))
+        sim_ledger.SimLedgerClient.trades_since = inflated
+        world.trace_enabled = True
+
+    found, result = violations(inflate)
+    assert "delivered_le_contracted" not in found and "slot_energy" not in found, found
+    refusals = [line for line in result.trace if "alarm.trade_refused" in line and "signed record contradicts" in line]
+    assert refusals, result.trace[-20:]
