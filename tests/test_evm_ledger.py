@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from firmware import eip712
-from firmware.ledger.base import LedgerUnavailable
+from firmware.ledger.base import LedgerRejected, LedgerUnavailable, Refusal
 from firmware.ledger.evm import EVENTS, VIEWS, EvmLedger, RelayClient, decode_cursor
 from host_tools.evm.solc import compile_market
 from host_tools.relay.core import Answer, Relay
@@ -66,7 +66,16 @@ def test_submit_through_relay_and_confirm_landing(chain, relay_url):
     assert (account["balance_milli_minor"], account["locked_milli_minor"]) == (FUNDS - 400 * 2000, 400 * 2000)
     late = me.order(block_time(chain.market) // 1800 * 1800, "sell", 100, 2000)
     rejected = ledger.submit(late)
-    assert (rejected.status, rejected.code) == ("rejected", "gate_closed")
+    assert (rejected.status, rejected.code, rejected.refusal) == ("rejected", "gate_closed", Refusal.REFUSED)
+    # the chain's and the relay's refusals reach the board as the backend-neutral vocabulary (issue 9 part 4)
+    stale = ledger.submit(me.sign("order", issued_at=block_time(chain.market) - 1200, ttl_s=60, market_id=market_id,
+                                  side=eip712.SIDES["buy"], energy_wh=100, price_per_kwh_minor=2000))
+    assert (stale.status, stale.code, stale.refusal) == ("rejected", "expired", Refusal.RESIGN)
+    stranger = Device(chain.market)
+    with pytest.raises(LedgerRejected) as err:
+        ledger.device_account(address_of(stranger))
+    assert (err.value.code, err.value.refusal) == ("unknown_device", Refusal.DEVICE_UNKNOWN)
+    assert not hasattr(err.value, "http_status")
 
 
 class LyingRelay(Relay):
@@ -238,7 +247,7 @@ def test_direct_submission_device_pays_its_gas(chain):
     chain.market.rpc.call("anvil_setBalance", "0x" + stranger.address.hex(), hex(10**20))
     theirs = EvmLedger(chain.node.url, chain_id=chain.market.chain_id, contract=chain.market.address_hex, gas_signer=stranger.key, retries=0)
     refused = theirs.submit(stranger.order(market_id, "sell", 100, 2000))
-    assert (refused.status, refused.code) == ("rejected", "unknown_device")
+    assert (refused.status, refused.code, refused.refusal) == ("rejected", "unknown_device", Refusal.DEVICE_UNKNOWN)
 
 
 def test_daemon_built_fields_are_signed_as_typed_data_by_the_backend(chain, relay_url):
