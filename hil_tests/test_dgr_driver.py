@@ -234,6 +234,24 @@ def test_stop_transfer_is_confirmed_and_stopping_twice_is_harmless(bench):
 
 
 @pytest.mark.rig_features("emulator-control")
+def test_a_new_clients_stop_of_an_ended_transfer_tells_what_it_moved(bench):
+    """HIL finding H3: a restarted daemon's driver has heard none of the END events its
+    predecessor got; STOP of the ended transfer answers was=ended moved_wh, and the driver
+    keeps that as the transfer's end (no end time: received_at 0) for the slot's sharing."""
+    with bench.client() as dgr:
+        dgr.start_transfer(351, "export", 7200, in_seconds(600), 2)  # 2 Wh in 1 s
+        wait_until(lambda: not bench.emu.snapshot().transfers, 4, "the transfer to end at its target")
+    with bench.client() as fresh:  # the next process: same router, empty memory
+        assert fresh.transfer_end(351) is None
+        fresh.stop_transfer(351)
+        end = fresh.transfer_end(351)
+        assert end is not None and end.args["moved_wh"] == "2" and end.args["reason"] == "target"
+        assert end.received_at == 0.0
+        fresh.stop_transfer(999)  # never seen: nothing to remember
+        assert fresh.transfer_end(999) is None
+
+
+@pytest.mark.rig_features("emulator-control")
 def test_safe_state_stops_everything_and_refuses_starts_until_resume(bench):
     with bench.client() as dgr:
         dgr.start_transfer(401, "export", 2000, in_seconds(600), 1000)

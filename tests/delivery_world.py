@@ -128,6 +128,10 @@ class Router:
     net_import_wh: float = 0.0
     events: list = field(default_factory=list)
     frames: list = field(default_factory=list)  # verbs in order, for "who spoke first"
+    # What the driver of the running process knows of ended transfers: the END events it
+    # received and the STOP answers (was=ended/active, moved_wh) it got; a restart forgets them
+    # (World.restart), as a new process's driver starts empty.
+    known_ends: dict = field(default_factory=dict)
     _t: float | None = None
 
     def advance(self) -> None:
@@ -164,6 +168,7 @@ class Router:
     def _end(self, x: Xfer, reason: str) -> None:
         self.active.pop(x.trade_id, None)
         self.ended[x.trade_id] = (reason, x.moved_wh)
+        self.known_ends[x.trade_id] = (reason, x.moved_wh, self.clock[0])
         self.events.append(("END", {"trade_id": str(x.trade_id), "reason": reason, "moved_wh": str(int(x.moved_wh))}))
 
     def _frame(self, verb: str) -> None:
@@ -209,6 +214,9 @@ class Router:
         x = self.active.get(trade_id)
         if x is not None:
             self._end(x, "stop")
+        elif trade_id in self.ended and trade_id not in self.known_ends:
+            reason, moved = self.ended[trade_id]  # ACK STOP was=ended moved_wh reason: when unknown
+            self.known_ends[trade_id] = (reason, moved, 0.0)
         if not self.active and self.mode == "transfer":
             self.mode = "idle"
         return self._status()
@@ -236,10 +244,17 @@ class Router:
     def transfer_end(self, trade_id):
         from firmware.drivers.dgr import DgrEvent
 
-        if trade_id in self.ended:
-            reason, moved = self.ended[trade_id]
-            return DgrEvent(0, "END", {"trade_id": str(trade_id), "reason": reason, "moved_wh": str(int(moved))})
+        if trade_id in self.known_ends:
+            reason, moved, at = self.known_ends[trade_id]
+            return DgrEvent(0, "END", {"trade_id": str(trade_id), "reason": reason, "moved_wh": str(int(moved))}, at)
         return None
+
+    def end_now(self, trade_id: int, reason: str = "fault") -> None:
+        """The router ends a transfer by itself (a local fault, an overcurrent trip)."""
+        self.advance()
+        self._end(self.active[trade_id], reason)
+        if not self.active and self.mode == "transfer":
+            self.mode = "idle"
 
     def close(self) -> None:
         pass
@@ -372,6 +387,7 @@ class World:
             self.controller.journal.close()
         except Exception:
             pass
+        self.router.known_ends.clear()  # the new process's driver has heard no END yet
         self.controller = self._build()
         return self.controller
 

@@ -68,7 +68,7 @@ def test_c_edge_value_is_shared_so_slots_add_up_to_the_meter(tmp_path):
     w.run_until(N + 12)
     assert reported(w) == {1: (100, "delivered")}
     edge = w.journal.meter_edge(N)
-    assert edge is not None and edge.method in ("bracket", "interpolated", "reading")
+    assert edge is not None and edge.method in ("bracket", "counted", "interpolated", "reading")
 
 
 @pytest.mark.parametrize("kill_inside_the_transaction", [False, True])
@@ -327,3 +327,31 @@ def test_f_a_start_lost_on_the_line_does_not_leave_the_router_safe(tmp_path):
     assert w.router.starts == [2]
     got = reported(w)
     assert got[1] == (0, "failed") and got[2] == (100, "delivered")
+
+
+def test_c_a_gap_across_a_kill_is_split_by_the_routers_counts_not_by_time(tmp_path):
+    """HIL finding H3: the router ended trade 1 early (a fault at M+40, ~70 of 100 Wh); the
+    interchange meter is unreadable from then until after a kill at the next edge (the old
+    process STARTed trade 2 and died before reading the edge); the restarted process's driver
+    has forgotten trade 1's END. Before: the gap's energy (trades 2 and 3 of slot N) was split
+    by time as if trade 1 had flowed until the edge, so slot M was reported ~12 Wh more than
+    the router moved and slot N that much less. Now the router is asked (STOP of an ended
+    transfer answers its moved_wh) and the slot before gets exactly what its counts leave."""
+    w = World(tmp_path)
+    w.trades(Trade(1, M, "sell", 100), Trade(2, N, "sell", 100), Trade(3, N, "sell", 100))
+    w.run_until(M + 40)
+    w.router.end_now(1)
+    w.meters.fail_interchange = 1000
+    w.kill_on_event = "delivery.started"
+    with pytest.raises(Killed):
+        w.run_until(N + 10)
+    w.at(N + 10)
+    w.meters.fail_interchange = 0
+    w.restart()
+    w.controller.recover()
+    w.run_until(N + SLOT_S + 8)
+    got = reported(w)
+    moved = {t: w.router.ended[t][1] for t in (1, 2, 3)}
+    assert set(got) == {1, 2, 3}
+    for trade_id in (1, 2, 3):
+        assert abs(got[trade_id][0] - moved[trade_id]) <= 2, (got, moved)

@@ -272,7 +272,22 @@ class DgrClient:
                                     f"({'acknowledged' if confirmed else 'not acknowledged'})")
             log.info("DGR transfer of trade %d stopped (was %s, %s Wh moved)", trade_id,
                      ack.args.get("was", "?"), ack.args.get("moved_wh", "?"))
+            self._remember_stop_answer(trade_id, ack.args)
             return status
+
+    def _remember_stop_answer(self, trade_id: int, args: Mapping[str, str]) -> None:
+        """A STOP answer that names what the transfer moved counts as its END for
+        transfer_end() when no END event was heard (a new process's driver has heard none of
+        its predecessor's): the daemon shares a slot's metered energy by these counts. The end
+        time is known only when this STOP ended it (was=active); else received_at stays 0."""
+        was, moved = args.get("was"), str(args.get("moved_wh", ""))
+        if trade_id in self._ends or was not in ("active", "ended") or not moved.isdigit():
+            return
+        self._ends[trade_id] = DgrEvent(0, "END", {"trade_id": str(trade_id), "moved_wh": moved,
+                                                   "reason": str(args.get("reason", "stop")), "from": "stop"},
+                                        time.time() if was == "active" else 0.0)
+        while len(self._ends) > ENDS_REMEMBERED:
+            self._ends.popitem(last=False)
 
     def safe_state(self) -> DgrStatus:
         """Stop every transfer and keep the router safe until RESUME or HELLO; confirmed."""

@@ -46,6 +46,7 @@ class Deliveries:
         self.net_only = bool(getattr(meter, "net_only", False))
         self.tolerance_wh = int(getattr(meter, "tolerance_wh", 0))
         self._deferred: set[int] = set()  # trades whose start the clock guard deferred (announced once)
+        self._asked: set[int] = set()  # trades whose moved energy this process asked the router for
 
     # -- the job ------------------------------------------------------------------------------
 
@@ -280,30 +281,69 @@ class Deliveries:
         edge_ms = edge_s * 1000
         t0 = before[0] if before else edge_ms
         t1 = after[0] if after else edge_ms
+        room, counted = self._room(edge_s - slot_s, before, start_before)
         edge = edge_value(edge_s, Counters(*before) if before else None, Counters(*after) if after else None,
                           active_before=self._flowing_in(edge_s - slot_s, t0, edge_ms),
                           active_after=self._flowing_in(edge_s, edge_ms, t1),
-                          room_before=self._room(edge_s - slot_s, before, start_before))
+                          room_before=room, counted_before=counted)
         return edge, True
 
-    def _room(self, market_id: int, before, start: Edge | None) -> dict[str, int] | None:
+    def _room(self, market_id: int, before, start: Edge | None) -> tuple[dict[str, int] | None, frozenset[str]]:
         """Per direction, how much more (mWh) the slot's transfers could have moved after the
-        reading ``before``: their contracts minus what the meter shows since the slot began.
-        None when the slot's start edge is not known (then the gap is split by time)."""
+        reading ``before``: their contracts minus what the meter shows since the slot began —
+        or, where the router has told us what every one of them moved (END or STOP answer),
+        those counts instead: then it is what they DID move after it (second value: those
+        directions). None when the slot's start edge is not known (then the gap is split by time)."""
         if before is None:
-            return None
+            return None, frozenset()
         if start is None:
             stored = self.ctx.journal.meter_edge(market_id)
             if stored is None:
-                return None
+                return None, frozenset()
             start = Edge(stored.edge_s, stored.import_energy_mwh, stored.export_energy_mwh, stored.method)
-        room = {}
+        room, counted = {}, set()
         rows = self.ctx.journal.deliveries(states=ds.STATES, market_id=market_id)
         for d, index in (("import", 1), ("export", 2)):
-            contracted = sum(r.energy_wh for r in rows if r.direction == d and r.state not in (ds.SCHEDULED, ds.REFUSED))
+            ran = [r for r in rows if r.direction == d and r.state not in (ds.SCHEDULED, ds.REFUSED)]
+            moved = self._router_counts(ran) if self.ctx.rules.slot_end(market_id) <= self.ctx.now() else {}
             start_mwh = start.get(d)
-            room[d] = contracted * 1000 - (before[index] - start_mwh)
-        return room
+            if ran and all(r.trade_id in moved for r in ran):
+                room[d] = sum(moved[r.trade_id] for r in ran) * 1000 - (before[index] - start_mwh)
+                counted.add(d)
+            else:
+                room[d] = sum(r.energy_wh for r in ran) * 1000 - (before[index] - start_mwh)
+        return room, frozenset(counted)
+
+    def _router_counts(self, rows: list[DeliveryRow]) -> dict[int, int]:
+        """trade -> Wh the router says the transfer moved (its END event, or its answer to a
+        STOP), for the transfers of ENDED slots it tells us of. Why ask: a restarted process's
+        driver has heard none of the ENDs its predecessor got, and a STOP of an ended transfer is
+        harmless and answers ``was=ended moved_wh`` (docs/dgr-protocol.md section 5; the router
+        remembers its last 32). Only rows that may have run are asked, once each per process."""
+        from ..drivers.dgr import DgrError, DgrLinkError
+
+        transfer_end = getattr(self.ctx.dgr, "transfer_end", None)
+        if transfer_end is None:
+            return {}
+        out = {}
+        for row in rows:
+            if row.state in (ds.SCHEDULED, ds.REFUSED):
+                continue
+            ended = transfer_end(row.trade_id)
+            if ended is None and row.trade_id not in self._asked and self.ctx.health.dgr_ok is not False:
+                self._asked.add(row.trade_id)
+                try:
+                    self.ctx.dgr.stop_transfer(row.trade_id)
+                except DgrLinkError as exc:
+                    self.ctx.health.dgr_ok = False  # the next good heartbeat takes the link-back path
+                    log.info("asking the router what trade %d moved: %s", row.trade_id, exc)
+                except DgrError as exc:
+                    log.info("asking the router what trade %d moved: %s", row.trade_id, exc)
+                ended = transfer_end(row.trade_id)
+            moved = (getattr(ended, "args", None) or {}).get("moved_wh") if ended is not None else None
+            if isinstance(moved, (int, str)) and str(moved).isdigit():
+                out[row.trade_id] = int(moved)
+        return out
 
     def _weights(self, rows: list[DeliveryRow]) -> dict[int, int]:
         """What each transfer of a slot moved, for sharing the certified total (Wh, not certified):
@@ -313,14 +353,9 @@ class Deliveries:
         contract x (time it could flow / that time) — a cut one less, one that ran to the end all."""
         from .router_link import MIN_ROUTER_WATCHDOG_S
 
-        transfer_end = getattr(self.ctx.dgr, "transfer_end", None)
-        counted: dict[int, int] = {}
+        counted = self._router_counts(rows)
         estimated: dict[int, int] = {}
         for row in rows:
-            ended = transfer_end(row.trade_id) if transfer_end is not None else None
-            moved = (getattr(ended, "args", None) or {}).get("moved_wh") if ended is not None else None
-            if isinstance(moved, (int, str)) and str(moved).isdigit():
-                counted[row.trade_id] = int(moved)
             times = self.ctx.journal.delivery_times(row.trade_id)
             end_ms = self.ctx.rules.slot_end(row.market_id) * 1000
             start_ms = max(row.market_id * 1000, times.started_at_ms or row.market_id * 1000)
