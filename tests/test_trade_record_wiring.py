@@ -214,3 +214,18 @@ def test_in_the_sim_a_trade_inflated_by_the_ledger_is_refused_and_moves_no_energ
     assert "delivered_le_contracted" not in found and "slot_energy" not in found, found
     refusals = [line for line in result.trace if "alarm.trade_refused" in line and "signed record contradicts" in line]
     assert refusals, result.trace[-20:]
+
+
+@pytest.mark.parametrize("kind, key, signs", [("rpi4-sdm630", "", False), ("rpi4-sdm630", PINNED, True), ("sim", "", True)])
+def test_a_field_board_without_a_pinned_key_signs_no_orders(board, kind, key, signs):
+    """It would refuse every trade, so it must not contract any: the bid signs nothing."""
+    Confirming(board)
+    pin(board, key=key, kind=kind)
+    imported = 0
+    for t in range(T0 - 40 * 30, T0 + 1, 2):  # a house importing 1200 Wh a 30-s slot
+        board.journal.add_reading("house", t * 1000, imported, 0, 2400)
+        imported += 80
+    board.clock[0] = float(T0 + 1)
+    board.controller.trading.bid()
+    assert bool(board.events("order.signed")) == signs, board.log.getvalue()[-1500:]
+    assert len(board.events("alarm.ledger_unpinned")) == (0 if key else 1)

@@ -17,7 +17,8 @@ The scheduler only sees three outcomes:
 
 No pinned key (a bench board before provisioning): a ``sim`` board trades unverified, with one
 ``alarm.ledger_unpinned``; any other board kind refuses every trade (and the same alarm says
-why), so a field board never moves energy on an unproven trade.
+why), so a field board never moves energy on an unproven trade - and it signs no orders
+(``may_trade``, asked by the bid and review jobs), so it contracts nothing it would refuse.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def _unpinned(ctx: Context) -> str | None:
                         action="sim board: trades are NOT checked against the signed record" if sim
                         else "trades are refused until the board is provisioned with the key")
     return None if sim else UNPINNED_REASON
+
+
+def may_trade(ctx: Context) -> bool:
+    """False for a board that would refuse every trade (unpinned, not a sim board): it signs no
+    orders either, so it never contracts energy it will not deliver."""
+    needs_key = getattr(ctx.ledger, "needs_authority_key", True)
+    check = getattr(ctx.ledger, "confirm_trade", None)
+    if check is not None and (not needs_key or authority_key(ctx) is not None):
+        return True
+    return _unpinned(ctx) is None
 
 
 def confirm(ctx: Context, trade) -> str | None:

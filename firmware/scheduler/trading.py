@@ -11,7 +11,7 @@ import threading
 from typing import Callable
 
 from ..policy import CancelOrder, PlaceOrder, reconcile_market
-from . import ledger_link
+from . import ledger_link, trade_record
 from .clock_guard import check_step
 from .context import Context
 from .metering import Metering
@@ -80,6 +80,8 @@ class Trading:
         refusal = ledger_link.refused_device(ctx)
         if refusal is not None:
             return  # alarm.ledger_refused said it once; an order signed now would only be refused
+        if not trade_record.may_trade(ctx):
+            return  # alarm.ledger_unpinned said it once: no pinned ledger key, every trade would be refused
         problem = self.metering.house_data_problem()
         if problem is not None:
             ctx.events.emit("bid.skipped", reason=problem)
