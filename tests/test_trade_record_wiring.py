@@ -229,3 +229,15 @@ def test_a_field_board_without_a_pinned_key_signs_no_orders(board, kind, key, si
     board.controller.trading.bid()
     assert bool(board.events("order.signed")) == signs, board.log.getvalue()[-1500:]
     assert len(board.events("alarm.ledger_unpinned")) == (0 if key else 1)
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.text(min_size=1, max_size=80), st.integers(1, 86_400), st.integers(0, 3600), st.floats(0, 4e9))
+def test_the_bid_offset_is_bounded_and_the_grid_anchor_precedes_now(device_id, bid_s, bound_s, now_s):
+    offset = jitter.bid_offset_ms(device_id, bid_s, bound_s)
+    assert 0 <= offset <= min(bound_s, bid_s // 2) * 1000
+    assert offset == jitter.bid_offset_ms(device_id, bid_s, bound_s)
+    anchor = jitter.bid_anchor_s(now_s, bid_s, offset)
+    assert anchor <= now_s + 1e-6 and now_s - anchor < bid_s + 1e-6
