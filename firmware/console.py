@@ -2,7 +2,7 @@
 
 Why: a board in a house cupboard has no screen and may have no network when it matters; an
 engineer with a USB-serial adapter on the Pi's UART pins sees what the daemon does and can ask
-``status``, ``orders``, ``trades``, ``deliveries``, ``meters``, command ``safe``, or change the
+``status``, ``orders``, ``trades``, ``deliveries``, ``meters``, commands ``safe`` and ``resume``, or change the
 log level with ``log <level>`` (``help`` lists them). The answers come from the same
 :class:`~firmware.scheduler.status.StatusService` as the control socket and `dgc status`.
 
@@ -39,6 +39,7 @@ HELP = [
     "  deliveries [N]      most recent deliveries",
     "  meters              last reading of each meter",
     "  safe                command the DGR to its safe state now (stops every transfer)",
+    "  resume              lift the operator's safe state (it holds across restarts until this)",
     "  log <level>         set the log level: debug, info, warning, error, critical",
     "  help                this list",
 ]
@@ -120,7 +121,7 @@ def run_command(line: str, handle: Callable[[dict], dict]) -> list[str]:
     cmd, args = words[0].lower(), words[1:]
     if cmd == "help" or cmd == "?":
         return list(HELP)
-    if cmd in ("status", "meters", "safe") and not args:
+    if cmd in ("status", "meters", "safe", "resume") and not args:
         return format_answer(handle({"cmd": cmd}))
     if cmd in LIST_COMMANDS and len(args) <= 1:
         request: dict[str, Any] = {"cmd": cmd}
@@ -133,7 +134,7 @@ def run_command(line: str, handle: Callable[[dict], dict]) -> list[str]:
         return format_answer(handle({"cmd": "log_level", "level": args[0]}))
     shown = line.strip()[:40]
     return [f"error: unknown command {shown!r}: expected status, orders [N], trades [N], deliveries [N], meters, "
-            "safe, log <level> or help"]
+            "safe, resume, log <level> or help"]
 
 
 class SerialConsole:

@@ -257,7 +257,7 @@ def test_control_socket_requests_and_refusals(rig):
     assert request(path, {"cmd": "deliveries"})["ok"] is True
     unknown = request(path, {"cmd": "reboot"})
     assert unknown == {"ok": False, "error": "cmd 'reboot': expected one of status, orders, trades, deliveries, meters, "
-                                             "safe, log_level"}
+                                             "safe, resume, log_level"}
     assert "expected an integer from 1 to 500" in request(path, {"cmd": "trades", "limit": 0})["error"]
     assert request(path, {"cmd": "log_level", "level": "warning"}) == {"ok": True, "cmd": "log_level", "log_level": "WARNING"}
     assert request(path, {"cmd": "status"})["status"]["log_level"] == "WARNING"
@@ -282,6 +282,29 @@ def test_safe_typed_on_the_console_sends_the_router_to_its_safe_state(rig):
     assert answer[-1].startswith("DGR safe state confirmed: router mode safe, 0 transfers active"), answer[-1]
     rig.daemon.wait_for_line(r" dgr\.safe_requested by=operator", timeout_s=5)
     rig.daemon.wait_for_line(r" dgr\.safe_state mode=safe", timeout_s=5)
+
+
+def test_resume_typed_on_the_console_lifts_the_operators_safe_state(rig):
+    with serial.Serial(str(rig.tty_emu), 115200, timeout=0.2) as port:
+        port.reset_input_buffer()
+        send(port, b"safe\r")
+        console_lines(port, re.compile(r"^DGR safe state"))
+        assert request(rig.control_socket, {"cmd": "status"})["ok"] is True
+        send(port, b"resume\r")
+        answer = console_lines(port, re.compile(r"^DGR resume"))
+    assert answer[-1] == "DGR resumed: router mode idle", answer[-1]
+    rig.daemon.wait_for_line(r" dgr\.resume_requested by=operator", timeout_s=5)
+    rig.daemon.wait_for_line(r" dgr\.resumed was=operator_safe mode=idle", timeout_s=5)
+
+
+def test_resume_over_the_control_socket_lifts_the_operators_safe_state(rig):
+    path = rig.control_socket
+    safe = request(path, {"cmd": "safe"})
+    assert safe["ok"] is True and safe["safe_state_confirmed"] is True, safe
+    resumed = request(path, {"cmd": "resume"})
+    assert resumed == {"ok": True, "cmd": "resume", "resumed": True, "detail": "router mode idle"}, resumed
+    again = request(path, {"cmd": "resume"})  # nothing to lift: still fine, the router stays idle
+    assert again["ok"] is True and again["resumed"] is True, again
 
 
 # --- systemd notifications and the watchdog -------------------------------------------------------

@@ -67,6 +67,7 @@ class Recorder:
     ("deliveries 3", {"cmd": "deliveries", "limit": 3}),
     ("meters", {"cmd": "meters"}),
     ("safe", {"cmd": "safe"}),
+    ("resume", {"cmd": "resume"}),
     ("log debug", {"cmd": "log_level", "level": "debug"}),
 ])
 def test_typed_commands_become_control_requests(typed, expected):
@@ -78,6 +79,7 @@ def test_typed_commands_become_control_requests(typed, expected):
 @pytest.mark.parametrize("typed, fragment", [
     ("reboot", "unknown command 'reboot'"),
     ("safe now", "unknown command 'safe now'"),
+    ("resume all", "unknown command 'resume all'"),
     ("log", "unknown command 'log'"),
     ("trades many", "expected a number of rows"),
 ])
@@ -90,7 +92,7 @@ def test_other_lines_get_one_error_line_and_send_nothing(typed, fragment):
 
 def test_help_lists_every_command():
     text = "\n".join(run_command("help", Recorder()))
-    for cmd in ("status", "orders", "trades", "deliveries", "meters", "safe", "log <level>", "help"):
+    for cmd in ("status", "orders", "trades", "deliveries", "meters", "safe", "resume", "log <level>", "help"):
         assert cmd in text
 
 

@@ -7,6 +7,7 @@ access control. One request per line, one answer per line::
     {"cmd": "status"}                       -> {"ok": true, "cmd": "status", "status": {...}}
     {"cmd": "orders"} / "trades" / "deliveries" / "meters" (optional "limit")
     {"cmd": "safe"}                         -> the DGR is commanded to its safe state
+    {"cmd": "resume"}                       -> the operator's safe state is lifted (RESUME)
     {"cmd": "log_level", "level": "DEBUG"}  -> the root logger's level
     anything else                           -> {"ok": false, "error": "... expected ..."}
 

@@ -39,7 +39,7 @@ MEASURE_OVERDUE_EXTRA_SECONDS = 30
 DEFAULT_LIST_LIMIT = 20
 MAX_LIST_LIMIT = 500
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-COMMANDS = ("status", "orders", "trades", "deliveries", "meters", "safe", "log_level")
+COMMANDS = ("status", "orders", "trades", "deliveries", "meters", "safe", "resume", "log_level")
 
 
 class RequestError(ValueError):
@@ -288,6 +288,11 @@ class StatusService:
         ok, detail = self.controller.operator_safe_state()
         return {"safe_state_confirmed": ok, "detail": detail}
 
+    def resume(self) -> dict:
+        """The operator lifts their SAFE (it persists across restarts until this)."""
+        ok, detail = self.controller.operator_resume()
+        return {"resumed": ok, "detail": detail}
+
     def set_log_level(self, level: Any) -> dict:
         if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
             raise RequestError(f"log level {str(level)[:40]!r}: expected one of {', '.join(LOG_LEVELS)}")
@@ -319,6 +324,8 @@ class StatusService:
                 result = {"meters": self.meters()}
             elif cmd == "safe":
                 result = self.safe()
+            elif cmd == "resume":
+                result = self.resume()
             else:
                 result = self.set_log_level(request.get("level"))
         except RequestError as exc:
@@ -452,6 +459,8 @@ def format_answer(answer: dict) -> list[str]:
     if cmd == "safe":
         return [("DGR safe state confirmed" if answer["safe_state_confirmed"] else "DGR safe state NOT confirmed")
                 + f": {answer['detail']}"]
+    if cmd == "resume":
+        return [("DGR resumed" if answer["resumed"] else "DGR resume NOT confirmed") + f": {answer['detail']}"]
     if cmd == "log_level":
         return [f"log level {answer['log_level']}"]
     return [str(answer)]
