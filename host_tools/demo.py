@@ -32,6 +32,10 @@ from .neighbourhood import REPO_ROOT, Neighbourhood, NeighbourhoodError, fixture
 # review until buyers and sellers meet: price discovery within the demo's few minutes. (The
 # 900-s default is a real board's 15 minutes; on the 60x bench it would span 30 slots.)
 DEMO_POLICY = {"strategy": "tariff", "price_ramp_seconds": 240}
+# The 5-s reviews re-price the next three markets (not only the next one): a board's first
+# orders go out at its first review with a complete slot of history instead of waiting for the
+# 30-s bid, and the near markets' prices move at every review.
+DEMO_CADENCE = {"review_horizon_seconds": 90}
 
 # Daemon events worth showing live; everything else goes to var/demo/<house>/daemon.log.
 SHOWN_EVENTS = (
@@ -111,7 +115,7 @@ def run_demo(workdir: Path, *, houses: int, slots: int, timeout_s: float, ledger
         shutil.rmtree(workdir)
     started = time.monotonic()
     hood = Neighbourhood(workdir, fixture_houses(houses), on_line=_printer(), last_market_slots=slots + 1, ledger=ledger,
-                         config_overrides={"policy": DEMO_POLICY})
+                         config_overrides={"policy": DEMO_POLICY, "cadence": DEMO_CADENCE})
     try:
         what = "a chain (anvil + market contract + relay)" if ledger == "evm" else "the bench ledger"
         print(f"demo: starting {what} and {houses} houses in {workdir} ...", flush=True)

@@ -2,7 +2,7 @@
 
 The first test is pure (the bench house model replaying the demo's houses over the demo's
 compressed hours); the second runs the real demo (bench ledger, emulators, `dgc run` daemons
-over real HTTP and virtual serial lines) on a short market day.
+over real HTTP and virtual serial lines) on a short market day (4 slots, ~2.5 min).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_the_demo_houses_replay_a_sunny_midday_of_the_fixture():
 
 
 def test_the_demo_discovers_prices_and_every_pv_house_sells(tmp_path, capsys):
-    code = run_demo(tmp_path / "demo", houses=4, slots=3, timeout_s=300)
+    code = run_demo(tmp_path / "demo", houses=4, slots=4, timeout_s=300)
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert lines[-1].startswith("summary: houses=4 "), lines[-1]
