@@ -27,7 +27,7 @@ from typing import Callable
 from ..config import BoardConfig
 from ..journal import Journal
 from .. import delivery_states as ds
-from .clock_guard import ClockGuard
+from .clock_guard import ClockGuard, check_step
 from .context import Context, Health
 from .deliveries import Deliveries
 from .events import EventLog
@@ -114,21 +114,31 @@ class Controller:
         self.deliveries_tick()
 
     # -- jobs ---------------------------------------------------------------------------
+    # Every job that acts on the board's clock first asks clock_guard.check_step: a wall-clock
+    # step since the last good clock check (beyond the skew bound, against ctx.monotonic) makes
+    # the clock bad at once, so no job acts on the stepped time until the next check measures
+    # it again (sim findings F2: a START 400 s early; F5: a running slot metered and STOPped;
+    # F3b: readings stamped in the future). No I/O; a no-op without ctx.monotonic.
 
     def measure(self) -> None:
         self.greet_router()
+        check_step(self.ctx)
         self.metering.measure()
 
     def bid(self) -> None:
+        check_step(self.ctx)
         self.trading.bid()
 
     def review(self) -> None:
+        check_step(self.ctx)
         self.trading.review()
 
     def flush_outbox(self) -> None:
+        check_step(self.ctx)
         self.outbox.flush()
 
     def poll_trades(self) -> None:
+        check_step(self.ctx)
         self.trades.poll()
 
     def check_clock(self) -> None:
@@ -136,12 +146,15 @@ class Controller:
 
     def slot_edge(self) -> None:
         """Runs at each slot boundary: start this slot's transfers first, then meter and report."""
+        check_step(self.ctx)
         self.deliveries.tick()
 
     def deliveries_tick(self) -> None:
+        check_step(self.ctx)
         self.deliveries.tick()
 
     def heartbeat(self) -> None:
+        check_step(self.ctx)
         self.router.heartbeat()
 
     def operator_safe_state(self) -> tuple[bool, str]:

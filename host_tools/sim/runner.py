@@ -359,6 +359,9 @@ class World:
         house.controller = build_controller(house.config, journal=journal, key=house.key, meters=house.meters, dgr=dgr,
                                             ledger=SimLedgerClient(self.ledger, house.hooks, house.board_ms), events=events,
                                             clock=house.board_s)
+        # The board's monotonic clock is the true (virtual) time: a clock step moves board_s only,
+        # as an NTP step moves time.time() and not time.monotonic() (daemon.py sets the latter).
+        house.controller.ctx.monotonic = lambda: self.now
         house.alive = True
         if hasattr(house.controller, "greet_router"):  # daemon.py: the router first (issue 7 o)
             house.controller.greet_router()
