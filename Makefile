@@ -68,8 +68,16 @@ demo: demo-deps $(DEMO_STAMP)
 # The whole suite on the default rig (emulators on ptys), then the rig-portable device tests
 # once more on the MicroPython bench-board emulators under the Unix port (the only run of the
 # driver suites against them; the real-daemon tests, marked daemon, run in the first pass only).
+#
+# The first pass runs on two workers (pytest-xdist, one test file per worker at a time): most of
+# the suite waits on real time (slot edges, router watchdogs, block intervals), not on the CPU.
+# The driver suites that assert real-time bounds on the bus (request gaps, timeouts, a dead
+# meter not delaying live ones) run alone in the second pass, so a neighbour's load never
+# decides them.
+TIMING_TESTS := hil_tests/test_meter_driver.py hil_tests/test_meter_faults.py hil_tests/test_dgr_driver.py
 test: system-deps $(STAMP) $(EVM_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile $(addprefix --ignore=,$(TIMING_TESTS))
+	$(PY) -m pytest -q $(TIMING_TESTS)
 	$(PY) -m pytest -q hil_tests --rig hil_tests/rigs/micropython.toml -m "rig_portable and not daemon"
 
 unit: $(STAMP) $(EVM_STAMP)
