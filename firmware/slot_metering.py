@@ -42,7 +42,7 @@ from typing import Sequence
 from . import delivery_states as ds
 
 DIRECTIONS = ("export", "import")
-EDGE_ON_TIME_MS = 1_000  # a reading this soon after the edge is the edge (STARTs go out first)
+EDGE_ON_TIME_MS = 1_000  # a reading this soon after the edge is the edge, less what a new transfer moved since its START
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,20 @@ def edge_value(edge_s: int, before: Counters | None, after: Counters | None, *,
     edge_ms = edge_s * 1000
     if after is None:
         return None
-    if after.taken_at_ms - edge_ms <= on_time_ms or before is None:
-        method = "reading" if after.taken_at_ms - edge_ms <= on_time_ms else "first"
-        return Edge(edge_s, after.import_mwh, after.export_mwh, method)
+    on_time = after.taken_at_ms - edge_ms <= on_time_ms
+    if before is None:
+        return Edge(edge_s, after.import_mwh, after.export_mwh, "reading" if on_time else "first")
     values, methods = {}, set()
     for d in DIRECTIONS:
         lo, hi = before.get(d), after.get(d)
         was = _window(active_before.get(d, False), edge_ms - before.taken_at_ms)
         will = _window(active_after.get(d, False), after.taken_at_ms - edge_ms)
-        if room_before is not None and d in counted_before and d in room_before:
+        if on_time and (not will or hi == lo):
+            # Nothing of the new slot could flow before this reading: it is the edge. (When a
+            # new transfer could, the ms it ran before the reading are the new slot's: the
+            # rules below give them to it, within the slot before's room.)
+            values[d], method = hi, "reading"
+        elif room_before is not None and d in counted_before and d in room_before:
             values[d], method = lo + min(hi - lo, max(0, room_before[d])), "counted"
         elif hi == lo or (was and not will):
             values[d], method = hi, "bracket"
@@ -115,9 +120,11 @@ def edge_value(edge_s: int, before: Counters | None, after: Counters | None, *,
             values[d] = lo + share
             method = "interpolated"
         methods.add(method)
+    if methods == {"reading"}:
+        return Edge(edge_s, values["import"], values["export"], "reading")
     method = next((m for m in ("interpolated", "counted") if m in methods), "bracket")
-    detail = (f"edge reading late: readings at {before.taken_at_ms - edge_ms:+d} ms and "
-              f"{after.taken_at_ms - edge_ms:+d} ms around the edge")
+    detail = (f"edge reading {'just after the new slot began' if on_time else 'late'}: readings at "
+              f"{before.taken_at_ms - edge_ms:+d} ms and {after.taken_at_ms - edge_ms:+d} ms around the edge")
     return Edge(edge_s, values["import"], values["export"], method, detail)
 
 

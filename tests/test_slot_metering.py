@@ -86,8 +86,25 @@ def test_gross_allocation_uses_all_it_can(rows, exp, imp):
 
 def test_edge_on_time_is_the_reading():
     after = Counters(1_800_400, 10, 20)
-    edge = edge_value(1_800, Counters(1_799_000, 5, 5), after, active_before={"export": True}, active_after={"export": True})
+    edge = edge_value(1_800, Counters(1_799_000, 5, 5), after, active_before={"export": True}, active_after={"export": False})
     assert (edge.import_mwh, edge.export_mwh, edge.method) == (10, 20, "reading")
+
+
+def test_an_on_time_edge_reading_gives_the_new_slots_first_ms_to_the_new_slot():
+    """The edge reading is taken right after the new slot's STARTs: the energy the new transfer
+    moved in those ms is the new slot's, not the old one's. (The demo on fixture houses: 700 Wh
+    contracted and moved by the router in the slot before, metered 699 because the next slot's
+    head went to the wrong side, reported short and settled with a shortfall.)"""
+    edge_ms = 1_800_000
+    before = Counters(edge_ms - 10_000, 0, 300_000)  # the slot before's transfer had moved 300 Wh
+    after = Counters(edge_ms + 20, 0, 701_000)  # it moved 400 Wh more, then the next one 1 Wh in 20 ms
+    edge = edge_value(1_800, before, after, active_before={"export": 8_500}, active_after={"export": 20},
+                      room_before={"export": 400_000})
+    assert edge.export_mwh == 700_000
+    # nothing of the slot before flowed in the gap: the new slot's head is all the new slot's
+    quiet = edge_value(1_800, Counters(edge_ms - 10_000, 0, 700_000), after,
+                       active_before={"export": 0}, active_after={"export": 20})
+    assert quiet.export_mwh == 700_000
 
 
 def test_edge_late_reading_bracket_rules():
