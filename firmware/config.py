@@ -97,6 +97,11 @@ class LedgerConfig:
                           default="")
     confirmations: int = _between(0, 1000, default=0)
     from_block: int = _between(0, 10**12, default=0)
+    # "relay": the service provider's relay pays the gas (``url``); "direct": the device key signs
+    # and pays for its own transactions to ``rpc_url`` (a pilot without a relay, or a second path
+    # when the relay delays messages).
+    evm_submit: str = _spec('"relay" (through the relay at url) or "direct" (the device pays its own gas)',
+                            lambda v: v in ("relay", "direct"), default="relay")
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,21 @@ def _key() -> DeviceKey:
     return DeviceKey(coincurve.PrivateKey(os.urandom(32)))
 
 
+def test_evm_submit_chooses_the_relay_or_the_device_paying_its_own_gas(tmp_path):
+    """Issue 9: submission goes through the relay, or straight to the contract as an option in
+    which the device pays the gas — chosen in the board config, as the daemon builds it."""
+    key = _key()
+    relayed = EvmLedger.from_config(_evm_config(tmp_path).ledger, signer=key)
+    assert relayed.relay is not None and relayed.gas_signer is None
+    direct_cfg = _evm_config(tmp_path, EVM_KEYS + 'evm_submit = "direct"\n').ledger
+    assert direct_cfg.evm_submit == "direct"
+    direct = EvmLedger.from_config(direct_cfg, signer=key)
+    assert direct.relay is None and direct.gas_signer is key
+    with pytest.raises(ConfigError) as info:
+        _evm_config(tmp_path, EVM_KEYS + 'evm_submit = "both"\n')
+    assert info.value.key == "evm_submit" and '"relay"' in str(info.value)
+
+
 def test_the_journal_stores_eip712_signatures_and_the_outbox_resends_the_same_typed_message(tmp_path):
     """The seam: with the EVM backend's encoder the stored signature is the EIP-712 one; the
     adapter rebuilds exactly the typed message that was signed, every time, from the stored bytes."""

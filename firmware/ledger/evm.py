@@ -318,11 +318,14 @@ class EvmLedger:
         ``url`` is the relay (the same submit call as the bench ledger's), ``rpc_url`` the observer
         node, ``chain_id`` and ``contract`` the domain, ``confirmations``, ``from_block``,
         ``timeout_ms``, ``retries``, ``backoff_ms``. ``relay_url`` (an older spelling) wins over
-        ``url`` when present; an empty relay means direct submission with ``gas_signer``.
+        ``url`` when present; an empty relay, or ``evm_submit = "direct"``, means direct submission
+        with ``gas_signer`` (by default the device key itself).
         ``signer``: the device key, so the daemon's own device id reads this key's address."""
         relay_url = getattr(config, "relay_url", None)
         if relay_url is None:
             relay_url = getattr(config, "url", "") or ""
+        if getattr(config, "evm_submit", "relay") == "direct":
+            relay_url, gas_signer = "", gas_signer if gas_signer is not None else signer
         timeout_ms = int(getattr(config, "timeout_ms", 5000))
         ledger = cls(
             config.rpc_url, chain_id=int(config.chain_id), contract=config.contract,
