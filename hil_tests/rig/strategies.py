@@ -144,6 +144,11 @@ class BoardStrategy(Strategy):
                 status = json.loads(result.stdout)
                 if all(m.get("ok") for m in status.get("meters", {}).values()) and status.get("meters"):
                     return f"dgc status: healthy={status.get('healthy')} meters ok"
+                if (status.get("clock") or {}).get("ok") is False:
+                    # The clock guard holds the board: by design it reads no meter and bids on
+                    # nothing while its clock is not trusted (docs/delivery.md), so "trading" is
+                    # as far as it can get. The daemon is up and says why.
+                    return f"dgc status: clock guard failed closed (skew {status['clock'].get('skew_ms')} ms)"
             if time.monotonic() > deadline or not self.daemon.running:
                 raise StrategyError(f"the daemon did not report its meters ok within 30 s: "
                                     f"{result.stdout.strip()[-300:] or result.stderr.strip()[-300:]}\n"
