@@ -342,9 +342,12 @@ class _Board:
         self.journal = Journal(rig.tmp_path / "state" / "journal.sqlite3")
         self.meters = MeterSet.from_config(self.config, backoff_step_s=0.1)  # back-off as configured, but short
         # measure() and the freshness check use only the config, the journal, the meters and
-        # the event log; the router, ledger and key are not touched.
+        # the event log; the router, ledger and key are not touched. (A new process's first job
+        # greets the router first, issue 7 o: there is no router here, so that greeting counts
+        # as done.)
         self.controller = Controller(self.config, journal=self.journal, key=None, meters=self.meters, dgr=None,
                                      ledger=None, events=EventLog("test-board", self.stream))
+        self.controller._greeted = True
 
     def events(self, name: str) -> list[str]:
         return [line for line in self.stream.getvalue().splitlines() if f" {name} " in line + " "]
