@@ -25,7 +25,6 @@ All numbers on the wire are integers: Wh, minor units per kWh, milli-minor units
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -49,12 +48,11 @@ from firmware.messages import (
     MessageError,
     SignedMessage,
     canonical_bytes,
-    is_low_s,
     open_message,
     verify_signature,
 )
 
-from . import views_api
+from . import fastpath, views_api
 from .committer import GroupCommitter
 from .limits import RateLimit, RateLimiter
 from .store import (
@@ -417,14 +415,8 @@ def _parse_json(raw: bytes, what: str) -> Any:
     if not _depth_ok(text):
         raise Rejection("malformed", f"{what}: nested deeper than {MAX_JSON_DEPTH} levels; expected a flat JSON object")
 
-    def no_float(value: str) -> Any:
-        raise ValueError(f"number {value[:20]} is not an integer; expected integers only")
-
-    def no_constant(value: str) -> Any:
-        raise ValueError(f"{value} is not valid JSON; expected integers only")
-
     try:
-        return json.loads(text, parse_float=no_float, parse_constant=no_constant)
+        return fastpath.STRICT_DECODER.decode(text)  # json.loads with no floats, no NaN/Infinity
     except ValueError as exc:
         raise Rejection("malformed", f"{what}: expected a JSON object ({exc})") from None
 
@@ -478,9 +470,7 @@ async def _lean_body(scope: dict, receive) -> Optional[bytes]:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _render(body: Any) -> bytes:
-    """The bytes JSONResponse would send for ``body``."""
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
+_render = fastpath.render_response  # the bytes JSONResponse would send for a body
 
 
 class _LedgerAPI(FastAPI):
@@ -528,7 +518,7 @@ def create_app(settings: LedgerSettings) -> FastAPI:
                         authority=settings.authority_key, ledger_id=settings.ledger_id,
                         seal_interval_ms=settings.seal_interval_ms)
     rules = settings.rules
-    verifier = _Verifier()
+    verifier = fastpath.Verifier()
     device_limiter = RateLimiter(settings.device_rate)
     client_limiter = RateLimiter(settings.client_rate)
     committer = GroupCommitter(store)
@@ -913,12 +903,15 @@ def create_app(settings: LedgerSettings) -> FastAPI:
                 "signature: does not verify against the registered public key of payload.device_id "
                 "(the payload was altered or signed by another key); expected the board's signature over the exact payload",
             )
-        try:
-            # open_message's remaining checks (canonical form, schema); the key was looked up by
-            # this very device id, and a registered id is derived from its key, so they match.
-            fields = peek if canonical_bytes(peek) == message.payload else None
-        except MessageError as exc:
-            return _reject("malformed", str(exc))
+        # open_message's remaining checks (canonical form, schema); the key was looked up by
+        # this very device id, and a registered id is derived from its key, so they match.
+        if fastpath.fields_ok(peek) and fastpath.canonical_text(peek) == message.payload.decode("ascii"):
+            fields = peek  # what canonical_bytes(peek) == payload says, without re-validating in Python
+        else:
+            try:
+                fields = peek if canonical_bytes(peek) == message.payload else None
+            except MessageError as exc:
+                return _reject("malformed", str(exc))
         if fields is None:
             return _reject("malformed", "payload: not in canonical form (sorted keys, compact, integers and strings only)")
         if fields["type"] not in ("order", "cancel", "delivery_report"):
@@ -1001,28 +994,6 @@ def _allowed_methods(app: FastAPI, scope: dict) -> list[str]:
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)
-
-
-class _Verifier:
-    """messages.verify_signature (coincurve, low-S) with each device's parsed public key kept, so a
-    message costs one curve operation and no key parsing. Registered keys never change."""
-
-    def __init__(self) -> None:
-        self._keys: dict[bytes, Any] = {}
-
-    def verify(self, payload: bytes, signature: bytes, public_key: bytes) -> bool:
-        import coincurve
-        from coincurve.ecdsa import cdata_to_der, deserialize_compact
-
-        if len(signature) != 64 or not is_low_s(signature):
-            return False
-        key = self._keys.get(public_key)
-        if key is None:
-            key = self._keys[public_key] = coincurve.PublicKey(public_key)
-        try:
-            return key.verify(cdata_to_der(deserialize_compact(signature)), hashlib.sha256(payload).digest(), hasher=None)
-        except (ValueError, TypeError):
-            return False
 
 
 class _ClientLimit:

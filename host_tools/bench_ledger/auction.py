@@ -222,7 +222,7 @@ class OrderBook:
                 self._drop_level(other, price)
         rested = None
         if remaining > 0:
-            rested = replace(incoming, remaining_wh=remaining)
+            rested = incoming if remaining == incoming.remaining_wh else replace(incoming, remaining_wh=remaining)  # frozen: shared
             self._rest(rested)
         elif self._max_seq is None or incoming.seq > self._max_seq:
             self._max_seq = incoming.seq

@@ -42,6 +42,7 @@ from firmware.ledger import record
 from firmware.market import MarketRules, cost_milli_minor
 from firmware.messages import Signer, device_id_from_public_key
 
+from . import fastpath
 from .auction import BookOrder, OrderBook
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,10 @@ class LedgerStore:
         # another request's sweep ran (issue 10: orders judged open applied after the gate shut).
         self._clock = clock
         self._public_keys: dict[str, bytes] = {}  # device_id -> key; keys never change once registered
+        # device_id -> a nonce at least as high as any stored for it (read lazily from SQLite, raised
+        # whenever a message is stored; a rollback can only leave it too high, which costs a look-up).
+        # A board's nonces only grow, so a new message skips the duplicate look-up.
+        self._max_nonce: dict[str, int] = {}
         # The authority key signs the record's blocks (an ephemeral one when none is given: a
         # throwaway ledger in a test or a simulation still keeps a verifiable record).
         if authority is None:
@@ -576,10 +581,14 @@ class LedgerStore:
 
     def _submit_locked(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int) -> Outcome:
         device_id, nonce, kind = fields["device_id"], fields["nonce"], fields["type"]
-        stored = self._batch_messages.get((device_id, nonce))  # a resend within this very batch (lean)
+        top = self._max_nonce.get(device_id)
+        if top is None:
+            top = self._max_nonce[device_id] = self._one(
+                "SELECT COALESCE(MAX(nonce), 0) FROM messages WHERE device_id = ?", (device_id,))[0]
+        stored = self._batch_messages.get((device_id, nonce)) if nonce <= top else None  # a resend within this batch
         if stored is not None:
             stored = {"payload_sha256": stored[2], "kind": stored[3], "http_status": stored[7], "outcome": stored[8]}
-        else:
+        elif nonce <= top:  # (a nonce above every stored one of the device is certainly new: no look-up)
             stored = self._one("SELECT payload_sha256, kind, http_status, outcome FROM messages WHERE device_id = ? AND nonce = ?",
                                (device_id, nonce))
         if stored is not None:
@@ -674,7 +683,7 @@ class LedgerStore:
             raise Rejection("malformed", f"type: expected one of order, cancel, delivery_report, got {kind!r}")
         outcome = Outcome(200, {"status": "accepted", "duplicate": False, "nonce": nonce, "type": kind, "result": result})
         self._store_message(fields, payload, signature, digest, now_ms, outcome)
-        self._append("message", record.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
+        self._append("message", fastpath.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
         for trade_id, leaf in self._trade_leaves:
             self._append("trade", leaf, now_ms, trade_id=trade_id)
         return outcome
@@ -682,7 +691,9 @@ class LedgerStore:
     def _store_message(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int,
                        outcome: Outcome) -> None:
         row = (fields["device_id"], fields["nonce"], digest, fields["type"], payload.decode("ascii"), signature.hex(), now_ms,
-               outcome.http_status, json.dumps(outcome.body, sort_keys=True))
+               outcome.http_status, fastpath.stored_outcome_text(outcome.body))
+        if fields["nonce"] > self._max_nonce.get(row[0], 0):
+            self._max_nonce[row[0]] = fields["nonce"]
         if self._lean:  # written with the batch's other rows, before its COMMIT
             self._batch_messages[row[0], row[1]] = row
         else:

@@ -1,0 +1,139 @@
+"""The per-message hot path of the bench ledger, at C speed where the slow path is pure Python.
+
+Why a separate module: at a few thousand messages per second every microsecond of Python on
+the event loop and in the writer thread counts (both share one GIL), and the reference
+functions (``messages.validate_fields``, ``record.message_leaf``, ``json.dumps`` with keyword
+arguments, coincurve's DER round trip) are written for clarity, not for this loop. Each
+function here is a *shortcut with a fallback*: it either gives exactly what the reference
+gives, or says "not sure" (False / None) and the caller takes the reference path, which
+produces the exact error text. tests/test_ledger_fastpath.py holds each one to its reference
+(property tests).
+"""
+
+from __future__ import annotations
+
+import json
+from json.encoder import encode_basestring_ascii
+from typing import Any, Mapping
+
+from firmware.messages import INT64_MAX, INT64_MIN, MAX_STRING_CHARS, MESSAGE_VERSION, ORDER_SIDES, REPORT_ROLES, REPORT_STATUSES, SCHEMAS
+
+SUBMITTED_KINDS = ("order", "cancel", "delivery_report")
+
+
+def _no_float(value: str) -> Any:
+    raise ValueError(f"number {value[:20]} is not an integer; expected integers only")
+
+
+def _no_constant(value: str) -> Any:
+    raise ValueError(f"{value} is not valid JSON; expected integers only")
+
+
+# json.loads(text, **kw) and json.dumps(obj, **kw) build a new decoder/encoder on every call
+# when given keyword arguments; these are built once and behave identically.
+STRICT_DECODER = json.JSONDecoder(parse_float=_no_float, parse_constant=_no_constant)
+_CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+_RESPONSE_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+_STORED_ENCODER = json.JSONEncoder(sort_keys=True)  # the stored outcome's text, as json.dumps(body, sort_keys=True)
+
+
+def render_response(body: Any) -> bytes:
+    """The bytes starlette's JSONResponse sends for ``body``."""
+    return _RESPONSE_ENCODER.encode(body).encode("utf-8")
+
+
+def stored_outcome_text(body: Mapping[str, Any]) -> str:
+    """``json.dumps(body, sort_keys=True)``: the outcome text stored with a message."""
+    return _STORED_ENCODER.encode(body)
+
+
+def canonical_text(fields: Mapping[str, Any]) -> str:
+    """``messages.canonical_bytes`` without the schema check (decoded as text)."""
+    return _CANONICAL_ENCODER.encode(fields)
+
+
+# kind -> (field names in sorted order, their types in that order)
+_SPECS: dict[str, tuple[tuple[str, ...], tuple[type, ...]]] = {
+    kind: (tuple(sorted(SCHEMAS[kind])), tuple(SCHEMAS[kind][name] for name in sorted(SCHEMAS[kind])))
+    for kind in SUBMITTED_KINDS
+}
+
+
+def fields_ok(fields: Any) -> bool:
+    """True only when ``messages.validate_fields(fields)`` passes and the kind is one a device
+    submits (order, cancel, delivery_report) with its fields in sorted order, as a canonical
+    payload decodes. False means "take the reference path" (which names the problem), not
+    necessarily "invalid"."""
+    if type(fields) is not dict:
+        return False
+    kind = fields.get("type")
+    spec = _SPECS.get(kind) if type(kind) is str else None
+    if spec is None:
+        return False
+    names, types = spec
+    if tuple(fields) != names:
+        return False
+    values = tuple(fields.values())
+    if tuple(map(type, values)) != types:
+        return False
+    for value in values:
+        if type(value) is int:
+            if not INT64_MIN <= value <= INT64_MAX:
+                return False
+        elif len(value) > MAX_STRING_CHARS or not value.isascii() or not value.isprintable():
+            return False
+    if fields["v"] != MESSAGE_VERSION or fields["nonce"] < 1 or fields["expires_at"] <= fields["issued_at"]:
+        return False
+    if kind == "order":
+        return fields["side"] in ORDER_SIDES and fields["energy_wh"] > 0 and fields["price_per_kwh_minor"] > 0
+    if kind == "cancel":
+        return fields["order_nonce"] >= 1
+    return fields["role"] in REPORT_ROLES and fields["status"] in REPORT_STATUSES and fields["energy_wh"] >= 0
+
+
+def message_leaf(payload: bytes, signature: bytes) -> bytes:
+    """``record.message_leaf``: the canonical JSON {"kind","payload","signature"} (keys already in
+    sorted order), each string escaped exactly as json.dumps(ensure_ascii=True) does."""
+    return ('{"kind":"message","payload":' + encode_basestring_ascii(payload.decode("ascii"))
+            + ',"signature":"' + signature.hex() + '"}').encode("ascii")
+
+
+class Verifier:
+    """``messages.verify_signature`` (libsecp256k1 through coincurve, low-S only) with each
+    device's parsed public key kept, and the compact signature parsed straight into
+    libsecp256k1's form (coincurve's own verify goes compact -> DER -> parsed: two extra C calls
+    and Python around them). Registered keys never change."""
+
+    def __init__(self) -> None:
+        import coincurve
+        from coincurve._libsecp256k1 import ffi, lib
+        from coincurve.context import GLOBAL_CONTEXT
+
+        self._coincurve, self._ffi, self._lib, self._ctx = coincurve, ffi, lib, GLOBAL_CONTEXT.ctx
+        self._keys: dict[bytes, Any] = {}
+
+    def verify(self, payload: bytes, signature: bytes, public_key: bytes) -> bool:
+        import hashlib
+
+        if len(signature) != 64:
+            return False
+        s = int.from_bytes(signature[32:], "big")
+        if not 0 < s <= _HALF_ORDER:  # low-S only, as messages.is_low_s
+            return False
+        key = self._keys.get(public_key)
+        if key is None:
+            try:
+                key = self._keys[public_key] = self._coincurve.PublicKey(public_key).public_key
+            except (ValueError, TypeError):
+                return False
+        return self.curve_verify(signature, hashlib.sha256(payload).digest(), key)
+
+    def curve_verify(self, signature: bytes, digest: bytes, key: Any) -> bool:
+        """The one libsecp256k1 verification (its own method so the tests can count it)."""
+        parsed = self._ffi.new("secp256k1_ecdsa_signature *")
+        if not self._lib.secp256k1_ecdsa_signature_parse_compact(self._ctx, parsed, signature):
+            return False  # r or s not below the group order
+        return bool(self._lib.secp256k1_ecdsa_verify(self._ctx, parsed, digest, key))
+
+
+_HALF_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
