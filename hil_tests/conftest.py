@@ -11,7 +11,7 @@ import pytest
 
 from .rig import plugin as _rig_plugin
 from .rig.plugin import *  # noqa: F401,F403 - the plugin's hooks and fixtures (rig/plugin.py __all__)
-from .suite_order import reorder_for_workers
+from .suite_order import reorder_for_workers, slowest_files
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -20,3 +20,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     selects), then the order of the files for the xdist workers."""
     _rig_plugin.pytest_collection_modifyitems(config, items)
     reorder_for_workers(items)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    slowest_files(terminalreporter)

@@ -69,3 +69,19 @@ def longest_files_first(items: list[pytest.Item]) -> None:
 def reorder_for_workers(items: list[pytest.Item]) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         longest_files_first(items)
+
+
+def slowest_files(terminalreporter, count: int = 25) -> None:
+    """At the end of a run of many files: the seconds each file took (setup, call and teardown of
+    its tests, on whichever worker ran it): the figures SLOW_FILES_S is kept from."""
+    per_file: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) in ("setup", "call", "teardown") and hasattr(report, "duration"):
+                path = report.nodeid.split("::", 1)[0]
+                per_file[path] = per_file.get(path, 0.0) + report.duration
+    if len(per_file) < 20:
+        return
+    terminalreporter.write_sep("=", f"slowest {count} files (s: setup + call + teardown of their tests)")
+    for path, seconds in sorted(per_file.items(), key=lambda kv: -kv[1])[:count]:
+        terminalreporter.write_line(f"{seconds:8.1f} {path}")
