@@ -80,10 +80,23 @@ class Ledger:
                 self.proc.wait(timeout=5)
 
 
-def cpu_s(pid: int) -> float:
-    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
+def cpu_s(pid: int, part: str = "both") -> float:
+    """CPU time (user + system, or one of them) a process has used so far, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]), int(fields[12])
+    return {"both": user + system, "user": user, "system": system}[part] / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU time per thread of a process (tid -> s); the main thread's tid is the pid (Linux)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def start_ledger(db: Path, token: str, offset_ms: int, extra: list[str]) -> Ledger:
@@ -284,10 +297,15 @@ def main() -> int:
                         orders += 1
                 kinds.append(ks)
                 batches.append(raws)
+            threads0 = thread_cpu_s(ledger.proc.pid)
             t0, server_cpu0, own_cpu0 = time.perf_counter(), cpu_s(ledger.proc.pid), time.process_time()
+            server_sys0 = cpu_s(ledger.proc.pid, "system")
             answers_timed = asyncio.run(send_all_kinds(ledger.port, batches, kinds))
             elapsed = time.perf_counter() - t0
             server_cpu = cpu_s(ledger.proc.pid) - server_cpu0
+            server_sys = cpu_s(ledger.proc.pid, "system") - server_sys0
+            threads1 = thread_cpu_s(ledger.proc.pid)
+            loop_cpu = threads1.get(ledger.proc.pid, 0.0) - threads0.get(ledger.proc.pid, 0.0)
             client_cpu = time.process_time() - own_cpu0
             book = asyncio.run(send_all(ledger.port, [[raw_request("GET", f"/v1/markets/{m1}/book")]], 1))[0]
             levels = json.loads(book[1])
@@ -311,6 +329,9 @@ def main() -> int:
     print(f"ledger_load: ledger CPU {1000 * server_cpu / len(latencies):.2f} ms per message "
           f"({server_cpu / elapsed:.2f} cores busy over the phase), load generator CPU {1000 * client_cpu / len(latencies):.2f} ms "
           f"per message; CPU-bound capacity of one ledger core ~{len(latencies) / server_cpu:.0f} messages/s")
+    print(f"ledger_load: ledger CPU by thread: event loop (HTTP, parsing, verification) {1000 * loop_cpu / len(latencies):.2f} ms "
+          f"per message, the other threads (the writer: store, SQLite, commit) {1000 * (server_cpu - loop_cpu) / len(latencies):.2f} ms; "
+          f"in the kernel (sockets, fsync) {1000 * server_sys / len(latencies):.2f} ms of the total")
     print(f"ledger_load: devices={args.devices} orders={orders} orders_per_s={int(orders / elapsed)} "
           f"p50_ms={int(round(p50))} p99_ms={int(round(p99))} errors={errors}")
     return 0

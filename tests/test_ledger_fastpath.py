@@ -138,3 +138,32 @@ def test_verifier_agrees_with_both_references():
             assert verifier.verify(payload, signature, public_key) is valid
         assert verify_signature(payload, signature, public_key, backend="coincurve") is valid
         assert verify_signature(payload, signature, public_key, backend="ecdsa") is valid
+
+
+def _outcome(call, text):
+    try:
+        return ("value", call(text))
+    except Exception as exc:  # the same exception type and text, or the shortcut is wrong
+        return ("error", type(exc).__name__, str(exc))
+
+
+json_texts = st.one_of(
+    json_values.map(json.dumps),
+    st.text(alphabet=' \t\n{}[]",:0123456789.eE+-truefalsnNaINfiy\\u', max_size=40),
+    json_values.map(lambda v: " " + json.dumps(v) + " "),
+    json_values.map(lambda v: json.dumps(v) + "x"),
+    st.sampled_from(["1.5", "NaN", "-Infinity", '{"a": 1e3}', "[1, 2.0]", "", " ", '{"a":1}{"b":2}']),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(json_texts)
+def test_strict_loads_is_the_strict_decoder(text):
+    assert _outcome(fastpath.strict_loads, text) == _outcome(fastpath.STRICT_DECODER.decode, text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(max_codepoint=127), max_size=30), max_size=40))
+def test_merkle_root_is_the_records(leaves):
+    expected = record.merkle_root([record.leaf_hash(leaf.encode("ascii")) for leaf in leaves])
+    assert fastpath.merkle_root(leaves) == expected

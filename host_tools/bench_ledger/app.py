@@ -26,6 +26,7 @@ All numbers on the wire are integers: Wh, minor units per kWh, milli-minor units
 from __future__ import annotations
 
 import hmac
+import asyncio
 import json
 import logging
 import re
@@ -65,6 +66,7 @@ from .store import (
     MAX_FUTURE_ISSUE_SECONDS,
     MAX_ORDER_WH,
     LedgerStore,
+    Outcome,
     Rejection,
 )
 
@@ -416,7 +418,7 @@ def _parse_json(raw: bytes, what: str) -> Any:
         raise Rejection("malformed", f"{what}: nested deeper than {MAX_JSON_DEPTH} levels; expected a flat JSON object")
 
     try:
-        return fastpath.STRICT_DECODER.decode(text)  # json.loads with no floats, no NaN/Infinity
+        return fastpath.strict_loads(text)  # json.loads with no floats, no NaN/Infinity
     except ValueError as exc:
         raise Rejection("malformed", f"{what}: expected a JSON object ({exc})") from None
 
@@ -471,6 +473,7 @@ async def _lean_body(scope: dict, receive) -> Optional[bytes]:
 
 
 _render = fastpath.render_response  # the bytes JSONResponse would send for a body
+_JSON_HEADERS = [(b"content-type", b"application/json")]  # (fast_http adds content-length)
 
 
 class _LedgerAPI(FastAPI):
@@ -556,7 +559,9 @@ def create_app(settings: LedgerSettings) -> FastAPI:
     def client_rejection(scope: dict) -> Optional[JSONResponse]:
         """Per client address, before anything is parsed: a flood costs a dict look-up and a 429."""
         client = scope.get("client")
-        host = client[0] if client else "unknown"
+        return client_rejection_of(client[0] if client else "unknown")
+
+    def client_rejection_of(host: str) -> Optional[JSONResponse]:
         wait_s = client_limiter.take(host)
         if not wait_s:
             return None
@@ -866,20 +871,47 @@ def create_app(settings: LedgerSettings) -> FastAPI:
                 await checked(scope, receive, send)
                 return
             fields, message = checked
-            outcome = await committer.submit(fields, message.payload, message.signature)
-            status, body = outcome.http_status, outcome.body
-        except Rejection as exc:
-            status, body = exc.http_status, exc.body()
-        except Exception:
-            log.exception("internal error on POST /v1/messages")
-            status, body = 500, {"status": "error", "code": "internal", "detail": "internal ledger error; the request was not applied"}
-        data = _render(body)
+            result: Any = await committer.submit(fields, message.payload, message.signature)
+        except Exception as exc:
+            result = exc
+        status, data = _answer(result)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-length", str(len(data)).encode("ascii")), (b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": data})
 
+    def _answer(result: Any) -> tuple[int, bytes]:
+        """Status and body bytes for what the committer (or a check) gave: an Outcome, or an exception."""
+        if isinstance(result, Outcome):
+            return result.http_status, result.data if result.data is not None else _render(result.body)
+        if isinstance(result, Rejection):
+            return result.http_status, _render(result.body())
+        log.error("internal error on POST /v1/messages", exc_info=result)
+        return 500, _render({"status": "error", "code": "internal", "detail": "internal ledger error; the request was not applied"})
+
+    def fast_post(raw: bytes, client_host: str, reply: Callable[[int, bytes, list], None]) -> None:
+        """POST /v1/messages for fast_http's protocol: the body is whole (its length was checked
+        against MAX_BODY_BYTES from Content-Length), the answer goes to ``reply(status, body,
+        headers)`` - at once for a refusal, after the commit for a message. Exactly ``_lean_post``'s
+        checks, order and answers, without an ASGI scope, a task or a future per message."""
+        try:
+            if client_limited:
+                response = client_rejection_of(client_host)
+                if response is not None:
+                    reply(response.status_code, response.body, response.raw_headers)
+                    return
+            checked = _check_message(raw)
+            if isinstance(checked, JSONResponse):
+                reply(checked.status_code, checked.body, checked.raw_headers)
+                return
+            fields, message = checked
+            committer.submit_then(fields, message.payload, message.signature, asyncio.get_running_loop(),
+                                  lambda result: reply(*_answer(result), _JSON_HEADERS))
+        except Exception as exc:
+            reply(*_answer(exc), _JSON_HEADERS)
+
     client_limited = settings.client_rate.enabled
     app.lean_post = _lean_post  # type: ignore[attr-defined]  (served by _LedgerAPI.__call__)
+    app.fast_post = fast_post  # type: ignore[attr-defined]  (served by fast_http.LedgerHttpProtocol)
 
     def _check_message(raw: bytes):
         try:

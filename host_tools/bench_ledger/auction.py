@@ -199,26 +199,26 @@ class OrderBook:
                     incoming.side == "sell" and price < incoming.price_per_kwh_minor):
                 break
             queue = self._levels[other][price]
-            kept: deque[tuple[str, int]] = deque()
-            while queue:
-                key = queue.popleft()
+            skipped: list[tuple[str, int]] = []  # own orders: skipped, they keep their place
+            while queue and remaining:  # only the head of the queue is touched, not the whole level
+                key = queue[0]
                 maker = self._orders[key]
-                if remaining == 0 or maker.device_id == incoming.device_id:
-                    kept.append(key)  # self-trade: skip, the own order keeps its place
+                if maker.device_id == incoming.device_id:
+                    skipped.append(queue.popleft())
                     continue
                 quantity = min(remaining, maker.remaining_wh)
                 fills.append(Fill(maker=maker, energy_wh=quantity, price_per_kwh_minor=maker.price_per_kwh_minor))
                 remaining -= quantity
                 if quantity == maker.remaining_wh:
+                    queue.popleft()
                     del self._orders[key]
                     self._count(maker, -1, -quantity)
-                else:
+                else:  # partly taken: stays at the head with the rest (remaining is now 0)
                     self._count(maker, 0, -quantity)
                     self._orders[key] = replace(maker, remaining_wh=maker.remaining_wh - quantity)
-                    kept.append(key)
-            if kept:
-                self._levels[other][price] = kept
-            else:
+            if skipped:
+                queue.extendleft(reversed(skipped))
+            if not queue:
                 self._drop_level(other, price)
         rested = None
         if remaining > 0:

@@ -262,8 +262,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         try:
             blocks = []
             for row in conn.execute("SELECT * FROM log_blocks ORDER BY height"):
-                entries = [r["leaf"] for r in conn.execute(
-                    "SELECT leaf FROM log_entries WHERE block_height = ? ORDER BY leaf_index", (row["height"],))]
+                entries = [r["leaf"] for r in conn.execute(  # a block: entry_count entries of lowest seq from first_seq
+                    "SELECT leaf FROM log_entries WHERE seq >= ? ORDER BY seq LIMIT ?", (row["first_seq"], row["entry_count"]))]
                 blocks.append({**json.loads(row["header"]), "signature": row["signature"], "entries": entries})
         except sqlite3.Error as exc:
             raise LedgerFailure(f"--db {args.db}: not a bench ledger database with a record ({exc})") from None
@@ -278,7 +278,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         store = LedgerStore(args.db, MarketRules(), 0)
         try:
             problems = store.record_completeness()
-            unsealed = store._one("SELECT COUNT(*) FROM log_entries WHERE block_height IS NULL")[0]
+            unsealed = store._one("SELECT COUNT(*) FROM log_entries WHERE seq > ?", (store._sealed_through_seq,))[0]
         finally:
             store.close()
         if unsealed:

@@ -63,8 +63,11 @@ def _uvicorn_server(settings: LedgerSettings, on_ready: Callable[[], None]):
             if self.started:
                 on_ready()
 
+    from .fast_http import protocol_for
+
     app = create_app(settings)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    # POST /v1/messages straight from the parser (fast_http); everything else is uvicorn's as usual
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=protocol_for(app))
     return _Server(config), app
 
 

@@ -32,7 +32,7 @@ import json
 import logging
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -176,13 +176,13 @@ CREATE TABLE IF NOT EXISTS log_entries (
     nonce INTEGER,
     trade_id INTEGER,
     leaf TEXT NOT NULL,  -- firmware.ledger.record leaf: canonical JSON of the entry
-    block_height INTEGER,  -- null until sealed
+    block_height INTEGER,  -- unused since blocks are seq ranges (set by ledgers before; never read)
     leaf_index INTEGER
 );
 CREATE INDEX IF NOT EXISTS log_message ON log_entries (device_id, nonce);
 CREATE INDEX IF NOT EXISTS log_trade ON log_entries (trade_id);
-CREATE INDEX IF NOT EXISTS log_pending ON log_entries (block_height);
-CREATE TABLE IF NOT EXISTS log_blocks (
+DROP INDEX IF EXISTS log_pending;
+CREATE TABLE IF NOT EXISTS log_blocks (  -- block h holds the entry_count entries of lowest seq >= first_seq
     height INTEGER PRIMARY KEY,
     header TEXT NOT NULL,  -- canonical JSON; its sha256 is the block hash, signed by the authority
     block_hash TEXT NOT NULL,
@@ -233,10 +233,12 @@ class Rejection(Exception):
 
 @dataclass(frozen=True)
 class Outcome:
-    """The answer to a submitted message: HTTP status and JSON body."""
+    """The answer to a submitted message: HTTP status and JSON body (and, when the store rendered
+    it already, the body's bytes as sent: the stored text, so the event loop need not render it again)."""
 
     http_status: int
     body: dict
+    data: bytes | None = field(default=None, compare=False, repr=False)
 
 
 class _NotLean(Exception):
@@ -308,7 +310,9 @@ class LedgerStore:
         self._lean = False  # inside a lean batch (submit_batch): outcome and record rows are collected
         self._batch_messages: dict[tuple[str, int], tuple] = {}
         self._batch_entries: list[tuple] = []
-        if self._one("SELECT 1 FROM log_entries WHERE block_height IS NULL LIMIT 1") is not None:
+        self._sealed_through_seq = self._last_sealed_seq()
+        self._appended_since_seal = 0  # entries appended since the last seal (too high after a rollback: harmless)
+        if self._one("SELECT 1 FROM log_entries WHERE seq > ? LIMIT 1", (self._sealed_through_seq,)) is not None:
             self._pending_since_ms = 0  # entries left unsealed by the last run: seal at the first chance
 
     def _load_books(self) -> None:
@@ -647,7 +651,7 @@ class LedgerStore:
             self._conn.execute("ROLLBACK TO apply")
             self._conn.execute("RELEASE apply")
             outcome = Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
-            self._store_message(fields, payload, signature, digest, now_ms, outcome)
+            outcome = self._store_message(fields, payload, signature, digest, now_ms, outcome)
         except BaseException:
             self._conn.execute("ROLLBACK TO apply")
             self._conn.execute("RELEASE apply")
@@ -666,7 +670,7 @@ class LedgerStore:
             if self._conn.total_changes != changes:
                 raise _NotLean() from rejection
             outcome = Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=fields["nonce"]))
-            self._store_message(fields, payload, signature, digest, now_ms, outcome)
+            outcome = self._store_message(fields, payload, signature, digest, now_ms, outcome)
             return outcome
 
     def _apply(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int) -> Outcome:
@@ -682,22 +686,25 @@ class LedgerStore:
         else:  # messages.validate_fields admits only the kinds above
             raise Rejection("malformed", f"type: expected one of order, cancel, delivery_report, got {kind!r}")
         outcome = Outcome(200, {"status": "accepted", "duplicate": False, "nonce": nonce, "type": kind, "result": result})
-        self._store_message(fields, payload, signature, digest, now_ms, outcome)
+        outcome = self._store_message(fields, payload, signature, digest, now_ms, outcome)
         self._append("message", fastpath.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
         for trade_id, leaf in self._trade_leaves:
             self._append("trade", leaf, now_ms, trade_id=trade_id)
         return outcome
 
     def _store_message(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int,
-                       outcome: Outcome) -> None:
+                       outcome: Outcome) -> Outcome:
+        """Store the message with its outcome; returns the outcome with its rendered bytes."""
+        data = fastpath.render_response(outcome.body)  # stored as the very bytes the answer carries
         row = (fields["device_id"], fields["nonce"], digest, fields["type"], payload.decode("ascii"), signature.hex(), now_ms,
-               outcome.http_status, fastpath.stored_outcome_text(outcome.body))
+               outcome.http_status, data.decode("utf-8"))
         if fields["nonce"] > self._max_nonce.get(row[0], 0):
             self._max_nonce[row[0]] = fields["nonce"]
         if self._lean:  # written with the batch's other rows, before its COMMIT
             self._batch_messages[row[0], row[1]] = row
         else:
             self._conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        return Outcome(outcome.http_status, outcome.body, data)
 
     # ------------------------------------------------------------- the record
 
@@ -708,24 +715,42 @@ class LedgerStore:
             self._batch_entries.append(row)
         else:
             self._conn.execute("INSERT INTO log_entries (kind, device_id, nonce, trade_id, leaf) VALUES (?, ?, ?, ?, ?)", row)
+        self._appended_since_seal += 1
         if self._pending_since_ms is None:
             self._pending_since_ms = now_ms
 
-    def _seal_locked(self, now_ms: int) -> int:
-        """Seal every unsealed entry into blocks of at most BLOCK_MAX_ENTRIES; returns blocks sealed."""
+    def _last_sealed_seq(self) -> int:
+        """The seq of the last sealed entry (0 when nothing is sealed)."""
+        last = self._one("SELECT first_seq, entry_count FROM log_blocks ORDER BY height DESC LIMIT 1")
+        if last is None:
+            return 0
+        row = self._one("SELECT seq FROM log_entries WHERE seq >= ? ORDER BY seq LIMIT 1 OFFSET ?",
+                        (last["first_seq"], last["entry_count"] - 1))
+        return last["first_seq"] + last["entry_count"] - 1 if row is None else row["seq"]
+
+    def _block_entries(self, first_seq: int, entry_count: int) -> list[sqlite3.Row]:
+        """A block's entries (seq, leaf), in order: the entry_count entries of lowest seq from first_seq."""
+        return self._all("SELECT seq, leaf FROM log_entries WHERE seq >= ? ORDER BY seq LIMIT ?", (first_seq, entry_count))
+
+    def _seal_locked(self, now_ms: int, *, full_blocks_only: bool = False) -> int:
+        """Seal every unsealed entry into blocks of at most BLOCK_MAX_ENTRIES (with ``full_blocks_only``,
+        only whole blocks: the busy ledger's seal, one block at a time); returns blocks sealed.
+
+        A block is a range of seq: it writes one row, never touches the entries it seals, so a
+        seal under load costs hashing and one signature, not a rewrite of every entry's page."""
         if self._pending_since_ms is None:
             return 0
         sealed = 0
         self._begin()
         try:
             while True:
-                rows = self._all("SELECT seq, leaf FROM log_entries WHERE block_height IS NULL ORDER BY seq LIMIT ?",
-                                 (BLOCK_MAX_ENTRIES,))
-                if not rows:
+                rows = self._all("SELECT seq, leaf FROM log_entries WHERE seq > ? ORDER BY seq LIMIT ?",
+                                 (self._sealed_through_seq, BLOCK_MAX_ENTRIES))
+                if not rows or (full_blocks_only and len(rows) < BLOCK_MAX_ENTRIES):
                     break
                 last = self._one("SELECT height, block_hash FROM log_blocks ORDER BY height DESC LIMIT 1")
                 height = 0 if last is None else last["height"] + 1
-                root = record.merkle_root([record.leaf_hash(r["leaf"].encode("ascii")) for r in rows])
+                root = fastpath.merkle_root([r["leaf"] for r in rows])
                 header = record.BlockHeader(
                     ledger_id=self.ledger_id, height=height,
                     prev_block_hash=record.GENESIS_HASH if last is None else last["block_hash"],
@@ -734,14 +759,19 @@ class LedgerStore:
                 self._conn.execute("INSERT INTO log_blocks VALUES (?, ?, ?, ?, ?, ?)",
                                    (height, header.to_bytes().decode("ascii"), header.block_hash, signature.hex(),
                                     rows[0]["seq"], len(rows)))
-                self._conn.executemany("UPDATE log_entries SET block_height = ?, leaf_index = ? WHERE seq = ?",
-                                       [(height, i, r["seq"]) for i, r in enumerate(rows)])
+                self._sealed_through_seq = rows[-1]["seq"]
                 sealed += 1
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
+            self._sealed_through_seq = self._last_sealed_seq()
             raise
-        self._pending_since_ms = None
+        left = len(rows)  # what the last query found beyond the sealed blocks (0, or a part-block kept back)
+        if not left:
+            self._pending_since_ms = None
+        elif sealed:  # a part-block kept back by a full-blocks-only seal: its age counts from now
+            self._pending_since_ms = now_ms
+        self._appended_since_seal = left
         return sealed
 
     def seal(self, now_ms: int) -> int:
@@ -751,8 +781,7 @@ class LedgerStore:
     def _block(self, row: sqlite3.Row, *, with_entries: bool) -> dict:
         out = {**json.loads(row["header"]), "block_hash": row["block_hash"], "signature": row["signature"]}
         if with_entries:
-            out["entries"] = [r["leaf"] for r in self._all(
-                "SELECT leaf FROM log_entries WHERE block_height = ? ORDER BY leaf_index", (row["height"],))]
+            out["entries"] = [r["leaf"] for r in self._block_entries(row["first_seq"], row["entry_count"])]
         return out
 
     def blocks(self, start: int, limit: int, now_ms: int, *, with_entries: bool = False) -> tuple[list[dict], int]:
@@ -766,17 +795,17 @@ class LedgerStore:
     def _proof(self, entry: sqlite3.Row | None, now_ms: int) -> dict | None:
         if entry is None:
             return None
-        if entry["block_height"] is None:
+        if entry["seq"] > self._sealed_through_seq:
             self._seal_locked(now_ms)
-            entry = self._one("SELECT * FROM log_entries WHERE seq = ?", (entry["seq"],))
-        block = self._one("SELECT * FROM log_blocks WHERE height = ?", (entry["block_height"],))
-        hashes = [record.leaf_hash(r["leaf"].encode("ascii")) for r in self._all(
-            "SELECT leaf FROM log_entries WHERE block_height = ? ORDER BY leaf_index", (entry["block_height"],))]
+        block = self._one("SELECT * FROM log_blocks WHERE first_seq <= ? ORDER BY height DESC LIMIT 1", (entry["seq"],))
+        rows = self._block_entries(block["first_seq"], block["entry_count"])
+        index = next(i for i, r in enumerate(rows) if r["seq"] == entry["seq"])
+        hashes = [record.leaf_hash(r["leaf"].encode("ascii")) for r in rows]
         return {
             "seq": entry["seq"],
             "leaf": entry["leaf"],
-            "leaf_index": entry["leaf_index"],
-            "path": [h.hex() for h in record.merkle_path(hashes, entry["leaf_index"])],
+            "leaf_index": index,
+            "path": [h.hex() for h in record.merkle_path(hashes, index)],
             "block": self._block(block, with_entries=False),
         }
 
@@ -1119,8 +1148,11 @@ class LedgerStore:
             return self._sweep_locked(now_ms)
 
     def _sweep_locked(self, now_ms: int) -> dict:
-        if self._pending_since_ms is not None and now_ms - self._pending_since_ms >= self.seal_interval_ms:
-            self._seal_locked(now_ms)
+        if self._pending_since_ms is not None:
+            if now_ms - self._pending_since_ms >= self.seal_interval_ms:
+                self._seal_locked(now_ms)
+            elif self._appended_since_seal >= BLOCK_MAX_ENTRIES:  # busy: a whole block now, not a pile every interval
+                self._seal_locked(now_ms, full_blocks_only=True)
         now_s = now_ms // 1000
         gate_cutoff = now_s + self.rules.gate_closure_seconds  # market_id <= cutoff means gate closed
         trade_cutoff = now_s - self.rules.slot_seconds - self.report_deadline_seconds
