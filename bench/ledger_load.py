@@ -7,7 +7,12 @@ address rate limit is switched off (--client-rate 0), because every simulated de
 from 127.0.0.1. The load generator is one asyncio process with one keep-alive connection per
 device; every message is signed with the device's own key *before* the timed phase, so the
 generator's CPU goes into HTTP, not signing. Each device has one request outstanding at a time
-(as a board's outbox does).
+(as a board's outbox does). With ``--rate-per-device R`` a device also sends at most R messages
+per second (the next one leaves when the answer is in *and* 1/R s after the previous one left),
+as a board that keeps within the ledger's per-device rate limit (20/s by default) does; without
+it every device sends back to back, so with N devices the latency is at least N / throughput
+(Little's law) and a device soon exceeds its rate limit. Latency is always from send to the
+full answer; a send that is late because the ledger answered late is not hidden.
 
 Phases:
 1. Set-up (ledger run 1, the host clock, per-device rate limit off for the fillers' burst):
@@ -195,12 +200,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--messages-per-device", type=int, default=20)
+    parser.add_argument("--rate-per-device", type=float, default=0.0,
+                        help="messages per second per device at most (0: back to back)")
     parser.add_argument("--resting", type=int, default=1000, help="resting orders in the book before the timed phase")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ledger-arg", action="append", default=[], help="extra argument for `ledger serve`")
     args = parser.parse_args()
-    if not (1 <= args.devices <= 5000 and 1 <= args.messages_per_device <= 200 and 0 <= args.resting <= 50_000):
-        raise SystemExit("ledger_load: --devices 1..5000, --messages-per-device 1..200, --resting 0..50000")
+    if not (1 <= args.devices <= 5000 and 1 <= args.messages_per_device <= 2000 and 0 <= args.resting <= 50_000
+            and 0 <= args.rate_per_device <= 1000):
+        raise SystemExit("ledger_load: --devices 1..5000, --messages-per-device 1..2000, --resting 0..50000, "
+                         "--rate-per-device 0..1000")
     rng = random.Random(args.seed)
     token = secrets.token_hex(16)
     auth = {"Authorization": f"Bearer {token}"}
@@ -300,7 +309,7 @@ def main() -> int:
             threads0 = thread_cpu_s(ledger.proc.pid)
             t0, server_cpu0, own_cpu0 = time.perf_counter(), cpu_s(ledger.proc.pid), time.process_time()
             server_sys0 = cpu_s(ledger.proc.pid, "system")
-            answers_timed = asyncio.run(send_all_kinds(ledger.port, batches, kinds))
+            answers_timed = asyncio.run(send_all_kinds(ledger.port, batches, kinds, args.rate_per_device))
             elapsed = time.perf_counter() - t0
             server_cpu = cpu_s(ledger.proc.pid) - server_cpu0
             server_sys = cpu_s(ledger.proc.pid, "system") - server_sys0
@@ -332,17 +341,29 @@ def main() -> int:
     print(f"ledger_load: ledger CPU by thread: event loop (HTTP, parsing, verification) {1000 * loop_cpu / len(latencies):.2f} ms "
           f"per message, the other threads (the writer: store, SQLite, commit) {1000 * (server_cpu - loop_cpu) / len(latencies):.2f} ms; "
           f"in the kernel (sockets, fsync) {1000 * server_sys / len(latencies):.2f} ms of the total")
+    pacing = (f"at most {args.rate_per_device:g} messages/s per device (offered {args.devices * args.rate_per_device:.0f}/s)"
+              if args.rate_per_device else "back to back")
+    print(f"ledger_load: one message per request, one request outstanding per device, {pacing}; "
+          f"{args.messages_per_device} messages per device; timed phase {elapsed:.1f} s")
     print(f"ledger_load: devices={args.devices} orders={orders} orders_per_s={int(orders / elapsed)} "
           f"p50_ms={int(round(p50))} p99_ms={int(round(p99))} errors={errors}")
     return 0
 
 
-async def send_all_kinds(port: int, batches: list[list[bytes]], kinds: list[list[str]]) -> list[tuple[str, int, bytes, float]]:
+async def send_all_kinds(port: int, batches: list[list[bytes]], kinds: list[list[str]],
+                         rate_per_device: float = 0.0) -> list[tuple[str, int, bytes, float]]:
     out: list[tuple[str, int, bytes, float]] = []
     conns = await asyncio.gather(*(Conn.open(port) for _ in batches))
+    gap_s = 1.0 / rate_per_device if rate_per_device else 0.0
 
-    async def run(conn: Conn, batch: list[bytes], ks: list[str]) -> None:
+    async def run(conn: Conn, batch: list[bytes], ks: list[str], start_s: float) -> None:
+        next_s = time.perf_counter() + start_s  # devices start spread over one gap, not all in the same instant
         for raw, kind in zip(batch, ks):
+            if gap_s:
+                wait_s = next_s - time.perf_counter()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                next_s = max(next_s, time.perf_counter() - gap_s) + gap_s  # no catching up after a late answer
             t = time.perf_counter()
             try:
                 status, body = await conn.request(raw)
@@ -351,7 +372,9 @@ async def send_all_kinds(port: int, batches: list[list[bytes]], kinds: list[list
             out.append((kind, status, body, time.perf_counter() - t))
 
     try:
-        await asyncio.wait_for(asyncio.gather(*(run(c, b, k) for c, b, k in zip(conns, batches, kinds))), timeout=600)
+        spread = [gap_s * i / max(1, len(batches)) for i in range(len(batches))]
+        await asyncio.wait_for(asyncio.gather(*(run(c, b, k, s) for c, b, k, s in zip(conns, batches, kinds, spread))),
+                               timeout=600)
     finally:
         for c in conns:
             c.close()

@@ -529,6 +529,7 @@ def create_app(settings: LedgerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         committer.start()
+        store.start_checkpointer()
         yield
         committer.stop()
         store.close()
