@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping, Sequence
 
 DAY_SECONDS = 86_400
@@ -265,8 +266,13 @@ class SlotForecast:
         is there four times in five."""
         if len(self.pv_samples_wh) == 1:
             return self.pv_samples_wh[0] - round(_quantile(self.load_samples_wh, 100 - q_percent))
-        diffs = sorted(p - l for p in self.pv_samples_wh for l in self.load_samples_wh)
-        return round(_quantile(diffs, q_percent))
+        return round(_quantile(self.net_samples_wh, q_percent))
+
+    @cached_property
+    def net_samples_wh(self) -> tuple[int, ...]:
+        """The net's distribution, sorted: every difference of a PV sample and a load sample (PV
+        and load independent). Computed once per forecast object (the policy asks at every review)."""
+        return tuple(sorted(p - l for p in self.pv_samples_wh for l in self.load_samples_wh))
 
 
 def _day_kind(t_s: int, day_seconds: int) -> bool:

@@ -51,6 +51,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol, Sequence
 
@@ -59,10 +60,18 @@ from .market import MarketRules
 
 @dataclass(frozen=True)
 class DesiredOrder:
+    """What the house wants in one market: ``energy_wh`` in all at ``price_per_kwh_minor`` (the
+    most eager price), or, with ``levels``, a bid or offer *curve*: (energy_wh, price) levels, most
+    eager first (a buyer's highest price, a seller's lowest), whose energies sum to ``energy_wh``."""
+
     market_id: int
     side: str  # buy | sell
     energy_wh: int
     price_per_kwh_minor: int
+    levels: tuple[tuple[int, int], ...] = ()
+
+    def price_levels(self) -> tuple[tuple[int, int], ...]:
+        return self.levels or ((self.energy_wh, self.price_per_kwh_minor),)
 
 
 @dataclass(frozen=True)
@@ -244,6 +253,136 @@ def battery_plan(net_wh: Sequence[tuple[int, int]], battery: Battery, slot_secon
     return plan, backup
 
 
+def _simulate(nets: Sequence[int], battery: Battery, slot_seconds: int, extra_index: int = -1, extra_wh: int = 0
+              ) -> tuple[float, float]:
+    """Chronological self-consumption over ``nets`` with an extra discharge of ``extra_wh`` (house
+    side) in slot ``extra_index``: (own shortage covered in total, energy stored at the end)."""
+    eta_c = battery.charge_efficiency_percent / 100
+    eta_d = battery.discharge_efficiency_percent / 100
+    step = battery.max_step_wh(slot_seconds)
+    stored = float(min(max(battery.soc_wh, 0), battery.capacity_wh))
+    covered = 0.0
+    for i, net in enumerate(nets):
+        extra = extra_wh if i == extra_index else 0
+        if net > 0:
+            room = max(0.0, battery.capacity_wh - stored)
+            stored += min(float(net), step, room / eta_c) * eta_c
+        elif net < 0 or extra:
+            available = max(0.0, stored - battery.reserve_wh) * eta_d
+            give = min(float(-min(net, 0)) + extra, step, available)
+            own = max(0.0, give - extra)
+            covered += own
+            stored -= give / eta_d
+    return covered, stored
+
+
+def battery_spare_wh(net_wh: Sequence[tuple[int, int]], battery: Battery, slot_seconds: int, market_id: int,
+                     lot_wh: int) -> int:
+    """Whole lots the battery can sell in ``market_id`` (a slot it is not charging in) beyond the
+    house's own needs, *for free*: energy that a later surplus, which the plan could not store
+    because the battery would be full, puts back. With it sold, the plan still covers every
+    planned own shortage of the horizon and ends with as much stored. WHY: a full battery at noon
+    exports its surplus at feed-in, so a kWh of the evening before is worth only that to the house
+    but saves a neighbour retail (issue 8: discharge into a sale at a good price). Pass
+    conservative nets (a cloudier day, a higher load): what they still refill is what is sold."""
+    ordered = sorted(net_wh)
+    nets = [n for _, n in ordered]
+    try:
+        index = [m for m, _ in ordered].index(market_id)
+    except ValueError:
+        return 0
+    if nets[index] > 0:
+        return 0
+    base_covered, base_end = _simulate(nets, battery, slot_seconds)
+    power_left = battery.max_step_wh(slot_seconds) - (-nets[index])
+    lots = int(max(0.0, power_left) // lot_wh)
+    lo, hi = 0, lots  # binary search: selling more never helps the rest of the plan
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        covered, end = _simulate(nets, battery, slot_seconds, index, mid * lot_wh)
+        if covered >= base_covered - 0.5 and end >= base_end - 0.5:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * lot_wh
+
+
+def lot_fractions(sorted_wh: Sequence[int], lot_wh: int, lots: int) -> list[float]:
+    """For k = 0..lots-1, the expected share of the k-th lot (k x lot .. (k+1) x lot Wh) that a
+    quantity X covers, X distributed as the sorted samples: E[clip(X - k lot, 0, lot)] / lot.
+
+    For a buyer X is the shortage, and the share is how much of lot k the house will use; for a
+    seller X is what it can deliver, and the share is how much of lot k will be delivered. Non-
+    increasing in k, each in 0..1. O(lots x log n) with prefix sums."""
+    n = len(sorted_wh)
+    if n == 0 or lots <= 0:
+        return []
+    prefix = [0]
+    for x in sorted_wh:
+        prefix.append(prefix[-1] + x)
+
+    def excess(a: int) -> float:  # E[(X - a)+]
+        i = bisect_right(sorted_wh, a)
+        return ((prefix[n] - prefix[i]) - a * (n - i)) / n
+
+    out = []
+    above = excess(0)
+    for k in range(lots):
+        below, above = above, excess((k + 1) * lot_wh)
+        out.append(min(1.0, max(0.0, (below - above) / lot_wh)))
+    return out
+
+
+def curve_levels(side: str, fractions: Sequence[float], *, lot_wh: int, min_fraction: float, steps: int,
+                 tariffs: Tariffs, initial: int, final: int, ramp_fraction: float) -> list[tuple[int, int]]:
+    """A bid or offer curve from the lots' expected shares (``lot_fractions``): (energy, price)
+    levels, most eager first.
+
+    WHY a curve: a lot's worth depends on how likely it is to be used (buyer) or delivered
+    (seller). A buyer's lot used with probability u saves retail when used and is passed on at
+    feed-in when not, so it is worth ``feed_in + u x (retail - feed_in)`` to the buyer, and a bid
+    up to that never loses in expectation; a seller's lot delivered with share a is offered down
+    to ``floor + (1 - a) x (initial - floor)``, so the lots it is sure of sell to anyone and the
+    doubtful ones only to a buyer who values them highly. A trade then happens when u + a >= 1,
+    roughly, and a slot with plenty of surplus buys far more of its likely shortage than a single
+    median order would (measured on the fixture: docs/community.md). Shares are rounded down to
+    ``steps`` levels (fewer orders; each lot priced at or below its worth to the buyer, and at or
+    above the seller's); lots below ``min_fraction`` are not traded. Each level ramps from
+    ``initial`` to its own final price by ``ramp_fraction`` (0..1) like a single order does."""
+    by_price: dict[int, int] = {}
+    for share in fractions:
+        if share < min_fraction - 1e-9 or share <= 0:
+            break  # shares never grow with k: no later lot qualifies either
+        q = math.floor(share * steps + 1e-9) / steps
+        if side == "buy":
+            worth = tariffs.feed_in_per_kwh_minor + q * (tariffs.retail_per_kwh_minor - tariffs.feed_in_per_kwh_minor)
+            level_final = min(final, int(worth))
+            if level_final < initial:
+                break
+        else:
+            level_final = max(final, int(math.ceil(final + (1 - q) * (initial - final))))
+            if level_final > initial:
+                break
+        price = int(round(initial + (level_final - initial) * ramp_fraction))
+        by_price[price] = by_price.get(price, 0) + lot_wh
+    return sorted(((e, p) for p, e in by_price.items()), key=lambda ep: -ep[1] if side == "buy" else ep[1])
+
+
+def _cautious_net(forecast, sell_quantile_percent: int, buy_quantile_percent: int) -> int:
+    """A slot's net on the cautious side: a surplus at the sell quantile, a shortage at the buy quantile."""
+    if isinstance(forecast, int):
+        return forecast
+    if forecast.net_wh > 0:
+        return max(0, forecast.net_quantile_wh(sell_quantile_percent))
+    return min(forecast.net_wh, forecast.net_quantile_wh(100 - buy_quantile_percent))
+
+
+def _net_samples(forecast) -> tuple[int, ...]:
+    if isinstance(forecast, int):
+        return (forecast,)
+    return forecast.net_samples_wh
+
+
 def _point_and_quantile(forecast, q_percent: int) -> tuple[int, int]:
     """A forecast value is an int (net Wh) or an object with ``net_wh``/``net_quantile_wh``."""
     if isinstance(forecast, int):
@@ -266,6 +405,8 @@ def desired_orders(
     battery: Battery | None = None,
     owner_limits: bool = False,
     markets: Iterable[int] | None = None,
+    curve_steps: int = 0,
+    battery_sales: bool = False,
 ) -> dict[int, DesiredOrder]:
     """The order the house wants in each forecast market (markets with nothing to trade are absent).
 
@@ -292,9 +433,29 @@ def desired_orders(
     plan, backup = battery_plan(list(points.items()), battery, rules.slot_seconds) if battery else ({}, {})
     result: dict[int, DesiredOrder] = {}
     wanted = sorted(forecast_wh) if markets is None else sorted(m for m in set(markets) if m in forecast_wh)
+    cautious = None
     for market_id in wanted:
         net = points[market_id]
         flow = plan.get(market_id, 0)
+        if battery_sales and battery and net <= 0 and flow == net:
+            # the battery covers this slot's shortage: can it also sell to a neighbour for free?
+            if cautious is None:
+                cautious = [(m, _cautious_net(f, sell_quantile_percent, buy_quantile_percent)) for m, f in forecast_wh.items()]
+            spare = min(cap_wh, battery_spare_wh([(m, (net if m == market_id else n)) for m, n in cautious], battery,
+                                                 rules.slot_seconds, market_id, rules.lot_wh))
+            if spare >= rules.lot_wh:
+                price = ramp_price("sell", market_id, now_s, tariffs=tariffs, rules=rules, ramp=ramp,
+                                   policy=policy if owner_limits else None)
+                if price is not None:
+                    result[market_id] = DesiredOrder(market_id, "sell", spare, price)
+                continue
+        if curve_steps > 0:
+            order = _curve_order(market_id, forecast_wh[market_id], net, flow, backup.get(market_id, 0) if battery else 0,
+                                 rules, policy, tariffs, now_s, ramp, owner_limits, cap_wh, curve_steps,
+                                 sell_quantile_percent, buy_quantile_percent)
+            if order is not None:
+                result[market_id] = order
+            continue
         if net > 0:
             side = "sell"  # the surplus there with probability 1 - q, never more than the point
             _, quantile = _point_and_quantile(forecast_wh[market_id], sell_quantile_percent)
@@ -321,6 +482,43 @@ def desired_orders(
             continue
         result[market_id] = DesiredOrder(market_id, side, energy, price)
     return result
+
+
+def _curve_order(market_id: int, forecast, net: int, flow: int, backup: int, rules: MarketRules,
+                 policy: PolicySettings, tariffs: Tariffs, now_s: int, ramp: PriceRamp, owner_limits: bool,
+                 cap_wh: int, steps: int, sell_quantile_percent: int, buy_quantile_percent: int) -> DesiredOrder | None:
+    """One market's bid or offer curve (``curve_levels``). The quantile settings become the least
+    share a lot must have: a buyer's lot is bid for when it will be used with a share of at least
+    1 - buy quantile, a seller's offered when at least 1 - sell quantile of it will be delivered."""
+    if net == 0:
+        return None
+    side = "sell" if net > 0 else "buy"
+    samples = _net_samples(forecast)
+    lot = rules.lot_wh
+    if side == "sell":
+        # what the house can deliver: its surplus less what the battery plans to store, plus what
+        # the battery could still give; never more lots than the point surplus less the charge
+        shift = -flow + backup - policy.min_margin_wh
+        x = sorted(v + shift for v in samples)
+        lots = min(cap_wh, rules.whole_lots_wh(net - flow - policy.min_margin_wh)) // lot
+        min_fraction = (100 - sell_quantile_percent) / 100
+    else:
+        shift = flow - policy.min_margin_wh  # flow <= 0: what the battery plans to cover
+        x = sorted(-v + shift for v in samples)
+        lots = cap_wh // lot
+        min_fraction = (100 - buy_quantile_percent) / 100
+    if lots <= 0:
+        return None
+    prices = price_range(side, tariffs, rules, policy if owner_limits else None)
+    if prices is None:
+        return None
+    initial, final = prices
+    f = ramp.fraction(market_id - rules.gate_closure_seconds - now_s)
+    levels = curve_levels(side, lot_fractions(x, lot, lots), lot_wh=lot, min_fraction=min_fraction, steps=steps,
+                          tariffs=tariffs, initial=initial, final=final, ramp_fraction=f)
+    if not levels:
+        return None
+    return DesiredOrder(market_id, side, sum(e for e, _ in levels), levels[0][1], levels=tuple(levels))
 
 
 def _baseline_orders(forecast_wh: Mapping[int, int], rules: MarketRules, policy: PolicySettings,
@@ -368,6 +566,8 @@ def reconcile_market(
     """Actions that bring one market's live orders in line with the desired order."""
     orders = list(orders)
     actions: list[PlaceOrder | CancelOrder] = []
+    levels = desired.price_levels() if desired is not None else ()
+    prices = {price for _, price in levels}
     kept = []
     for order in orders:
         if order.state not in LIVE_ORDER_STATES or order.remaining_wh <= 0:
@@ -376,7 +576,7 @@ def reconcile_market(
             actions.append(CancelOrder(market_id, order.nonce, "no longer forecast"))
         elif order.side != desired.side:
             actions.append(CancelOrder(market_id, order.nonce, f"forecast turned to {desired.side}"))
-        elif order.price_per_kwh_minor != desired.price_per_kwh_minor:
+        elif order.price_per_kwh_minor not in prices:
             actions.append(CancelOrder(market_id, order.nonce, "price changed"))
         else:
             kept.append(order)
@@ -386,17 +586,23 @@ def reconcile_market(
     if traded_wh.get(other, 0) > 0 or any(
             o.side == other and o.state in EXPOSED_ORDER_STATES and o.remaining_wh > 0 for o in orders):
         return actions  # net both sides: never contract import and export in one slot
-    want = max(0, desired.energy_wh - traded_wh.get(desired.side, 0))
-    have = sum(o.remaining_wh for o in kept)
-    if have - want > lot_wh:
-        for order in sorted(kept, key=lambda o: o.nonce, reverse=True):  # newest first: oldest keep time priority
-            if have - want <= lot_wh:
-                break
-            actions.append(CancelOrder(market_id, order.nonce, "forecast lower"))
-            have -= order.remaining_wh
-    missing = want - have
-    if missing >= lot_wh:
-        actions.append(PlaceOrder(market_id, desired.side, missing // lot_wh * lot_wh, desired.price_per_kwh_minor))
+    # Energy already traded counts toward the most eager levels first: they fill first in price priority.
+    traded_left = traded_wh.get(desired.side, 0)
+    for energy, price in levels:
+        done = min(energy, traded_left)
+        traded_left -= done
+        want = energy - done
+        mine = [o for o in kept if o.price_per_kwh_minor == price]
+        have = sum(o.remaining_wh for o in mine)
+        if have - want > lot_wh:
+            for order in sorted(mine, key=lambda o: o.nonce, reverse=True):  # newest first: oldest keep time priority
+                if have - want <= lot_wh:
+                    break
+                actions.append(CancelOrder(market_id, order.nonce, "forecast lower"))
+                have -= order.remaining_wh
+        missing = want - have
+        if missing >= lot_wh:
+            actions.append(PlaceOrder(market_id, desired.side, missing // lot_wh * lot_wh, price))
     return actions
 
 

@@ -27,6 +27,7 @@ import time
 import tracemalloc
 from dataclasses import dataclass, field
 
+from firmware.config import PolicyConfig
 from firmware.forecast import Site, SlotForecast, forecast_net_wh, forecast_slots
 from firmware.market import MarketRules
 from firmware.policy import (Battery, DesiredOrder, PriceRamp, Tariffs, allocate_delivered, desired_orders,
@@ -41,6 +42,7 @@ HISTORY_DAYS = 42  # the forecast's default
 BASELINE_BUY = 2600  # the limits of board_configs/*.toml before issue 8
 BASELINE_SELL = 1900
 RESERVE_PERCENT = 10
+BOARD_POLICY = PolicyConfig()
 EFFICIENCY_PERCENT = 95
 
 
@@ -54,8 +56,11 @@ class BenchSettings:
     gate_seconds: int = 900
     review_seconds: int = 300
     ramp_seconds: int = 900
-    sell_quantile_percent: int = 25
-    buy_quantile_percent: int = 60
+    # the board's [policy] defaults (firmware/config.py)
+    sell_quantile_percent: int = BOARD_POLICY.sell_quantile_percent
+    buy_quantile_percent: int = BOARD_POLICY.buy_quantile_percent
+    curve_steps: int = BOARD_POLICY.curve_steps
+    battery_sales: bool = BOARD_POLICY.battery_sales
     lot_wh: int = 100
     markets_ahead: int = 48
     site: Site | None = FIXTURE_SITE
@@ -211,7 +216,8 @@ class CommunityBench:
         return desired_orders(h.forecast, self.rules, policy, tariffs=self.s.tariffs, now_s=now, ramp=self.ramp,
                               sell_quantile_percent=self.s.sell_quantile_percent,
                               buy_quantile_percent=self.s.buy_quantile_percent, router_power_w=h.router_power_w,
-                              battery=battery, markets=markets)
+                              battery=battery, markets=markets, curve_steps=self.s.curve_steps,
+                              battery_sales=self.s.battery_sales)
 
     def _review(self, h: _House, now: int, markets: list[int]) -> None:
         desired = self._desired(h, now, markets)

@@ -9,7 +9,11 @@ from dataclasses import asdict, replace
 
 from firmware.policy import Tariffs
 
+from firmware.config import PolicyConfig
+
 from .loader import CommunityError, load_community
+
+BOARD_POLICY = PolicyConfig()  # the bench's defaults are the board's [policy] defaults
 
 
 def _positive(text: str) -> int:
@@ -44,10 +48,18 @@ def add_bench_command(bench_sub) -> None:
                    help="retail tariff, minor units (0.01 yen) per kWh (default: %(default)s)")
     p.add_argument("--feed-in", type=_positive, default=Tariffs().feed_in_per_kwh_minor, metavar="MINOR",
                    help="feed-in tariff, minor units per kWh (default: %(default)s, the post-FIT 8.5 yen)")
-    p.add_argument("--sell-quantile", type=int, default=25, metavar="Q",
-                   help="quantile (%%) of an unbacked surplus offered for sale (default: %(default)s)")
-    p.add_argument("--buy-quantile", type=int, default=60, metavar="Q",
-                   help="quantile (%%) of a shortage bid for (default: %(default)s)")
+    p.add_argument("--sell-quantile", type=int, default=BOARD_POLICY.sell_quantile_percent, metavar="Q",
+                   help="an unbacked lot is offered when at least 100 - Q %% of it is expected to be delivered "
+                   "(with --curve-steps 0: the quantile of the surplus offered) (default: %(default)s)")
+    p.add_argument("--buy-quantile", type=int, default=BOARD_POLICY.buy_quantile_percent, metavar="Q",
+                   help="a lot is bid for when at least 100 - Q %% of it is expected to be used "
+                   "(with --curve-steps 0: the quantile of the shortage bid for) (default: %(default)s)")
+    p.add_argument("--curve-steps", type=int, default=BOARD_POLICY.curve_steps, metavar="N",
+                   help="bid and offer curves with lots priced at their worth in N steps; 0 = one order per market "
+                   "at the ramp price (default: %(default)s)")
+    p.add_argument("--no-battery-sales", action="store_true",
+                   help="batteries do not sell what a later full battery would spill anyway (board default: "
+                   f"battery_sales = {str(BOARD_POLICY.battery_sales).lower()})")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object before the final line")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots there (needs matplotlib, host extra)")
     p.set_defaults(func=cmd_community)
@@ -63,12 +75,14 @@ def cmd_community(args: argparse.Namespace) -> int:
     except (CommunityError, ValueError) as exc:
         print(f"dgc-host bench community: {exc}", file=sys.stderr)
         return 2
-    if not (0 <= args.sell_quantile <= 50 and 50 <= args.buy_quantile <= 100):
-        print("dgc-host bench community: --sell-quantile must be 0..50 and --buy-quantile 50..100", file=sys.stderr)
+    if not (0 <= args.sell_quantile <= 50 and 50 <= args.buy_quantile <= 100 and 0 <= args.curve_steps <= 100):
+        print("dgc-host bench community: --sell-quantile must be 0..50, --buy-quantile 50..100 and --curve-steps 0..100",
+              file=sys.stderr)
         return 2
     settings = BenchSettings(days=args.days, start_day=args.start_day, baseline=args.baseline,
                              batteries=not args.no_batteries, tariffs=tariffs,
-                             sell_quantile_percent=args.sell_quantile, buy_quantile_percent=args.buy_quantile)
+                             sell_quantile_percent=args.sell_quantile, buy_quantile_percent=args.buy_quantile,
+                             curve_steps=args.curve_steps, battery_sales=not args.no_battery_sales)
     if args.community is not None:
         settings = replace(settings, site=None)  # another community's site is unknown: PV from statistics
     runs = [replace(settings, baseline=True), settings] if args.compare and not args.baseline else [settings]
