@@ -709,3 +709,59 @@ def test_cli_bad_arguments_exit_2_with_one_line(args, expected):
 def test_cli_unreachable_ledger_exits_1():
     r = run_cli("book", "--url", "http://127.0.0.1:9", "--market-id", "1800")
     assert r.returncode == 1 and "cannot reach the ledger" in r.stderr
+
+
+def _raw_exchange(port: int, requests_bytes: list[bytes]) -> list[tuple[int, dict, bytes]]:
+    """Send raw HTTP/1.1 requests on one connection, one at a time; (status, headers, body) each."""
+    import socket
+
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        for raw in requests_bytes:
+            sock.sendall(raw)
+            status = int(stream.readline().split()[1])
+            headers = {}
+            while (line := stream.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            out.append((status, headers, stream.read(int(headers.get("content-length", 0)))))
+    return out
+
+
+def test_the_parser_fast_path_answers_exactly_as_uvicorns_path(bench):
+    """fast_http answers plain keep-alive POST /v1/messages from the parser; anything else (here:
+    Connection: close, or a proxy header) takes uvicorn's ASGI path. Both must give the same
+    status, body and headers (but the date) for the same request - including refusals and a resend."""
+    key = make_key(1)
+    bench.register(key)
+    port = int(bench.url.rsplit(":", 1)[1])
+    good = bench.message(key, "order", market_id=MARKET, side="sell", energy_wh=100, price_per_kwh_minor=2000).to_wire()
+    forged = {**good, "signature": "0" * 127 + "1"}
+    stranger = bench.message(make_key(9), "order", market_id=MARKET, side="sell", energy_wh=100, price_per_kwh_minor=2000)
+    wrong_ledger = bench.message(key, "order", market_id=MARKET, side="sell", energy_wh=100, price_per_kwh_minor=2000,
+                                 ledger_id="elsewhere").to_wire()
+    bodies = [json.dumps(good).encode(), json.dumps(good).encode(),  # accepted, then the stored answer to a resend
+              json.dumps(forged).encode(), json.dumps(stranger.to_wire()).encode(), json.dumps(wrong_ledger).encode(),
+              b"{not json", b'{"payload": 1.5, "signature": "00"}', b"", b"[" * 50]
+
+    def request(body: bytes, extra: str) -> bytes:
+        return (f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+    served_fast = []
+    original = bench.app.fast_post
+    bench.app.fast_post = lambda *args: (served_fast.append(args[0]), original(*args))[1]
+    fast = _raw_exchange(port, [request(b, "") for b in bodies])
+    assert served_fast == bodies  # every one of these took the parser's fast path ...
+    slow = [_raw_exchange(port, [request(b, "Connection: close\r\n")])[0] for b in bodies[1:]]
+    proxied = [_raw_exchange(port, [request(b, "X-Forwarded-For: 127.0.0.1\r\n")])[0] for b in bodies[1:]]
+    assert served_fast == bodies  # ... and none of these
+    assert fast[0][0] == 200 and json.loads(fast[0][2])["duplicate"] is False
+    for (f_status, f_headers, f_body), via in zip(fast[1:], zip(slow, proxied)):
+        for s_status, s_headers, s_body in via:
+            assert (f_status, f_body) == (s_status, s_body)
+            drop = {"date", "connection"}
+            assert {k: v for k, v in f_headers.items() if k not in drop} == {k: v for k, v in s_headers.items() if k not in drop}
+    assert json.loads(fast[1][2])["duplicate"] is True
+    assert [status for status, _, _ in fast[2:]] == [401, 401, 422, 400, 400, 400, 400]
