@@ -13,6 +13,7 @@ Why:
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -79,6 +80,10 @@ def serve(settings: LedgerSettings, host: str = DEFAULT_HOST, port: int = DEFAUL
     shown_host = f"[{host}]" if ":" in host else host
 
     def ready() -> None:
+        # Everything built so far (FastAPI's and pydantic's objects, the books rebuilt from SQLite)
+        # lives as long as the process: keep it out of the cyclic collector's full passes, which
+        # otherwise stop the ledger for ~60 ms or more every few thousand messages (a p99 spike).
+        gc.freeze()
         print(f"ledger listening on http://{shown_host}:{bound_port} ledger_id={settings.ledger_id}", file=out, flush=True)
 
     server, _ = _uvicorn_server(settings, ready)
