@@ -93,3 +93,39 @@ def test_cli_refuses_a_bad_community_with_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "host_tools.cli", "bench", "community", "--community", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "houses.toml: missing" in out.stderr
+
+
+def battery_community(tmp_path: Path, days: int = 5) -> Path:
+    """A PV house whose 7-kWh battery is full by every noon (8 kWp, small load) and a consumer
+    short all day and night: the battery's evening energy would only be spilled tomorrow."""
+    houses = ("[house.a]\npv_kwp = 8.0\nbattery_wh = 7000\nbattery_power_w = 3000\nrouter_power_w = 3000\n\n"
+              "[house.c]\npv_kwp = 0\nbattery_wh = 0\nbattery_power_w = 0\nrouter_power_w = 3000\n")
+    rows = ["slot_start,house,load_wh,pv_wh"]
+    t0 = 1_735_689_600 + 120 * 86_400
+    for i in range(days * 48):
+        hour = (i % 48) / 2
+        sun = max(0.0, math.sin(math.pi * (hour - 6) / 12)) if 6 < hour < 18 else 0.0
+        rows.append(f"{t0 + i * 1800},a,{100 + (i * 37) % 60},{int(8 * 450 * sun)}")
+        rows.append(f"{t0 + i * 1800},c,{300 + (i * 53) % 200},0")
+    (tmp_path / "houses.toml").write_text(houses)
+    (tmp_path / "slots.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+def test_a_battery_sells_in_the_evening_what_tomorrow_would_spill(tmp_path):
+    community = load_community(battery_community(tmp_path))
+    runs = {sales: CommunityBench(community, BenchSettings(days=3, start_day=2, site=None, battery_sales=sales))
+            for sales in (True, False)}
+    reps = {sales: bench.run() for sales, bench in runs.items()}
+    evening = [r for r in runs[True].market_records if r.house == "a" and r.sold_wh and r.pv_wh < r.load_wh]
+    assert evening, "the battery sells while the house itself is short"
+    for r in evening:
+        assert r.grid_import_wh == 0  # the house's own shortage stays covered
+        assert r.delivered_wh + r.load_wh - r.pv_wh <= 3000 * 1800 // 3600  # within the battery's power
+    assert not [r for r in runs[False].market_records if r.house == "a" and r.sold_wh and r.pv_wh < r.load_wh]
+    with_sales, without = reps[True], reps[False]
+    assert with_sales.self_sufficiency_pct > without.self_sufficiency_pct
+    assert with_sales.savings_milli > without.savings_milli
+    assert with_sales.worse_off == 0
+    for house in ("a", "c"):  # both households gain from it
+        assert with_sales.bills[house][0] < without.bills[house][0]
