@@ -312,6 +312,7 @@ class LedgerStore:
         self._lean = False  # inside a lean batch (submit_batch): outcome and record rows are collected
         self._batch_messages: dict[tuple[str, int], tuple] = {}
         self._batch_entries: list[tuple] = []
+        self._batch_devices: dict[str, dict] = {}  # a lean batch's device rows (see _prefetch_devices)
         self._sealed_through_seq = self._last_sealed_seq()
         self._appended_since_seal = 0  # entries appended since the last seal (too high after a rollback: harmless)
         if self._one("SELECT 1 FROM log_entries WHERE seq > ? LIMIT 1", (self._sealed_through_seq,)) is not None:
@@ -398,6 +399,23 @@ class LedgerStore:
             "WHERE device_id = ?",
             (balance_delta, locked_delta, device_id),
         )
+        row = self._batch_devices.get(device_id)
+        if row is not None:  # the lean batch's copy follows its table row
+            row["balance_milli_minor"] += balance_delta
+
+    _DEVICE_COLUMNS = "device_id, revoked_ms, balance_milli_minor, open_shortfall_wh, sell_capacity_wh"
+    _PREFETCH = 64  # ids per look-up: one statement text, padded, so SQLite's statement cache keeps it
+
+    def _prefetch_devices(self, items: list) -> None:
+        """The lean batch's device rows in a few look-ups instead of one per message. The copies
+        follow every change the batch makes to those rows (_adjust, a shortfall charged), and
+        live only for the batch: a rollback redoes the batch without them."""
+        ids = list(dict.fromkeys(fields["device_id"] for fields, _, _ in items))
+        sql = f"SELECT {self._DEVICE_COLUMNS} FROM devices WHERE device_id IN ({', '.join('?' * self._PREFETCH)})"
+        for start in range(0, len(ids), self._PREFETCH):
+            chunk = ids[start:start + self._PREFETCH]
+            for row in self._all(sql, tuple(chunk + [chunk[0]] * (self._PREFETCH - len(chunk)))):
+                self._batch_devices[row["device_id"]] = dict(row)
 
     # ----------------------------------------------------------------- devices
 
@@ -590,8 +608,11 @@ class LedgerStore:
         self._lean = lean
         self._batch_messages: dict[tuple[str, int], tuple] = {}  # rows to write at the end (lean)
         self._batch_entries: list[tuple] = []
+        self._batch_devices = {}
         self._begin()
         try:
+            if lean:
+                self._prefetch_devices(items)
             for fields, payload, signature in items:
                 digest = hashlib.sha256(payload).hexdigest()
                 try:
@@ -624,7 +645,7 @@ class LedgerStore:
             raise
         finally:
             self._lean = False
-            self._batch_messages, self._batch_entries = {}, []
+            self._batch_messages, self._batch_entries, self._batch_devices = {}, [], {}
         return results
 
     def _submit_locked(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int) -> Outcome:
@@ -650,8 +671,8 @@ class LedgerStore:
                 "expected a new nonce (the highest seen is in GET /v1/devices/{device_id})",
             )
             return Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
-        self._device_row = self._one(
-            "SELECT revoked_ms, balance_milli_minor, open_shortfall_wh, sell_capacity_wh FROM devices WHERE device_id = ?",
+        self._device_row = self._batch_devices.get(device_id) or self._one(
+            f"SELECT {self._DEVICE_COLUMNS} FROM devices WHERE device_id = ?",
             (device_id,))  # read once per message; only this message changes it before its apply reads it
         revoked_ms = self._device_row["revoked_ms"]
         if revoked_ms is not None:  # checked under the same lock as revoke_device: nothing slips in after it
@@ -1167,6 +1188,9 @@ class LedgerStore:
         if party_device is not None:  # the qualification audit counts it until the operator clears it
             self._conn.execute("UPDATE devices SET open_shortfall_wh = open_shortfall_wh + ? WHERE device_id = ?",
                                (shortfall_wh, party_device))
+            row = self._batch_devices.get(party_device)
+            if row is not None:
+                row["open_shortfall_wh"] += shortfall_wh
         self._conn.execute(
             "INSERT INTO settlements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (trade["trade_id"], reason, seller_value, buyer_value, settled_wh, paid, released, shortfall_wh, party,
