@@ -3,8 +3,8 @@
 Each shortcut must give exactly what the reference gives, or decline so the reference runs:
 - fields_ok(f) may say True only when messages.validate_fields(f) passes (soundness, property);
   it must say True for every message a board builds (or the shortcut would be useless);
-- canonical_text, message_leaf, render_response and stored_outcome_text are byte-identical to
-  canonical_bytes, record.message_leaf, starlette's JSONResponse and json.dumps(sort_keys=True);
+- canonical_text, message_leaf and render_response are byte-identical to canonical_bytes (json.dumps
+  sorted, compact, ASCII), record.message_leaf and starlette's JSONResponse;
 - Verifier agrees with messages.verify_signature and with the independent ecdsa package on valid,
   high-S, tampered, overflowing and random signatures.
 """
@@ -109,7 +109,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
 @given(st.dictionaries(st.text(max_size=10), json_values, max_size=6))
 def test_rendered_and_stored_texts_are_the_references(body):
     assert fastpath.render_response(body) == JSONResponse(body).body
-    assert fastpath.stored_outcome_text(body) == json.dumps(body, sort_keys=True)
+    assert fastpath.canonical_text(body) == json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def _signatures():

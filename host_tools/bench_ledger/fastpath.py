@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from json.encoder import encode_basestring_ascii
-from typing import Any, Mapping
+from typing import Any, Callable
 
 from firmware.messages import INT64_MAX, INT64_MIN, MAX_STRING_CHARS, MESSAGE_VERSION, ORDER_SIDES, REPORT_ROLES, REPORT_STATUSES, SCHEMAS
 
@@ -51,22 +51,34 @@ def strict_loads(text: str) -> Any:
 
 _CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 _RESPONSE_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
-_STORED_ENCODER = json.JSONEncoder(sort_keys=True)  # the stored outcome's text, as json.dumps(body, sort_keys=True)
+
+
+def _one_shot(encoder: json.JSONEncoder) -> Callable[[Any], str]:
+    """``encoder.encode`` for a dict, with the C encoder built once (``JSONEncoder.encode`` builds
+    it, and a dict to detect cycles, on every call). Our bodies never hold a cycle; anything but a
+    dict, or no C accelerator, goes through ``encoder.encode`` itself."""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:
+        return encoder.encode
+    string_encoder = json.encoder.encode_basestring_ascii if encoder.ensure_ascii else json.encoder.encode_basestring
+    c_encoder = c_make_encoder(None, encoder.default, string_encoder, None, encoder.key_separator, encoder.item_separator,
+                               encoder.sort_keys, encoder.skipkeys, encoder.allow_nan)
+
+    def encode(obj: Any) -> str:
+        if type(obj) is not dict:
+            return encoder.encode(obj)
+        return "".join(c_encoder(obj, 0))
+
+    return encode
+
+
+_render_text = _one_shot(_RESPONSE_ENCODER)
+canonical_text = _one_shot(_CANONICAL_ENCODER)  # messages.canonical_bytes without the schema check (as text)
 
 
 def render_response(body: Any) -> bytes:
     """The bytes starlette's JSONResponse sends for ``body``."""
-    return _RESPONSE_ENCODER.encode(body).encode("utf-8")
-
-
-def stored_outcome_text(body: Mapping[str, Any]) -> str:
-    """``json.dumps(body, sort_keys=True)``: the outcome text stored with a message."""
-    return _STORED_ENCODER.encode(body)
-
-
-def canonical_text(fields: Mapping[str, Any]) -> str:
-    """``messages.canonical_bytes`` without the schema check (decoded as text)."""
-    return _CANONICAL_ENCODER.encode(fields)
+    return _render_text(body).encode("utf-8")
 
 
 # kind -> (field names in sorted order, their types in that order)
