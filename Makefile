@@ -75,10 +75,12 @@ demo: demo-deps $(DEMO_STAMP)
 # longest files go out first (hil_tests/suite_order.py; --no-loadscope-reorder keeps that order
 # instead of xdist's sort by number of tests, which left the 3-minute files for the end).
 # The driver suites that assert real-time bounds on the bus (request gaps, timeouts, a dead
-# meter not delaying live ones) run alone in the second pass, so a neighbour's load never
+# meter not delaying live ones, read times and 3.5-character framing of the MicroPython
+# emulators) run alone in the second pass, so a neighbour's load never
 # decides them.
 TEST_WORKERS ?= 4
-TIMING_TESTS := hil_tests/test_meter_driver.py hil_tests/test_meter_faults.py hil_tests/test_dgr_driver.py
+TIMING_TESTS := hil_tests/test_meter_driver.py hil_tests/test_meter_faults.py hil_tests/test_dgr_driver.py \
+	hil_tests/test_micropython_emulators.py
 test: system-deps $(STAMP) $(EVM_STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(addprefix --ignore=,$(TIMING_TESTS))
 	$(PY) -m pytest -q $(TIMING_TESTS)

@@ -8,7 +8,7 @@ with one worker busy and the others idle. Handing the longest files out first (t
 longest-processing-time rule) lets the many short files fill the gaps at the end.
 
 The seconds are rough wall-clock figures of one file on one worker of `make test` on the 2-core
-machine; only their order matters. A file not listed keeps its place after the listed ones.
+machine (a run ends with the slowest files: copy them from there); only their order matters. A file not listed keeps its place after the listed ones.
 Within a file the tests keep their order (a module-scoped rig serves them in file order).
 Applied on xdist workers only: a plain `pytest` run keeps the collection order.
 """
@@ -19,32 +19,34 @@ import os
 
 import pytest
 
-# rough seconds per file on one xdist worker (measured 2026-12-01, `make test` on 2 cores)
+# rough seconds per file on one xdist worker: `make test` with 4 workers on the 2-core machine
+# (2026-12-01, a loaded run; test_rig after its inner runs stopped loading third-party plugins)
 SLOW_FILES_S = {
-    "tests/test_demo.py": 185,
-    "hil_tests/test_daemon_faults.py": 185,
-    "hil_tests/test_flash.py": 180,
+    "hil_tests/test_flash.py": 330,
+    "hil_tests/test_flash_install.py": 300,
+    "tests/test_sim.py": 290,
+    "hil_tests/test_daemon_faults.py": 215,
+    "tests/test_demo.py": 205,
+    "hil_tests/test_walkthrough.py": 195,
     "hil_tests/test_daemon.py": 170,
-    "hil_tests/test_flash_install.py": 135,
+    "hil_tests/test_ledger_schema.py": 140,
+    "hil_tests/test_flash_keys.py": 130,
     "hil_tests/test_daemon_evm.py": 125,
-    "hil_tests/test_walkthrough.py": 120,
-    "hil_tests/test_net_meter.py": 110,
-    "tests/test_sim.py": 85,
-    "hil_tests/test_console.py": 75,
-    "hil_tests/test_flash_keys.py": 70,
-    "hil_tests/test_board.py": 45,
-    "hil_tests/test_rig.py": 45,
-    "hil_tests/test_provision.py": 45,
-    "tests/test_evm_relay.py": 35,
-    "tests/test_evm_ledger.py": 30,
-    "tests/test_evm_example.py": 26,
-    "hil_tests/test_ledger_schema.py": 26,
-    "tests/test_slot_metering.py": 25,
-    "tests/test_house_model.py": 23,
-    "tests/test_evm_interval.py": 21,
-    "tests/test_cli_basics.py": 20,
-    "tests/test_ledger_views.py": 20,
-    "hil_tests/test_examples.py": 19,
+    "hil_tests/test_provision.py": 105,
+    "hil_tests/test_net_meter.py": 105,
+    "hil_tests/test_console.py": 95,
+    "hil_tests/test_rig.py": 80,
+    "hil_tests/test_board.py": 70,
+    "tests/test_ledger_fastpath.py": 70,
+    "tests/test_evm_example.py": 60,
+    "tests/test_cli_basics.py": 55,
+    "hil_tests/test_examples.py": 55,
+    "hil_tests/test_bench_faults.py": 45,
+    "tests/test_sim_checkers.py": 45,
+    "tests/test_ledger_views.py": 40,
+    "tests/test_community_bench.py": 40,
+    "hil_tests/test_ledger_http.py": 40,
+    "hil_tests/test_provision_serial.py": 35,
 }
 
 

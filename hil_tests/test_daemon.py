@@ -244,8 +244,14 @@ def test_sigkilled_daemons_lose_duplicate_and_overrun_nothing(tmp_path: Path) ->
         seller = hood.houses["seller"].daemon
         seller.wait_for_line(r" trade\.contracted ", timeout_s=6 * slot_s)  # history, a bid, a gate closure
         first_edge = (int(time.time()) // slot_s + 1) * slot_s
-        plan = plan_kills(rng, first_edge, slot_s, gate_s, kill_slots)
-        assert plan[-1].at < hood.last_market, "the kills must fall within the market day"
+        # The kills must fall within the market day. On a loaded machine the first trade can come
+        # a slot or two late; the moments past the day are dropped, and the assertions below
+        # (>= MIN_KILLS kills, every phase hit) decide whether enough were left.
+        planned = plan_kills(rng, first_edge, slot_s, gate_s, kill_slots)
+        plan = [kill for kill in planned if kill.at < hood.last_market]
+        if len(plan) < len(planned):
+            print(f"sigkill test: {len(planned) - len(plan)} of {len(planned)} planned moments fell after the "
+                  f"market day (the first trade came late), dropped")
         for kill in plan:
             if sum(len(k.victims) for k in kills if not k.skipped) >= MIN_KILLS and \
                     all(any(k.phase == p and not k.skipped for k in kills) for p in kill_phases(slot_s, gate_s)):

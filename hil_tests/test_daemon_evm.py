@@ -31,6 +31,10 @@ from .daemons import SHORT_CADENCE, SHORT_MARKET, assert_no_crash, journal, jour
 from .test_daemon import KILL_SEED_ENV, ROUTER_TOLERANCE_WH, kill_phases, plan_kills, router_log
 
 KILL_SLOTS = 3  # six moments, 1 to 2 victims each
+# Slots of the market day beyond the kill slots: the chain, the houses, a slot of meter history,
+# a bid and its gate before the first trade (about 3 slots), and room for that to take 2 slots
+# longer on a loaded machine (make test's workers share 2 cores), so the kills still fall in the day.
+DAY_SLACK_SLOTS = 8
 
 
 def _on_chain(hood: Neighbourhood) -> dict:
@@ -156,15 +160,16 @@ def test_sigkilled_daemons_on_the_chain_lose_duplicate_and_overrun_nothing(tmp_p
     rng = random.Random(seed)
     slot_s, gate_s = SHORT_MARKET["slot_seconds"], SHORT_MARKET["gate_closure_seconds"]
     hood = Neighbourhood(tmp_path / "hood", seller_and_buyer(), market_overrides=SHORT_MARKET,
-                         cadence_overrides=SHORT_CADENCE, last_market_slots=KILL_SLOTS + 6, ledger="evm")
+                         cadence_overrides=SHORT_CADENCE, last_market_slots=KILL_SLOTS + DAY_SLACK_SLOTS, ledger="evm")
     kills = []
     with hood:
         hood.start()
         end_of_day = hood.last_market + slot_s
         hood.houses["seller"].daemon.wait_for_line(r" trade\.contracted ", timeout_s=8 * slot_s)
         first_edge = (int(time.time()) // slot_s + 1) * slot_s
-        plan = plan_kills(rng, first_edge, slot_s, gate_s, KILL_SLOTS)
-        assert plan[-1].at < hood.last_market, "the kills must fall within the market day"
+        # The kills must fall within the market day: a moment past it is dropped, and the kill
+        # and phase counts asserted below decide whether enough were left.
+        plan = [kill for kill in plan_kills(rng, first_edge, slot_s, gate_s, KILL_SLOTS) if kill.at < hood.last_market]
         for kill in plan:
             delay = kill.at - time.time()
             if delay < -0.3:
