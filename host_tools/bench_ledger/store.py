@@ -140,7 +140,8 @@ CREATE TABLE IF NOT EXISTS orders (
 );
 CREATE INDEX IF NOT EXISTS orders_market ON orders (market_id, state);
 CREATE INDEX IF NOT EXISTS orders_open ON orders (state, market_id);
-CREATE INDEX IF NOT EXISTS orders_device ON orders (device_id, state);
+DROP INDEX IF EXISTS orders_device;  -- (device_id, state): the UNIQUE (device_id, nonce) index serves device look-ups
+-- (queries by device write +state / +market_id so the planner takes that index; one index less per order write)
 CREATE TABLE IF NOT EXISTS trades (
     trade_id INTEGER PRIMARY KEY AUTOINCREMENT,
     market_id INTEGER NOT NULL,
@@ -483,7 +484,7 @@ class LedgerStore:
                 cancelled = 0
                 if not already:
                     self._conn.execute("UPDATE devices SET revoked_ms = ? WHERE device_id = ?", (now_ms, device_id))
-                    for order in self._all("SELECT * FROM orders WHERE device_id = ? AND state = 'open'", (device_id,)):
+                    for order in self._all("SELECT * FROM orders WHERE device_id = ? AND +state = 'open'", (device_id,)):
                         if order["side"] == "buy":
                             released = cost_milli_minor(order["remaining_wh"], order["price_per_kwh_minor"])
                             self._adjust(device_id, +released, -released)
@@ -1315,7 +1316,7 @@ class LedgerStore:
             if market_id is None:
                 rows = self._all("SELECT * FROM orders WHERE device_id = ? ORDER BY order_id", (device_id,))
             else:
-                rows = self._all("SELECT * FROM orders WHERE device_id = ? AND market_id = ? ORDER BY order_id",
+                rows = self._all("SELECT * FROM orders WHERE device_id = ? AND +market_id = ? ORDER BY order_id",
                                  (device_id, market_id))
         return [
             {
@@ -1480,7 +1481,7 @@ class LedgerStore:
                 "(SELECT COALESCE(SUM(s.paid_milli_minor), 0) FROM trades t JOIN settlements s ON s.trade_id = t.trade_id "
                 " WHERE t.seller_device_id = d.device_id) AS received_milli_minor, "
                 "(SELECT COALESCE(SUM(shortfall_wh), 0) FROM settlements WHERE shortfall_device_id = d.device_id) AS shortfall_wh, "
-                "(SELECT COUNT(*) FROM orders WHERE device_id = d.device_id AND state = 'open') AS open_orders, "
-                "(SELECT COALESCE(SUM(remaining_wh), 0) FROM orders WHERE device_id = d.device_id AND state = 'open') AS open_order_wh "
+                "(SELECT COUNT(*) FROM orders WHERE device_id = d.device_id AND +state = 'open') AS open_orders, "
+                "(SELECT COALESCE(SUM(remaining_wh), 0) FROM orders WHERE device_id = d.device_id AND +state = 'open') AS open_order_wh "
                 "FROM devices d ORDER BY d.name, d.device_id")
         return [dict(row) for row in rows]
