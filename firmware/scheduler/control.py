@@ -104,16 +104,20 @@ class ControlServer:
         self._sock = sock
 
     def serve(self, handler: Callable[[Any], dict]) -> None:
+        if self._sock is None:
+            raise RuntimeError("ControlServer.serve() before bind() or after close()")
         self._handler = handler
-        self._thread = threading.Thread(target=self._accept_loop, name="control-socket", daemon=True)
+        self._sock.settimeout(0.5)
+        # The thread gets the socket object itself: close() may run before the thread's first
+        # line (a daemon told to stop during start-up), and must not pull it from under it.
+        self._thread = threading.Thread(target=self._accept_loop, args=(self._sock,), name="control-socket",
+                                        daemon=True)
         self._thread.start()
 
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
-        self._sock.settimeout(0.5)
+    def _accept_loop(self, sock: socket.socket) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except socket.timeout:
                 continue
             except OSError:
@@ -122,6 +126,9 @@ class ControlServer:
                 log.exception("control socket accept failed")
                 self._stop.wait(1.0)
                 continue
+            if self._stop.is_set():  # close()'s own wake-up call, or a client racing the shutdown
+                conn.close()
+                return
             if not self._slots.acquire(blocking=False):
                 _send(conn, {"ok": False, "error": f"busy: more than {MAX_CLIENTS} clients; try again"})
                 conn.close()
@@ -161,11 +168,23 @@ class ControlServer:
 
     def close(self) -> None:
         self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            # A connection of our own wakes an accept() blocked in the thread (shutdown() does not,
+            # on a Unix socket); the descriptor is closed only after the thread has left, so the
+            # thread never runs on a closed (or reused) descriptor.
+            try:
+                st = self.path.lstat()
+                if (st.st_dev, st.st_ino) == self._inode:  # never call a successor daemon's socket
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as waker:
+                        waker.settimeout(0.2)
+                        waker.connect(str(self.path))
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(timeout=2)
+        if sock is not None:
+            sock.close()
         try:  # remove the file only if it is still ours (not a successor's)
             st = self.path.lstat()
             if (st.st_dev, st.st_ino) == self._inode:
