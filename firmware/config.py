@@ -141,7 +141,7 @@ class PolicyConfig:
     subsidy_percent: int = _between(1, 1000, " (the renewable subsidy factor mu x 100)", default=100)
     price_ramp_seconds: int = _between(0, DAY_SECONDS, default=900)
     sell_quantile_percent: int = _between(0, 50, default=20)
-    buy_quantile_percent: int = _between(50, 100, default=80)
+    buy_quantile_percent: int = _between(50, 100, default=85)
     curve_steps: int = _between(0, 100, " (0 = one order per market)", default=10)
     battery_sales: bool = _spec("true or false", default=True)
     battery_power_w: int = _between(0, 1_000_000, " (0 = half the capacity per hour)", default=0)

@@ -19,7 +19,17 @@ boards whose config names its tariffs:
   before the gate, reaching the reservation at the last review. Far markets wait at the
   initial rates, where bids and offers do not cross; they trade near the gate, when the
   forecast is best, at prices that depend on who moved first.
-- *Quantities.* Sell a conservative quantile (``sell_quantile_percent``, the 25% quantile by
+- *Curves* (``curve_steps`` > 0, the board's default): instead of one order per market, a bid
+  or offer curve of 100-Wh lots, each priced by how likely it is to be used (buyer: at most
+  ``feed_in + share x (retail - feed_in)``, its expected worth) or delivered (seller: down to
+  ``floor + (1 - share) x (retail - floor)``); the quantile settings become the least share a lot
+  needs (``curve_levels``, ``lot_fractions``). A battery-backed lot is deliverable but priced by
+  the sun's share. On the fixture this buys much more of the likely shortage when surplus is
+  plentiful, at lower prices, while doubtful lots trade only with buyers who value them.
+- *Battery sales* (``battery_sales``): in a slot the battery covers, it also sells what a later
+  surplus refills because the battery would be full (``battery_spare_wh``, on a cautious
+  forecast): that energy would be exported at feed-in tomorrow, and saves a neighbour retail now.
+- *Quantities* (``curve_steps = 0``). Sell a conservative quantile (``sell_quantile_percent``, the 25% quantile by
   default: there three times in four) of the surplus; buy the 60% quantile of the shortfall
   (an over- or under-bought kWh costs about the same, so about the median; a little above it
   because household loads are skewed: measured on the fixture, more local energy is used and
@@ -334,7 +344,8 @@ def lot_fractions(sorted_wh: Sequence[int], lot_wh: int, lots: int) -> list[floa
 
 
 def curve_levels(side: str, fractions: Sequence[float], *, lot_wh: int, min_fraction: float, steps: int,
-                 tariffs: Tariffs, initial: int, final: int, ramp_fraction: float) -> list[tuple[int, int]]:
+                 tariffs: Tariffs, initial: int, final: int, ramp_fraction: float,
+                 price_fractions: Sequence[float] | None = None) -> list[tuple[int, int]]:
     """A bid or offer curve from the lots' expected shares (``lot_fractions``): (energy, price)
     levels, most eager first.
 
@@ -348,11 +359,15 @@ def curve_levels(side: str, fractions: Sequence[float], *, lot_wh: int, min_frac
     median order would (measured on the fixture: docs/community.md). Shares are rounded down to
     ``steps`` levels (fewer orders; each lot priced at or below its worth to the buyer, and at or
     above the seller's); lots below ``min_fraction`` are not traded. Each level ramps from
-    ``initial`` to its own final price by ``ramp_fraction`` (0..1) like a single order does."""
+    ``initial`` to its own final price by ``ramp_fraction`` (0..1) like a single order does.
+    ``price_fractions`` (optional, same length): the shares that set the price when they differ
+    from those that decide whether a lot is traded (a battery-backed sale: see ``_curve_order``)."""
     by_price: dict[int, int] = {}
-    for share in fractions:
+    for k, share in enumerate(fractions):
         if share < min_fraction - 1e-9 or share <= 0:
             break  # shares never grow with k: no later lot qualifies either
+        if price_fractions is not None:
+            share = min(share, price_fractions[k])
         q = math.floor(share * steps + 1e-9) / steps
         if side == "buy":
             worth = tariffs.feed_in_per_kwh_minor + q * (tariffs.retail_per_kwh_minor - tariffs.feed_in_per_kwh_minor)
@@ -495,6 +510,7 @@ def _curve_order(market_id: int, forecast, net: int, flow: int, backup: int, rul
     side = "sell" if net > 0 else "buy"
     samples = _net_samples(forecast)
     lot = rules.lot_wh
+    price_shares = None
     if side == "sell":
         # what the house can deliver: its surplus less what the battery plans to store, plus what
         # the battery could still give; never more lots than the point surplus less the charge
@@ -502,6 +518,12 @@ def _curve_order(market_id: int, forecast, net: int, flow: int, backup: int, rul
         x = sorted(v + shift for v in samples)
         lots = min(cap_wh, rules.whole_lots_wh(net - flow - policy.min_margin_wh)) // lot
         min_fraction = (100 - sell_quantile_percent) / 100
+        if backup:
+            # the battery makes a lot deliverable, but a lot the sun may not give is priced as the
+            # sun's: if the battery delivers it, that is evening energy worth retail to the house
+            # (and to the community, unless the buyer would have passed it on to the grid)
+            price_x = [v - flow - policy.min_margin_wh for v in samples]
+            price_shares = lot_fractions(price_x, lot, lots)
     else:
         shift = flow - policy.min_margin_wh  # flow <= 0: what the battery plans to cover
         x = sorted(-v + shift for v in samples)
@@ -515,7 +537,7 @@ def _curve_order(market_id: int, forecast, net: int, flow: int, backup: int, rul
     initial, final = prices
     f = ramp.fraction(market_id - rules.gate_closure_seconds - now_s)
     levels = curve_levels(side, lot_fractions(x, lot, lots), lot_wh=lot, min_fraction=min_fraction, steps=steps,
-                          tariffs=tariffs, initial=initial, final=final, ramp_fraction=f)
+                          tariffs=tariffs, initial=initial, final=final, ramp_fraction=f, price_fractions=price_shares)
     if not levels:
         return None
     return DesiredOrder(market_id, side, sum(e for e, _ in levels), levels[0][1], levels=tuple(levels))

@@ -99,6 +99,18 @@ def test_curve_prices_stay_between_the_tariffs_and_never_beyond_a_lots_worth(sha
         assert prices[0] <= feed_in + shares[0] * (retail - feed_in) + 1
 
 
+def test_a_battery_backed_lot_is_offered_but_priced_by_the_suns_share():
+    # with the battery every lot is sure (1.0) and offered; priced by the sun's shares
+    levels = curve_levels("sell", [1.0, 1.0, 1.0], lot_wh=100, min_fraction=0.8, steps=4, tariffs=TARIFFS,
+                          initial=3000, final=850, ramp_fraction=1.0, price_fractions=[1.0, 0.5, 0.0])
+    assert levels == [(100, 850), (100, 1925), (100, 3000)]
+    bat = Battery(capacity_wh=7000, soc_wh=7000, reserve_wh=700, power_w=3000)
+    d = desired_orders({MARKET: fc(1000, 500)}, RULES, POLICY, tariffs=TARIFFS, now_s=at(60), battery=bat,
+                       curve_steps=10, sell_quantile_percent=20)
+    assert d[MARKET].energy_wh == 1000  # the point surplus: the full battery covers a cloud
+    assert d[MARKET].levels[0][1] == 850 and d[MARKET].levels[-1][1] > 850  # the doubtful lots cost more
+
+
 def test_reconcile_keeps_each_level_and_fills_the_eager_levels_first():
     want = DesiredOrder(MARKET, "buy", 500, 2500, levels=((300, 2500), (200, 1500)))
     assert reconcile_market(MARKET, want, [], {}, 100) == [PlaceOrder(MARKET, "buy", 300, 2500),
