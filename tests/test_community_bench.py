@@ -129,3 +129,9 @@ def test_a_battery_sells_in_the_evening_what_tomorrow_would_spill(tmp_path):
     assert with_sales.worse_off == 0
     for house in ("a", "c"):  # both households gain from it
         assert with_sales.bills[house][0] < without.bills[house][0]
+
+
+def test_cli_refuses_bad_policy_settings_with_one_line():
+    out = subprocess.run([sys.executable, "-m", "host_tools.cli", "bench", "community", "--days", "1",
+                          "--curve-steps", "101"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--curve-steps 0..100" in out.stderr
