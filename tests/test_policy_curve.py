@@ -41,7 +41,7 @@ def at(seconds_to_gate: int, market: int = MARKET) -> int:
     return market - RULES.gate_closure_seconds - seconds_to_gate
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(samples=st.lists(st.integers(-3000, 3000), min_size=1, max_size=40), lot=st.sampled_from([10, 100, 250]),
        lots=st.integers(0, 30))
 def test_lot_fractions_are_the_expected_covered_share_of_each_lot(samples, lot, lots):
@@ -76,7 +76,7 @@ def test_a_buyer_bids_each_lot_up_to_its_worth_and_a_seller_offers_down_to_its_d
                         final=3000, ramp_fraction=0.0) == [(400, 850)]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(shares=st.lists(st.floats(0, 1), max_size=20).map(lambda xs: sorted(xs, reverse=True)),
        side=st.sampled_from(["buy", "sell"]), steps=st.integers(1, 20), f=st.floats(0, 1),
        min_fraction=st.floats(0, 1), retail=st.integers(500, 5000), feed_in=st.integers(1, 5000))
@@ -137,7 +137,7 @@ order_st = st.lists(
     max_size=6, unique_by=lambda o: o.nonce)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(levels=levels_st, side=st.sampled_from(["buy", "sell"]), orders=order_st,
        traded_buy=st.integers(0, 2000), traded_sell=st.integers(0, 2000))
 def test_reconcile_curves_never_both_sides_and_never_more_than_wanted(levels, side, orders, traded_buy, traded_sell):
@@ -230,7 +230,7 @@ slot_forecasts = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(forecast=slot_forecasts, seconds_to_gate=st.integers(-100, 20_000), retail=st.integers(500, 5000),
        feed_in=st.integers(1, 5000), router_w=st.integers(0, 10_000), max_order=st.integers(1, 10_000),
        lot=st.sampled_from([10, 100, 250]), sq=st.integers(0, 50), bq=st.integers(50, 100), steps=st.integers(1, 20),
