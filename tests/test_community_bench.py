@@ -135,3 +135,33 @@ def test_cli_refuses_bad_policy_settings_with_one_line():
     out = subprocess.run([sys.executable, "-m", "host_tools.cli", "bench", "community", "--days", "1",
                           "--curve-steps", "101"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--curve-steps 0..100" in out.stderr
+
+
+def test_a_router_runs_only_its_transfers_and_the_rest_is_the_sellers_shortfall():
+    """A trade needs a transfer on both routers; one beyond either router's limit is refused and
+    not delivered (as the DGR's NAK 35 does), in the order the trades were contracted."""
+    from host_tools.community.bench import _Trade, _runnable
+
+    trades = [_Trade("s1", "b1", 100, 2000), _Trade("s1", "b2", 200, 2000), _Trade("s2", "b1", 300, 2000),
+              _Trade("s1", "b3", 400, 2000), _Trade("s2", "b2", 500, 2000)]
+    assert _runnable(trades, 0) == trades  # no limit
+    # limit 2: s1 runs its first two; b1 has two (s1, s2); s1's third (b3) is refused; s2 -> b2 runs
+    # (s2 has one, b2 has one)
+    assert _runnable(trades, 2) == [trades[0], trades[1], trades[2], trades[4]]
+    assert _runnable(trades, 1) == [trades[0], trades[4]]  # s1 and b1 busy after the first; s2 -> b2 free
+    for limit in (1, 2, 3):
+        running: dict[str, int] = {}
+        for t in _runnable(trades, limit):
+            for house in (t.seller, t.buyer):
+                running[house] = running.get(house, 0) + 1
+        assert max(running.values()) <= limit
+
+
+def test_a_transfer_limit_shows_as_shortfall_in_the_figures(tmp_path):
+    community = load_community(small_community(tmp_path, days=4))
+    free = CommunityBench(community, BenchSettings(days=2, start_day=2, router_max_transfers=0, site=None)).run()
+    tight = CommunityBench(community, BenchSettings(days=2, start_day=2, router_max_transfers=1, site=None)).run()
+    assert free.contracted_sell_wh > 0
+    # two sellers and two buyers: with one transfer per router, a seller selling to both buyers in
+    # a slot delivers to one only (the two runs trade alike until the first refused transfer)
+    assert tight.shortfall_pct > free.shortfall_pct

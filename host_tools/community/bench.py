@@ -63,6 +63,10 @@ class BenchSettings:
     battery_sales: bool = BOARD_POLICY.battery_sales
     lot_wh: int = 100
     markets_ahead: int = 48
+    # A trade is one transfer on the seller's router and one on the buyer's, and a router runs
+    # only so many at once (the DGR emulator's max_xfers: 8); a START beyond that is refused and
+    # the trade is not delivered (the seller's shortfall). 0 = no limit.
+    router_max_transfers: int = 8
     site: Site | None = FIXTURE_SITE
 
 
@@ -133,6 +137,21 @@ def _battery_step(house: _House, soc: float, balance: int, slot_s: int) -> tuple
         discharge = int(min(-balance, step, max(0.0, soc - reserve) * eta))
         return 0, discharge, soc - discharge / eta
     return 0, 0, soc
+
+
+def _runnable(trades: list, max_transfers: int) -> list:
+    """The slot's trades whose transfers both routers can run, in the order they were contracted
+    (a router starts its transfers in trade order and refuses one beyond ``max_transfers``)."""
+    if max_transfers <= 0:
+        return list(trades)
+    running: dict[str, int] = {}
+    result = []
+    for t in trades:
+        if running.get(t.seller, 0) < max_transfers and running.get(t.buyer, 0) < max_transfers:
+            running[t.seller] = running.get(t.seller, 0) + 1
+            running[t.buyer] = running.get(t.buyer, 0) + 1
+            result.append(t)
+    return result
 
 
 def _max_discharge(house: _House, soc: float, slot_s: int) -> int:
@@ -270,6 +289,7 @@ class CommunityBench:
         for t in trades:
             sold[t.seller] = sold.get(t.seller, 0) + t.energy_wh
             bought[t.buyer] = bought.get(t.buyer, 0) + t.energy_wh
+        runnable = _runnable(trades, self.s.router_max_transfers)
         delivered: dict[str, int] = {}
         received: dict[str, int] = {}
         paid: dict[str, int] = {}
@@ -278,8 +298,8 @@ class CommunityBench:
             h = self.houses[name]
             net = self.c.pv_wh[name][index] - self.c.load_wh[name][index]
             router_wh = h.router_power_w * self.slot_s // 3600 if h.router_power_w else contracted
-            able = min(contracted, max(0, net) + _max_discharge(h, h.soc_wh, self.slot_s), router_wh)
-            mine = [t for t in trades if t.seller == name]
+            mine = [t for t in runnable if t.seller == name]
+            able = min(sum(t.energy_wh for t in mine), max(0, net) + _max_discharge(h, h.soc_wh, self.slot_s), router_wh)
             for t, share in zip(mine, allocate_delivered(able, [t.energy_wh for t in mine])):
                 delivered[name] = delivered.get(name, 0) + share
                 received[t.buyer] = received.get(t.buyer, 0) + share

@@ -57,6 +57,9 @@ def add_bench_command(bench_sub) -> None:
     p.add_argument("--curve-steps", type=int, default=BOARD_POLICY.curve_steps, metavar="N",
                    help="bid and offer curves with lots priced at their worth in N steps; 0 = one order per market "
                    "at the ramp price (default: %(default)s)")
+    p.add_argument("--router-transfers", type=int, default=8, metavar="N",
+                   help="transfers a router runs at once (the DGR emulator's max_xfers); a trade beyond it on either "
+                   "side is not delivered, the seller's shortfall; 0 = no limit (default: %(default)s)")
     p.add_argument("--no-battery-sales", action="store_true",
                    help="batteries do not sell what a later full battery would spill anyway (board default: "
                    f"battery_sales = {str(BOARD_POLICY.battery_sales).lower()})")
@@ -75,14 +78,16 @@ def cmd_community(args: argparse.Namespace) -> int:
     except (CommunityError, ValueError) as exc:
         print(f"dgc-host bench community: {exc}", file=sys.stderr)
         return 2
-    if not (0 <= args.sell_quantile <= 50 and 50 <= args.buy_quantile <= 100 and 0 <= args.curve_steps <= 100):
-        print("dgc-host bench community: --sell-quantile must be 0..50, --buy-quantile 50..100 and --curve-steps 0..100",
-              file=sys.stderr)
+    if not (0 <= args.sell_quantile <= 50 and 50 <= args.buy_quantile <= 100 and 0 <= args.curve_steps <= 100
+            and 0 <= args.router_transfers <= 1000):
+        print("dgc-host bench community: --sell-quantile must be 0..50, --buy-quantile 50..100, --curve-steps 0..100 "
+              "and --router-transfers 0..1000", file=sys.stderr)
         return 2
     settings = BenchSettings(days=args.days, start_day=args.start_day, baseline=args.baseline,
                              batteries=not args.no_batteries, tariffs=tariffs,
                              sell_quantile_percent=args.sell_quantile, buy_quantile_percent=args.buy_quantile,
-                             curve_steps=args.curve_steps, battery_sales=not args.no_battery_sales)
+                             curve_steps=args.curve_steps, battery_sales=not args.no_battery_sales,
+                             router_max_transfers=args.router_transfers)
     if args.community is not None:
         settings = replace(settings, site=None)  # another community's site is unknown: PV from statistics
     runs = [replace(settings, baseline=True), settings] if args.compare and not args.baseline else [settings]
