@@ -22,7 +22,10 @@ Phases:
    in-memory book is rebuilt from SQLite at start, and M0's trades can be reported.
 3. Timed: every device sends its messages back to back: ~70 % orders in M1 (most rest, ~1 in 4
    crosses the resting asks and trades), ~15 % cancels of its own resting orders, ~15 % delivery
-   reports of its M0 trades. Latency is per request (send to full answer).
+   reports of its M0 trades - but a device has one M0 trade, so it sends at most one report, and
+   a draw that would be a second report becomes a cancel: with many messages per device the mix
+   tends to ~70 % orders, ~30 % cancels and one report each (the printed `messages` line counts
+   each kind). Latency is per request (send to full answer).
 
 An error is any answer other than the one expected (accepted, or for a cancel of an order that a
 crossing order filled first: order_closed), any 5xx/429 or a transport failure.
