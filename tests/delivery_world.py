@@ -120,6 +120,7 @@ class Router:
     start_naks: list = field(default_factory=list)  # exceptions for the next STARTs (not executed)
     answer_error_next_start: bool = False  # execute the next START, then answer garbage
     kill_after_start: bool = False  # execute the next START, then the DGC process dies
+    kill_before_start: int | None = None  # the DGC process dies sending START of this trade: never executed
     link_down: bool = False
     power_cap_w: int | None = None  # the router cannot run a transfer faster than this
     export_wh: float = 0.0
@@ -132,6 +133,7 @@ class Router:
     # received and the STOP answers (was=ended/active, moved_wh) it got; a restart forgets them
     # (World.restart), as a new process's driver starts empty.
     known_ends: dict = field(default_factory=dict)
+    known_unknown: set = field(default_factory=set)  # STOP answered was=unknown (this process's driver)
     _t: float | None = None
 
     def advance(self) -> None:
@@ -191,6 +193,9 @@ class Router:
         return self.mode
 
     def start_transfer(self, trade_id, direction, power_w, end_at, energy_wh) -> DgrStatus:
+        if self.kill_before_start == trade_id:
+            self.kill_before_start = None
+            raise Killed("killed after journalling the intent, before the START frame went out")
         self._frame("START")
         if self.start_naks:
             raise self.start_naks.pop(0)
@@ -217,6 +222,8 @@ class Router:
         elif trade_id in self.ended and trade_id not in self.known_ends:
             reason, moved = self.ended[trade_id]  # ACK STOP was=ended moved_wh reason: when unknown
             self.known_ends[trade_id] = (reason, moved, 0.0)
+        elif trade_id not in self.ended:
+            self.known_unknown.add(trade_id)  # ACK STOP was=unknown: the router never ran it
         if not self.active and self.mode == "transfer":
             self.mode = "idle"
         return self._status()
@@ -248,6 +255,9 @@ class Router:
             reason, moved, at = self.known_ends[trade_id]
             return DgrEvent(0, "END", {"trade_id": str(trade_id), "reason": reason, "moved_wh": str(int(moved))}, at)
         return None
+
+    def transfer_unknown(self, trade_id) -> bool:
+        return trade_id in self.known_unknown
 
     def end_now(self, trade_id: int, reason: str = "fault") -> None:
         """The router ends a transfer by itself (a local fault, an overcurrent trip)."""
@@ -388,6 +398,7 @@ class World:
         except Exception:
             pass
         self.router.known_ends.clear()  # the new process's driver has heard no END yet
+        self.router.known_unknown.clear()
         self.controller = self._build()
         return self.controller
 

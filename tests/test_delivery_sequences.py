@@ -127,6 +127,31 @@ def test_e_kill_between_the_routers_ack_and_the_journal_never_starts_twice(tmp_p
     assert reported(w) == {1: (100, "delivered")}
 
 
+def test_e_a_start_that_never_reached_the_router_gets_none_of_the_slots_energy(tmp_path):
+    """Three imports in one slot; the process dies after journalling the second one's intent,
+    before its START frame went out (found by hil_tests/test_daemon.py's SIGKILL run: with curves
+    a buyer has several trades a slot). After the restart the router does not know that trade, so
+    it is not started again (sequence e) - but the slot's metered energy was then shared by
+    estimates over all three, and the trade the router never ran was reported 25 Wh of what the
+    other two moved. The router's STOP answer ``was=unknown`` proves it never ran: it gets 0 and
+    the others their router counts."""
+    w = World(tmp_path)
+    w.trades(Trade(1, M, "buy", 100), Trade(2, M, "buy", 100), Trade(3, M, "buy", 100))
+    w.run_until(M - 2)
+    w.router.kill_before_start = 2
+    with pytest.raises(Killed):
+        w.run_until(M + 2)
+    w.at(M + 4)
+    w.restart()
+    w.controller.recover()
+    w.run_until(N + 6)
+    assert sorted(w.router.starts) == [1, 3]
+    got = reported(w)
+    assert got[2] == (0, "failed")
+    assert got[1] == (100, "delivered") and got[3][0] == round(w.router.ended[3][1])
+    assert sum(e for e, _ in got.values()) == round(w.router.ended[1][1] + w.router.ended[3][1])
+
+
 def test_e_restart_while_the_transfer_runs_picks_it_up(tmp_path):
     w = World(tmp_path)
     w.trades(Trade(1, M, "sell", 100))

@@ -162,6 +162,7 @@ class DgrClient:
         self._events_received = 0
         self._last_event_seq: int | None = None
         self._ends: OrderedDict[int, DgrEvent] = OrderedDict()
+        self._unknown: OrderedDict[int, None] = OrderedDict()  # trades whose STOP answered was=unknown
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -281,6 +282,11 @@ class DgrClient:
         its predecessor's): the daemon shares a slot's metered energy by these counts. The end
         time is known only when this STOP ended it (was=active); else received_at stays 0."""
         was, moved = args.get("was"), str(args.get("moved_wh", ""))
+        if was == "unknown" and trade_id not in self._ends:
+            self._unknown[trade_id] = None
+            while len(self._unknown) > ENDS_REMEMBERED:
+                self._unknown.popitem(last=False)
+            return
         if trade_id in self._ends or was not in ("active", "ended") or not moved.isdigit():
             return
         self._ends[trade_id] = DgrEvent(0, "END", {"trade_id": str(trade_id), "moved_wh": moved,
@@ -327,6 +333,16 @@ class DgrClient:
         router cannot be asked any more."""
         with self._lock:
             return self._ends.get(trade_id)
+
+    def transfer_unknown(self, trade_id: int) -> bool:
+        """Whether the router answered a STOP of this trade with ``was=unknown``: it has no
+        transfer of that id, active or among the ended ones it remembers (its last 32). Why: a
+        START whose intent was journalled but whose frame never reached the router (the process
+        died in between) must get none of the slot's metered energy; the daemon takes this
+        answer as that proof only while the router still knows the slot's other transfers (a
+        rebooted router knows none of them)."""
+        with self._lock:
+            return trade_id in self._unknown
 
     # --- exchanges ----------------------------------------------------------------------------
 

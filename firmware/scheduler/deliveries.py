@@ -34,6 +34,8 @@ REPORT_TTL_SECONDS = 86_400  # a report may wait out a long network outage; expi
 MIN_START_SECONDS = 2  # a late start with less than this left in the slot is not attempted
 TRADE_ACTIVE = 34  # DGR protocol v1 NAK: a transfer with this trade id is already active
 DELIVERY_MARGIN_PERCENT = 5  # transfers are sized to finish in the first 95% of the slot
+# The details an unconfirmed START leaves on its delivery (after a restart; at the slot's metering)
+UNCONFIRMED_START_DETAILS = ("start not confirmed", "start never confirmed")
 
 
 class Deliveries:
@@ -119,7 +121,7 @@ class Deliveries:
             if row.trade_id in active:
                 if self._move(row, ds.RUNNING, "running at the router after a restart"):
                     self.ctx.events.emit("delivery.resumed", trade=row.trade_id, market=row.market_id)
-            elif self._move(row, ds.INTERRUPTED, "start not confirmed and not active at the router: not started again"):
+            elif self._move(row, ds.INTERRUPTED, f"{UNCONFIRMED_START_DETAILS[0]} and not active at the router: not started again"):
                 self.ctx.events.emit("delivery.failed", trade=row.trade_id, detail="start not confirmed; not started again")
 
     def _start_due(self, current: int, now: int) -> int:
@@ -345,6 +347,16 @@ class Deliveries:
                 out[row.trade_id] = int(moved)
         return out
 
+    def _never_ran(self, rows: list[DeliveryRow]) -> set[int]:
+        """Trades whose START was never confirmed and of which the router knows nothing (its STOP
+        answered ``was=unknown``, asked by ``_router_counts``): the frame never reached it."""
+        unknown = getattr(self.ctx.dgr, "transfer_unknown", None)
+        if unknown is None:
+            return set()
+        return {row.trade_id for row in rows
+                if row.state == ds.INTERRUPTED and (row.detail or "").startswith(UNCONFIRMED_START_DETAILS)
+                and unknown(row.trade_id)}
+
     def _weights(self, rows: list[DeliveryRow]) -> dict[int, int]:
         """What each transfer of a slot moved, for sharing the certified total (Wh, not certified):
         the router's count when it told us (its END event, kept by the driver) for every transfer
@@ -365,11 +377,18 @@ class Deliveries:
                 margin = MIN_ROUTER_WATCHDOG_S * 1000 if (row.detail or "").startswith("router link lost") else 0
                 flow_end = min(flow_end, times.updated_at_ms + margin)
             estimated[row.trade_id] = row.energy_wh * min(usable_ms, max(0, flow_end - start_ms)) // usable_ms
+        never_ran = self._never_ran(rows)
         weights = {}
         for d in ("export", "import"):
             mine = [r.trade_id for r in rows if r.direction == d and r.state in ds.FLOWING]
-            source = counted if all(t in counted for t in mine) else estimated
-            weights.update({t: source[t] for t in mine})
+            # A trade the router never ran counts 0 - but only while the router still counts the
+            # others: a rebooted router knows none of them, and then every trade is estimated.
+            known = {t: counted[t] for t in mine if t in counted}
+            if known and all(t in known or t in never_ran for t in mine):
+                weights.update({t: known.get(t, 0) for t in mine})
+            else:
+                source = counted if all(t in counted for t in mine) else estimated
+                weights.update({t: source[t] for t in mine})
         return weights
 
     def _meter_slot(self, market_id: int) -> None:
@@ -384,7 +403,7 @@ class Deliveries:
                 if self._move(row, ds.REFUSED, "slot passed before the transfer could start"):
                     events.emit("delivery.missed", trade=row.trade_id, market=row.market_id)
             elif row.state == ds.STARTING:
-                self._move(row, ds.INTERRUPTED, "start never confirmed by the router")
+                self._move(row, ds.INTERRUPTED, f"{UNCONFIRMED_START_DETAILS[1]} by the router")
         rows = journal.deliveries(states=ds.METERABLE, market_id=market_id)
         if not rows:
             return
