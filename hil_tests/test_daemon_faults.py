@@ -251,7 +251,11 @@ def test_a_latched_router_fault_fails_deliveries_until_its_cause_is_gone(tmp_pat
 
         mark = len(seller.lines)
         hood.fault("seller", {"cmd": "clear"})
-        assert hood.bench_status("seller")["dgr"]["mode"] == "fault"  # the cause is gone; the latch stays until RESUME
+        # The cause is gone; the latch stays until RESUME - unless the daemon's next START (and its
+        # RESUME) already came between the clear and this look (a slot edge right then, seen on a
+        # loaded machine): then the RESUME line below must be there.
+        mode = hood.bench_status("seller")["dgr"]["mode"]
+        assert mode == "fault" or any(" dgr.resumed " in line and "mode=idle" in line for line in seller.lines[mark:]), mode
         nxt = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=2 * hood.slot_seconds + 5,
                             after=mark)
         assert int(nxt.group(2)) > first_market
