@@ -32,9 +32,9 @@ from .test_daemon import KILL_SEED_ENV, ROUTER_TOLERANCE_WH, kill_phases, plan_k
 
 KILL_SLOTS = 3  # six moments, 1 to 2 victims each
 # Slots of the market day beyond the kill slots: the chain, the houses, a slot of meter history,
-# a bid and its gate before the first trade (about 3 slots), and room for that to take 2 slots
+# a bid and its gate before the first trade (about 3 slots), and room for that to take 6 slots
 # longer on a loaded machine (make test's workers share 2 cores), so the kills still fall in the day.
-DAY_SLACK_SLOTS = 8
+DAY_SLACK_SLOTS = 12
 
 
 def _on_chain(hood: Neighbourhood) -> dict:

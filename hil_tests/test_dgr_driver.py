@@ -234,22 +234,6 @@ def test_stop_transfer_is_confirmed_and_stopping_twice_is_harmless(bench):
 
 
 @pytest.mark.rig_features("emulator-control")
-def test_a_stop_answered_unknown_is_remembered_as_a_transfer_the_router_never_ran(bench):
-    """The router's ``was=unknown`` is the daemon's proof that a START whose intent it journalled
-    never reached the router (tests/test_delivery_sequences.py sequence e); ``was=ended`` or
-    ``was=active`` never counts as unknown."""
-    with bench.client() as dgr:
-        assert not dgr.transfer_unknown(998)
-        dgr.stop_transfer(998)
-        assert dgr.transfer_unknown(998)
-        dgr.start_transfer(302, "import", 5000, in_seconds(600), 5000)
-        time.sleep(0.1)
-        dgr.stop_transfer(302)  # was=active
-        dgr.stop_transfer(302)  # was=ended
-        assert not dgr.transfer_unknown(302)
-        assert dgr.transfer_end(302) is not None
-
-
 def test_a_new_clients_stop_of_an_ended_transfer_tells_what_it_moved(bench):
     """HIL finding H3: a restarted daemon's driver has heard none of the END events its
     predecessor got; STOP of the ended transfer answers was=ended moved_wh, and the driver
@@ -265,6 +249,23 @@ def test_a_new_clients_stop_of_an_ended_transfer_tells_what_it_moved(bench):
         assert end.received_at == 0.0
         fresh.stop_transfer(999)  # never seen: nothing to remember
         assert fresh.transfer_end(999) is None
+
+
+@pytest.mark.rig_features("emulator-control")
+def test_a_stop_answered_unknown_is_remembered_as_a_transfer_the_router_never_ran(bench):
+    """The router's ``was=unknown`` is the daemon's proof that a START whose intent it journalled
+    never reached the router (tests/test_delivery_sequences.py sequence e); ``was=ended`` or
+    ``was=active`` never counts as unknown."""
+    with bench.client() as dgr:
+        assert not dgr.transfer_unknown(998)
+        dgr.stop_transfer(998)
+        assert dgr.transfer_unknown(998)
+        dgr.start_transfer(302, "import", 5000, in_seconds(600), 5000)
+        time.sleep(0.1)
+        dgr.stop_transfer(302)  # was=active
+        dgr.stop_transfer(302)  # was=ended
+        assert not dgr.transfer_unknown(302)
+        assert dgr.transfer_end(302) is not None
 
 
 @pytest.mark.rig_features("emulator-control")
