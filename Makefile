@@ -78,7 +78,7 @@ demo: demo-deps $(DEMO_STAMP)
 # meter not delaying live ones, read times and 3.5-character framing of the MicroPython
 # emulators) run alone in the second pass, so a neighbour's load never
 # decides them.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 TIMING_TESTS := hil_tests/test_meter_driver.py hil_tests/test_meter_faults.py hil_tests/test_dgr_driver.py \
 	hil_tests/test_micropython_emulators.py
 test: system-deps $(STAMP) $(EVM_STAMP)
