@@ -4,7 +4,6 @@ slot, reconciling, and the kept baseline."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -17,28 +16,7 @@ from firmware.policy import (
     desired_orders, price_range, ramp_price, reconcile_market,
 )
 
-RULES = MarketRules()
-POLICY = PolicyConfig()
-TARIFFS = Tariffs()
-MARKET = 1_000 * 1800
-
-
-@dataclass
-class Order:
-    nonce: int
-    side: str
-    price_per_kwh_minor: int
-    state: str
-    energy_wh: int
-    filled_wh: int = 0
-
-    @property
-    def remaining_wh(self) -> int:
-        return self.energy_wh - self.filled_wh
-
-
-def at(seconds_to_gate: int, market: int = MARKET) -> int:
-    return market - RULES.gate_closure_seconds - seconds_to_gate
+from tests.policy_support import MARKET, POLICY, RULES, TARIFFS, Order, at  # noqa: E402
 
 
 def test_ramp_goes_from_initial_to_reservation_over_the_reviews():
