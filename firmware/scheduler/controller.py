@@ -97,7 +97,9 @@ class Controller:
             self.router.greet()
 
     def recover(self) -> None:
-        """Rebuild from the journal: nonce floor from the ledger, resend the outbox, finish deliveries."""
+        """Rebuild from the journal: nonce floor from the ledger, finish deliveries. The outbox is
+        resent by its own job, which the daemon runs at once after this: a long outbox on a slow
+        ledger (one message per block on a chain) must not hold back the slot-edge deliveries."""
         from .ledger_link import sync_account
 
         self.greet_router()
@@ -110,7 +112,6 @@ class Controller:
         running = journal.deliveries(states=(*ds.OPEN, ds.METERED))
         ctx.events.emit("recovered", outbox_pending=len(pending), deliveries_open=len(running), next_nonce=journal.next_nonce())
         self.check_clock()
-        self.flush_outbox()
         self.deliveries_tick()
 
     # -- jobs ---------------------------------------------------------------------------

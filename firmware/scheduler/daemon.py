@@ -141,22 +141,8 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
 
     events.emit("starting", device=controller.key.device_id, ledger=redact_url(config.ledger.url),
                 slot_s=config.market.slot_seconds, markets_ahead=config.market.markets_ahead)
-    notifier.status("recovering from the journal")
-    try:
-        controller.measure()
-        controller.recover()
-        starting.clear()
-    except _StopDuringStart:
-        events.emit("stopping", signal=received[0] if received else "-", during="start-up")
-        notifier.stopping("stopping during start-up")
-        controller.close()
-        events.emit("stopped", during="start-up")
-        return 0
-
     cadence = config.cadence
     slot_s = config.market.slot_seconds
-    now = time.time()
-    next_edge = datetime.fromtimestamp(config.market.next_slot_start(int(now)), tz=timezone.utc)
     scheduler = BackgroundScheduler(
         # Threads are what the jobs need (issue 7 part 7), each lane so that nothing slow blocks what
         # must not wait: "edge" starts deliveries at the slot edge; "devices" feeds the router's
@@ -167,14 +153,37 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
         timezone=timezone.utc,
     )
     monitor = JobMonitor()
-    console: SerialConsole | None = None
-    status = StatusService(controller, monitor, console_state=lambda: console.state() if console else None)
 
     def every(seconds: float, **kw) -> IntervalTrigger:
         return IntervalTrigger(seconds=seconds, timezone=timezone.utc, **kw)
 
     def add(fn, trigger, job_id: str, **kw) -> None:
         scheduler.add_job(monitor.wrap(job_id, fn), trigger, id=job_id, **kw)
+
+    # The router's heartbeat runs from before the recovery on: start-up waits on the ledger (the
+    # account's nonce floor, the clock), and a hung ledger would otherwise leave the router's
+    # watchdog unfed for several ledger timeouts and cut a transfer running across the restart
+    # (hil_tests/test_daemon_restart.py). The other jobs are added once the journal is recovered.
+    add(controller.heartbeat, every(max(1, config.dgr.heartbeat_seconds)), "dgr_heartbeat", executor="devices")
+    scheduler.start()
+    notifier.status("recovering from the journal")
+    try:
+        controller.measure()
+        controller.recover()
+        starting.clear()
+    except _StopDuringStart:
+        events.emit("stopping", signal=received[0] if received else "-", during="start-up")
+        notifier.stopping("stopping during start-up")
+        scheduler.shutdown(wait=False)
+        _wait_for_jobs(monitor, STOP_GRACE_SECONDS)
+        controller.close()
+        events.emit("stopped", during="start-up")
+        return 0
+
+    now = time.time()
+    next_edge = datetime.fromtimestamp(config.market.next_slot_start(int(now)), tz=timezone.utc)
+    console: SerialConsole | None = None
+    status = StatusService(controller, monitor, console_state=lambda: console.state() if console else None)
 
     add(controller.slot_edge, every(slot_s, start_date=next_edge), "slot_edge", executor="edge")
     add(controller.measure, every(cadence.measure_seconds), "measure", executor="devices")
@@ -188,9 +197,8 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
         "bid", next_run_time=datetime.fromtimestamp(now_s + bid_offset_ms / 1000, timezone.utc))
     add(controller.review, every(cadence.review_seconds), "review")
     add(controller.poll_trades, every(cadence.poll_trades_seconds), "poll_trades")
-    add(controller.flush_outbox, every(cadence.outbox_seconds), "outbox")
+    add(controller.flush_outbox, every(cadence.outbox_seconds), "outbox", next_run_time=datetime.now(timezone.utc))
     add(controller.deliveries_tick, every(max(1, cadence.poll_trades_seconds)), "deliveries")
-    add(controller.heartbeat, every(max(1, config.dgr.heartbeat_seconds)), "dgr_heartbeat", executor="devices")
     add(controller.check_clock, every(cadence.clock_check_seconds), "clock")
 
     health_state = {"healthy": True}
@@ -216,7 +224,6 @@ def _run(config: BoardConfig, key_path: Path, stop_event: threading.Event | None
                             action="watchdog pings stopped" if notifier.watchdog_interval_s else "none (no watchdog)")
 
     health_s = notifier.watchdog_interval_s or HEALTH_CHECK_SECONDS
-    scheduler.start()
     if control is not None:
         control.serve(status.handle)
     if config.console.tty:
