@@ -32,6 +32,7 @@ SLOW_FILES_S = {
     "hil_tests/test_flash_keys.py": 130,
     "hil_tests/test_daemon_evm.py": 125,
     "hil_tests/test_walkthrough.py": 110,
+    "hil_tests/test_daemon_restart.py": 60,
     "hil_tests/test_provision.py": 105,
     "hil_tests/test_net_meter.py": 105,
     "hil_tests/test_console.py": 95,
