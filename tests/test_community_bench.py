@@ -165,3 +165,31 @@ def test_a_transfer_limit_shows_as_shortfall_in_the_figures(tmp_path):
     # two sellers and two buyers: with one transfer per router, a seller selling to both buyers in
     # a slot delivers to one only (the two runs trade alike until the first refused transfer)
     assert tight.shortfall_pct > free.shortfall_pct
+
+
+def test_an_oracle_forecast_is_the_actual_energy_and_leaves_the_board_forecast_alone(tmp_path):
+    """`--oracle` (a measuring aid) replaces the forecast's load, PV or both by the slot's actual
+    energy: perfect skill for what it replaces, the board's forecast for the rest."""
+    community = load_community(small_community(tmp_path, days=4))
+    reps = {o: CommunityBench(community, BenchSettings(days=1, start_day=2, site=None, oracle=o)).run()
+            for o in ("", "load", "all")}
+    assert reps["all"].skill_load == 1.0 and reps["all"].skill_net == 1.0
+    assert reps["all"].skill_net_next_market == 1.0
+    assert reps["load"].skill_load == 1.0 and reps["load"].skill_net < 1.0
+    assert reps[""].skill_load < 1.0
+    bench = CommunityBench(community, BenchSettings(days=1, start_day=2, site=None, oracle="pv"))
+    i = 2 * 48 + 24  # noon of the first day run
+    for j in range(i):
+        bench._observe(j)
+    for name in ("b", "c"):
+        h = bench.houses[name]
+        t = community.slot_starts[i]
+        f = bench._forecast(h, t - 1800, [t])[t]
+        assert f.pv_wh == community.pv_wh[name][i] and f.pv_samples_wh in ((community.pv_wh[name][i],), (0,))
+        assert f.load_wh != community.load_wh[name][i] or len(f.load_samples_wh) > 1  # the board's load forecast
+
+
+def test_cli_refuses_an_unknown_oracle():
+    out = subprocess.run([sys.executable, "-m", "host_tools.cli", "bench", "community", "--days", "1",
+                          "--oracle", "weather"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--oracle" in out.stderr

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 import tracemalloc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from firmware.config import PolicyConfig
 from firmware.forecast import Site, SlotForecast, forecast_net_wh, forecast_slots
@@ -68,6 +68,10 @@ class BenchSettings:
     # the trade is not delivered (the seller's shortfall). 0 = no limit.
     router_max_transfers: int = 8
     site: Site | None = FIXTURE_SITE
+    # A measuring aid, never a board setting: "load", "pv" or "all" replaces that part of the
+    # board's forecast by the slot's actual energy (a perfect forecast, samples = the actual
+    # value), so a run shows what any forecast could reach with this policy and market.
+    oracle: str = ""
 
 
 @dataclass
@@ -216,7 +220,27 @@ class CommunityBench:
             result = forecast_slots(h.load_hist, h.pv_hist, targets, now_s=now, slot_seconds=self.slot_s,
                                     day_seconds=self.day_s, history_days=HISTORY_DAYS, site=self.s.site)
         self.forecast_ms.append((time.perf_counter() - t0) * 1000)
+        if self.s.oracle and not self.s.baseline:
+            result = self._oracle(h, result)
         return result
+
+    def _oracle(self, h: _House, forecast: dict) -> dict:
+        """The forecast with its load, PV or both replaced by what the slot really had (see
+        ``BenchSettings.oracle``); a target beyond the community's data keeps the board's value."""
+        first, n = self.c.slot_starts[0], len(self.c.slot_starts)
+        load_too, pv_too = self.s.oracle in ("load", "all"), self.s.oracle in ("pv", "all")
+        out = {}
+        for t, f in forecast.items():
+            i = (t - first) // self.slot_s
+            if 0 <= i < n:
+                if load_too:
+                    load = self.c.load_wh[h.name][i]
+                    f = replace(f, load_wh=load, load_samples_wh=(load,))
+                if pv_too and self.c.houses[h.name].has_pv:
+                    pv = self.c.pv_wh[h.name][i]
+                    f = replace(f, pv_wh=pv, pv_samples_wh=(pv,))
+            out[t] = f
+        return out
 
     # -- the market ---------------------------------------------------------------------------
 

@@ -63,6 +63,10 @@ def add_bench_command(bench_sub) -> None:
     p.add_argument("--no-battery-sales", action="store_true",
                    help="batteries do not sell what a later full battery would spill anyway (board default: "
                    f"battery_sales = {str(BOARD_POLICY.battery_sales).lower()})")
+    p.add_argument("--oracle", choices=("load", "pv", "all"), default="",
+                   help="a measuring aid, not a board setting: replace the board's forecast of the load, the PV or "
+                   "both by the slots' actual energy (a perfect forecast), to measure what any forecast could reach "
+                   "with this policy and market (forecast skill then reads 1 for what is replaced)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object before the final line")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots there (needs matplotlib, host extra)")
     p.set_defaults(func=cmd_community)
@@ -87,7 +91,7 @@ def cmd_community(args: argparse.Namespace) -> int:
                              batteries=not args.no_batteries, tariffs=tariffs,
                              sell_quantile_percent=args.sell_quantile, buy_quantile_percent=args.buy_quantile,
                              curve_steps=args.curve_steps, battery_sales=not args.no_battery_sales,
-                             router_max_transfers=args.router_transfers)
+                             router_max_transfers=args.router_transfers, oracle=args.oracle)
     if args.community is not None:
         settings = replace(settings, site=None)  # another community's site is unknown: PV from statistics
     runs = [replace(settings, baseline=True), settings] if args.compare and not args.baseline else [settings]
