@@ -107,6 +107,28 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
     return out
 
 
+def children_of(pid: int) -> list[int]:
+    """The ledger's child processes (its writer process, see host_tools/bench_ledger/writer_process.py)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def tree_cpu_s(pid: int, part: str = "both") -> dict[int, float]:
+    """CPU time of the ledger and of each of its child processes (pid -> s)."""
+    out = {}
+    for p in [pid, *children_of(pid)]:
+        try:
+            out[p] = cpu_s(p, part)
+        except OSError:
+            continue
+    return out
+
+
 def start_ledger(db: Path, token: str, offset_ms: int, extra: list[str]) -> Ledger:
     argv = [sys.executable, "-m", "host_tools.cli", "ledger", "serve", "--db", str(db), "--port", "0",
             "--ledger-id", LEDGER_ID, "--slot-seconds", str(SLOT_S), "--markets-ahead", "48", "--lot-wh", str(LOT_WH),
@@ -317,12 +339,16 @@ def main() -> int:
                 kinds.append(ks)
                 batches.append(raws)
             threads0 = thread_cpu_s(ledger.proc.pid)
-            t0, server_cpu0, own_cpu0 = time.perf_counter(), cpu_s(ledger.proc.pid), time.process_time()
-            server_sys0 = cpu_s(ledger.proc.pid, "system")
+            tree0, own_cpu0 = tree_cpu_s(ledger.proc.pid), time.process_time()
+            t0 = time.perf_counter()
+            sys0 = tree_cpu_s(ledger.proc.pid, "system")
             answers_timed = asyncio.run(send_all_kinds(ledger.port, batches, kinds, args.rate_per_device))
             elapsed = time.perf_counter() - t0
-            server_cpu = cpu_s(ledger.proc.pid) - server_cpu0
-            server_sys = cpu_s(ledger.proc.pid, "system") - server_sys0
+            tree1, sys1 = tree_cpu_s(ledger.proc.pid), tree_cpu_s(ledger.proc.pid, "system")
+            server_cpu = sum(tree1.values()) - sum(tree0.get(p, 0.0) for p in tree1)  # the ledger and its writer process
+            server_sys = sum(sys1.values()) - sum(sys0.get(p, 0.0) for p in sys1)
+            http_cpu = tree1.get(ledger.proc.pid, 0.0) - tree0.get(ledger.proc.pid, 0.0)
+            writer_procs = len(tree1) - 1
             threads1 = thread_cpu_s(ledger.proc.pid)
             loop_cpu = threads1.get(ledger.proc.pid, 0.0) - threads0.get(ledger.proc.pid, 0.0)
             client_cpu = time.process_time() - own_cpu0
@@ -348,9 +374,16 @@ def main() -> int:
     print(f"ledger_load: ledger CPU {1000 * server_cpu / len(latencies):.2f} ms per message "
           f"({server_cpu / elapsed:.2f} cores busy over the phase), load generator CPU {1000 * client_cpu / len(latencies):.2f} ms "
           f"per message; CPU-bound capacity of one ledger core ~{len(latencies) / server_cpu:.0f} messages/s")
-    print(f"ledger_load: ledger CPU by thread: event loop (HTTP, parsing, verification) {1000 * loop_cpu / len(latencies):.2f} ms "
-          f"per message, the other threads (the writer: store, SQLite, commit) {1000 * (server_cpu - loop_cpu) / len(latencies):.2f} ms; "
-          f"in the kernel (sockets, fsync) {1000 * server_sys / len(latencies):.2f} ms of the total")
+    per_msg = lambda s: 1000 * s / len(latencies)  # noqa: E731
+    if writer_procs:
+        print(f"ledger_load: ledger CPU by part: event loop (HTTP, parsing, verification) {per_msg(loop_cpu):.2f} ms per message, "
+              f"the HTTP process's other threads (committer: pickling, waiting) {per_msg(http_cpu - loop_cpu):.2f} ms, "
+              f"the writer process (store, SQLite, commit) {per_msg(server_cpu - http_cpu):.2f} ms; "
+              f"in the kernel (sockets, fsync) {per_msg(server_sys):.2f} ms of the total")
+    else:
+        print(f"ledger_load: ledger CPU by thread: event loop (HTTP, parsing, verification) {per_msg(loop_cpu):.2f} ms "
+              f"per message, the other threads (the writer: store, SQLite, commit) {per_msg(server_cpu - loop_cpu):.2f} ms; "
+              f"in the kernel (sockets, fsync) {per_msg(server_sys):.2f} ms of the total")
     pacing = (f"at most {args.rate_per_device:g} messages/s per device (offered {args.devices * args.rate_per_device:.0f}/s)"
               if args.rate_per_device else "back to back")
     print(f"ledger_load: one message per request, one request outstanding per device, {pacing}; "

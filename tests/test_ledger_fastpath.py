@@ -167,3 +167,34 @@ def test_strict_loads_is_the_strict_decoder(text):
 def test_merkle_root_is_the_records(leaves):
     expected = record.merkle_root([record.leaf_hash(leaf.encode("ascii")) for leaf in leaves])
     assert fastpath.merkle_root(leaves) == expected
+
+
+flat_texts = st.one_of(  # flat objects, as envelopes and messages are: orjson's shortcut takes these
+    st.dictionaries(st.text(max_size=8), st.none() | st.booleans() | ints | st.text(max_size=12), max_size=6).map(json.dumps),
+    st.dictionaries(st.text(max_size=8), ints | st.text(max_size=12), max_size=6).map(
+        lambda d: json.dumps(d, ensure_ascii=False, separators=(",", ":"))),
+    st.sampled_from(['{"a":1,"a":2}', '{"a":"\\ud800"}', '{"a":"\\u0041"}', '\ufeff{"a":1}', '{"a":"x\ty"}', '{"a":"\x00"}',
+                     '{"a":99999999999999999999999}', '{"a":-9223372036854775809}', '{"a":18446744073709551615}',
+                     '{"a":-0}', '{"a":1.0}', '{"a":1e2}', '{"a":NaN}', '{"a":Infinity}', '{"a":[1]}', '{"a":{}}', '{"a":1,}',
+                     '{a:1}', "{'a':1}", '{"a":01}', '{"a":+1}', '{"a":.5}', '{"a":true,"b":null}', ' {"a":1}\n', '{"a":1} x']),
+    st.text(alphabet='{}"a:,1 \t\\u0', max_size=16),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(flat_texts)
+def test_strict_loads_on_flat_objects_is_the_strict_decoder(text):
+    assert _outcome(fastpath.strict_loads, text) == _outcome(fastpath.STRICT_DECODER.decode, text)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(mutated_fields(), st.sampled_from(["same", "space", "escaped", "reordered", "plus"]))
+def test_is_canonical_is_the_canonical_text(fields, variant):
+    if not fastpath.fields_ok(fields):
+        return
+    text = fastpath.canonical_text(fields)
+    payload = {"same": text, "space": text.replace(",", ", ", 1), "escaped": text.replace("e", "\\u0065", 1),
+               "reordered": json.dumps(dict(reversed(list(fields.items()))), separators=(",", ":")),
+               "plus": text.replace(":1", ":+1", 1)}[variant].encode("ascii")
+    assert fastpath.is_canonical(fields, payload) is (text.encode("ascii") == payload)
+    assert fastpath.is_canonical(fields, canonical_bytes(fields)) is True

@@ -118,8 +118,14 @@ class LedgerSettings:
     # Signs the record's blocks; boards pin its public key at provisioning. None: an ephemeral key.
     authority_key: Any = field(default=None, repr=False)
     seal_interval_ms: int = 2000
+    # The store (book, SQLite, the record) in a process of its own, so the HTTP side and the
+    # writer each get a core (writer_process.py). Needs a clock both processes read alike.
+    writer_process: bool = False
 
     def __post_init__(self) -> None:
+        if self.writer_process and not (self.clock is wall_clock_ms or isinstance(self.clock, OffsetClock)):
+            raise ValueError("writer_process: expected the host clock or an OffsetClock (an injected clock lives in "
+                             "one process only); use writer_process=False with a test clock")
         if not self.ledger_id or not self.ledger_id.isascii() or not self.ledger_id.isprintable():
             raise ValueError(f"ledger_id: expected non-empty printable ASCII, got {self.ledger_id!r}")
         if not 0 <= self.initial_credit_milli_minor <= MAX_CREDIT_MILLI_MINOR:
@@ -515,11 +521,19 @@ def _is_loopback_client(host: str | None) -> bool:
 
 def create_app(settings: LedgerSettings) -> FastAPI:
     """Build the ledger API over a store at ``settings.db_path`` (created if missing)."""
-    store = LedgerStore(settings.db_path, settings.rules, settings.report_deadline_seconds, settings.last_market_id,
-                        clock=settings.clock, default_sell_capacity_wh=settings.default_sell_capacity_wh,
-                        max_open_shortfall_wh=settings.max_open_shortfall_wh, max_open_orders=settings.max_open_orders,
-                        authority=settings.authority_key, ledger_id=settings.ledger_id,
-                        seal_interval_ms=settings.seal_interval_ms)
+    def make_store() -> LedgerStore:
+        return LedgerStore(settings.db_path, settings.rules, settings.report_deadline_seconds, settings.last_market_id,
+                           clock=settings.clock, default_sell_capacity_wh=settings.default_sell_capacity_wh,
+                           max_open_shortfall_wh=settings.max_open_shortfall_wh, max_open_orders=settings.max_open_orders,
+                           authority=settings.authority_key, ledger_id=settings.ledger_id,
+                           seal_interval_ms=settings.seal_interval_ms)
+
+    if settings.writer_process:
+        from .writer_process import RemoteStore
+
+        store: Any = RemoteStore(make_store)  # the same store, in a forked child (writer_process.py)
+    else:
+        store = make_store()
     rules = settings.rules
     verifier = fastpath.Verifier()
     device_limiter = RateLimiter(settings.device_rate)
@@ -911,6 +925,7 @@ def create_app(settings: LedgerSettings) -> FastAPI:
             reply(*_answer(exc), _JSON_HEADERS)
 
     client_limited = settings.client_rate.enabled
+    known_keys = store.known_public_keys  # device id -> key, filled by public_key_of (keys never change)
     app.lean_post = _lean_post  # type: ignore[attr-defined]  (served by _LedgerAPI.__call__)
     app.fast_post = fast_post  # type: ignore[attr-defined]  (served by fast_http.LedgerHttpProtocol)
 
@@ -924,9 +939,12 @@ def create_app(settings: LedgerSettings) -> FastAPI:
         except Rejection as exc:
             return _reject(exc.code, exc.detail)
         device_id = peek.get("device_id") if isinstance(peek, dict) else None
-        if not isinstance(device_id, str) or not _is_device_id(device_id):
-            return _reject("malformed", "payload.device_id: expected the sending device's id (40 lowercase hex characters)")
-        public_key = store.public_key_of(device_id)  # before any cryptography: an unknown id costs a look-up
+        # A key already in memory names a registered, hence well-formed, id: the shape is checked only otherwise.
+        public_key = known_keys.get(device_id) if type(device_id) is str else None
+        if public_key is None:
+            if not isinstance(device_id, str) or not _is_device_id(device_id):
+                return _reject("malformed", "payload.device_id: expected the sending device's id (40 lowercase hex characters)")
+            public_key = store.public_key_of(device_id)  # before any cryptography: an unknown id costs a look-up
         if public_key is None:
             return _reject("unknown_device", f"payload.device_id: no device {device_id[:64]!r} is registered; expected a registered device")
         if not verifier.verify(message.payload, message.signature, public_key):
@@ -938,7 +956,7 @@ def create_app(settings: LedgerSettings) -> FastAPI:
             )
         # open_message's remaining checks (canonical form, schema); the key was looked up by
         # this very device id, and a registered id is derived from its key, so they match.
-        if fastpath.fields_ok(peek) and fastpath.canonical_text(peek) == message.payload.decode("ascii"):
+        if fastpath.fields_ok(peek) and fastpath.is_canonical(peek, message.payload):
             fields = peek  # what canonical_bytes(peek) == payload says, without re-validating in Python
         else:
             try:

@@ -205,6 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             initial_credit_milli_minor=args.initial_credit,
             report_deadline_seconds=deadline,
             last_market_id=args.last_market,
+            writer_process=args.writer_process,
             **({"clock": OffsetClock(args.clock_offset_ms)} if args.clock_offset_ms else {}),
         )
     except ValueError as exc:
@@ -469,6 +470,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
                                                 "--db, created 0600; an ephemeral key for ':memory:')")
     p.add_argument("--last-market", type=_non_negative, metavar="MARKET_ID",
                    help="a bounded market day: no market after this slot start takes orders (demos)")
+    p.add_argument("--writer-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the store (book, SQLite, record) in a process of its own, so HTTP and the writer each "
+                        "get a core (default on; --no-writer-process: one process)")
     p.set_defaults(func=_wrap(cmd_serve))
 
     p = sub.add_parser("register", help="register a device's public key with the ledger")

@@ -231,6 +231,9 @@ class Rejection(Exception):
     def body(self, **extra: Any) -> dict:
         return {"status": "rejected", "code": self.code, "detail": self.detail, **extra}
 
+    def __reduce__(self):  # pickled with its two arguments (the writer process sends rejections back)
+        return (Rejection, (self.code, self.detail))
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -538,6 +541,19 @@ class LedgerStore:
         key = bytes.fromhex(row["public_key"])
         self._public_keys[device_id] = key
         return key
+
+    @property
+    def known_public_keys(self) -> Mapping[str, bytes]:
+        """The keys looked up so far (device id -> key), for a caller that wants a look-up without the lock."""
+        return self._public_keys
+
+    def public_keys(self) -> dict[str, bytes]:
+        """Every registered device's key (the writer process hands its parent a copy at start)."""
+        with self._lock:
+            rows = self._all("SELECT device_id, public_key FROM devices")
+        keys = {row["device_id"]: bytes.fromhex(row["public_key"]) for row in rows}
+        self._public_keys.update(keys)
+        return keys
 
     def account(self, device_id: str) -> dict | None:
         with self._lock:
