@@ -158,7 +158,7 @@ class RemoteStore:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 keep = child_sock.fileno()
                 os.closerange(3, keep)  # the parent's listening socket, pipes and database files are not ours
-                os.closerange(keep + 1, 1 << 16)
+                os.closerange(keep + 1, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))
                 _serve_child(child_sock, make_store)
             except BaseException:  # noqa: BLE001
                 log.exception("writer process failed")
