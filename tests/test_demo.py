@@ -59,4 +59,7 @@ def test_the_demo_discovers_prices_and_every_pv_house_sells(tmp_path, capsys):
     # here, where the split between the two sellers varies from run to run.
     assert sellers and sellers <= {"p04", "p05"}, prices
     assert f" trades={trades} " in lines[-1]
-    assert code == 0, "\n".join(lines[-12:])
+    # A failed delivery names its cause in the live log (a NAK, a late START, a short meter):
+    # show those lines, not only the summary, so a failure here can be diagnosed from CI's output.
+    failures = [line for line in lines if re.search(r" delivery\.(failed|missed) |outcome=failed", line)]
+    assert code == 0, "\n".join(failures + lines[-12:])
