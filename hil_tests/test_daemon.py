@@ -214,7 +214,8 @@ def test_sigkilled_daemons_lose_duplicate_and_overrun_nothing(tmp_path: Path) ->
                          enough=lambda done: kill_count(done) >= MIN_KILLS and set(phases_hit(done)) == every_phase)
         print("\n".join(describe(done, slot_s)))
         total, by_phase = kill_count(done), phases_hit(done)
-        print(f"sigkill test: seed={seed} kills={total} moments={len(done)} phases={dict(by_phase)}")
+        print(f"sigkill test: seed={seed} kills={total} moments={len(done)} phases={dict(by_phase)} "
+              f"slots_left={(hood.last_market - time.time()) / slot_s:.1f}")
         assert total >= MIN_KILLS, f"only {total} kills (seed {seed})"
         assert set(by_phase) == every_phase, f"phases hit: {dict(by_phase)} (seed {seed})"
         assert any(any(k.transfer_active.values()) for k in done if k.phase == "mid-transfer"), \

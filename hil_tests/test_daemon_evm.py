@@ -33,8 +33,9 @@ from .test_daemon import KILL_SEED_ENV, ROUTER_TOLERANCE_WH, kill_seed, router_l
 KILL_MOMENTS = 6  # 1 to 2 victims each, every phase of kill_plan.kill_phases at least once
 KILL_SLOTS = 3  # two moments a slot when the machine keeps up
 # Slots of the market day beyond the kill slots: the chain, the houses, a slot of meter history,
-# a bid and its gate before the first trade (about 3 slots), and room for that to take 6 slots
-# longer on a loaded machine (make test's workers share 2 cores), so the kills still fall in the day.
+# a bid and its gate before the first trade (about 3 slots), room for that to come several slots
+# later on a loaded machine (make test's workers share 2 cores), and for slow restarts to move
+# kills a slot on each (kill_plan.py); the test prints how many slots were left.
 DAY_SLACK_SLOTS = 12
 
 
@@ -176,7 +177,8 @@ def test_sigkilled_daemons_on_the_chain_lose_duplicate_and_overrun_nothing(tmp_p
                           until=hood.last_market, rng=rng)
         print("\n".join(describe(kills, slot_s)))
         total, by_phase = kill_count(kills), phases_hit(kills)
-        print(f"sigkill evm test: seed={seed} kills={total} moments={len(kills)} phases={dict(by_phase)}")
+        print(f"sigkill evm test: seed={seed} kills={total} moments={len(kills)} phases={dict(by_phase)} "
+              f"slots_left={(hood.last_market - time.time()) / slot_s:.1f}")
         assert len(kills) == KILL_MOMENTS, f"only {len(kills)} of {KILL_MOMENTS} kill moments fell in the market day (seed {seed})"
         assert len(by_phase) >= 4, f"phases hit: {dict(by_phase)} (seed {seed})"
 
