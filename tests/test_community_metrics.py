@@ -78,3 +78,21 @@ def test_battery_and_over_contract_balance():
     assert rep.over_contract_pct == pytest.approx(50.0)
     assert rep.delivered_pct_of_ideal == pytest.approx(100 * 600 / 300)  # ideal: min(1000 surplus, 300 shortage)
     assert rep.used_pct_of_ideal == pytest.approx(100 * 300 / 300)
+
+
+def test_the_pooled_self_sufficiency_gives_over_contracted_energy_to_importers():
+    # noon: b receives 600 Wh but lacks 300 (300 flow on to the grid) while c imports 200 and d 400;
+    # the pool gives the 300 to them (min(300, 600)). Evening: c imports 100, nothing over-contracted.
+    rows = [SlotRecord("a", 0, load_wh=100, pv_wh=1100, sold_wh=600, delivered_wh=600),
+            SlotRecord("b", 0, load_wh=300, pv_wh=0, bought_wh=600, received_wh=600),
+            SlotRecord("c", 0, load_wh=200, pv_wh=0), SlotRecord("d", 0, load_wh=400, pv_wh=0),
+            SlotRecord("c", 1800, load_wh=100, pv_wh=0)]
+    load, net = skills()
+    rep = report(rows, [SlotRecord(r.house, r.slot_start, r.load_wh, r.pv_wh) for r in rows], TARIFF, days=1,
+                 skill_load=load, skill_net=net)
+    # load 1100; import 200 + 400 + 100 = 700 with the market; 700 - 300 pooled
+    assert rep.self_sufficiency_pct == pytest.approx(100 * (1 - 700 / 1100))
+    assert rep.pooled_self_sufficiency_pct == pytest.approx(100 * (1 - 400 / 1100))
+    # no over-contract: the pool changes nothing
+    plain = report(market(2000), GRID_ONLY, TARIFF, days=1, skill_load=load, skill_net=net)
+    assert plain.pooled_self_sufficiency_pct == pytest.approx(plain.self_sufficiency_pct)

@@ -18,7 +18,10 @@ Definitions (gsy-e's and Quartierstrom's, as issue 8 asks):
 - **Buyer over-contract** = local energy received beyond the buyer's own shortage (it flows
   on to the grid at feed-in) / local energy received.
 - **Self-sufficiency** = 1 - grid import / load (community); **PV self-consumption** = 1 -
-  grid export / PV.
+  grid export / PV. **With an ex-post pool** (a what-if, not a market rule): the same, had each
+  slot's over-contracted energy (received beyond the buyer's own shortage) gone to the houses
+  still importing in that slot, as a community settled on metered energy would count it; exact
+  without batteries (with them the battery flows are kept as they were).
 - **Bills** = grid import x retail - grid export x feed-in + paid for trades - earned from
   trades (minor units); **savings** = grid-only bills - market bills, as % of the ideal saving;
   a household whose market bill exceeds its grid-only bill is **worse off**.
@@ -96,6 +99,20 @@ def self_sufficiency_pct(records: Sequence[SlotRecord]) -> float:
     return 100.0 * (1 - sum(r.grid_import_wh for r in records) / load) if load else 0.0
 
 
+def pooled_self_sufficiency_pct(records: Sequence[SlotRecord]) -> float:
+    """Self-sufficiency had each slot's over-contracted local energy (received beyond the buyer's
+    own shortage, which flows on to the grid) gone to the community's houses still importing in
+    that slot: how much an ex-post pool on metered energy would add to the forecast-sized trades."""
+    per_slot: dict[int, list[int]] = {}
+    for r in records:
+        s = per_slot.setdefault(r.slot_start, [0, 0])
+        s[0] += max(0, r.received_wh - r.own_shortage_wh)
+        s[1] += r.grid_import_wh
+    load = sum(r.load_wh for r in records)
+    pooled = sum(min(a, b) for a, b in per_slot.values())
+    return 100.0 * (1 - (sum(r.grid_import_wh for r in records) - pooled) / load) if load else 0.0
+
+
 def self_consumption_pct(records: Sequence[SlotRecord]) -> float:
     pv = sum(r.pv_wh for r in records)
     return 100.0 * (1 - sum(r.grid_export_wh for r in records) / pv) if pv else 0.0
@@ -151,6 +168,7 @@ class Report:
     forecast_ms_median: float = 0.0
     forecast_ms_max: float = 0.0
     forecast_peak_kib: int = 0
+    pooled_self_sufficiency_pct: float = 0.0  # what-if: over-contracted energy pooled to importers (above)
 
     def final_line(self) -> str:
         return (f"community: days={self.days} houses={self.houses} skill_load={self.skill_load:.3f} "
@@ -204,7 +222,7 @@ def report(market: Sequence[SlotRecord], grid_only: Sequence[SlotRecord], tariff
         savings_milli=savings, ideal_savings_milli=ideal_savings, savings_pct_of_ideal=_pct(savings, ideal_savings),
         worse_off=sum(1 for m, g in bills.values() if m > g), bills=bills,
         forecast_ms_median=ms[len(ms) // 2] if ms else 0.0, forecast_ms_max=ms[-1] if ms else 0.0,
-        forecast_peak_kib=forecast_peak_kib,
+        forecast_peak_kib=forecast_peak_kib, pooled_self_sufficiency_pct=pooled_self_sufficiency_pct(market),
     )
 
 
