@@ -428,18 +428,3 @@ def test_bid_signs_orders_from_the_journals_readings(tmp_path, strategy, method)
         assert rules.price_min_per_kwh_minor <= int(f["price"]) <= rules.price_max_per_kwh_minor
         assert int(f["energy_wh"]) % rules.lot_wh == 0
     board.journal.close()
-
-
-# --- o: a restart's recovery never waits on the outbox ----------------------------------------
-
-
-def test_the_recovery_sends_nothing_and_leaves_the_outbox_to_its_job(board):
-    """On a chain each message waits for its block: a restarted seller's 34 pending messages
-    held its start-up for 34 s, slot edges and all (hil_tests/test_daemon_restart.py has the
-    router's side of it). The recovery sends none of them; the outbox job, run at once after
-    it by the daemon, does."""
-    pending = [board.order(market_offset=k).fields["nonce"] for k in (3, 4, 5)]
-    board.controller.recover()
-    assert board.ledger.submitted == []
-    board.controller.flush_outbox()
-    assert board.ledger.submitted == pending
