@@ -81,3 +81,21 @@ def assert_no_crash(house) -> None:
     assert daemon.running, f"{house.spec.name} daemon died:\n" + "\n".join(daemon.lines[-20:])
     tracebacks = [i for i, line in enumerate(daemon.lines) if "Traceback" in line]
     assert not tracebacks, "\n".join(daemon.lines[tracebacks[0]:tracebacks[0] + 30])
+
+
+def wait_for_delivery_with_room(hood, house: str, room_s: float, status_of) -> tuple[int, int, dict]:
+    """(trade_id, market_id, router status) of the house's first delivery that starts with
+    more than the router's watchdog timeout plus ``room_s`` left in its slot, so that a fault
+    the test injects can trip the watchdog before the transfer would end by itself (it is sized
+    to 95 % of the slot); a start that came late on a loaded machine waits for the next slot.
+    ``status_of(trade_id)`` reads the router's status once the delivery has started."""
+    daemon = hood.houses[house].daemon
+    mark = 0
+    while True:
+        started = wait_for_line(daemon, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=8 * hood.slot_seconds,
+                                after=mark)
+        trade_id, market_id = int(started.group(1)), int(started.group(2))
+        mark = len(daemon.lines)
+        status = status_of(trade_id)
+        if market_id + hood.slot_seconds - time.time() > status["hb_timeout_ms"] / 1000 + room_s:
+            return trade_id, market_id, status

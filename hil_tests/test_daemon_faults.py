@@ -24,7 +24,8 @@ import pytest
 
 from host_tools.neighbourhood import Neighbourhood
 
-from .daemons import SHORT_CADENCE, SHORT_MARKET, assert_no_crash, journal, seller_and_buyer, wait_for_line
+from .daemons import (SHORT_CADENCE, SHORT_MARKET, assert_no_crash, journal, seller_and_buyer, wait_for_delivery_with_room,
+                      wait_for_line)
 
 # Physics of the bench, generously: the house model's power stays under 10 kW real, i.e. under
 # 420 counter-Wh per wall second at the 150x time compression of 12-s slots; the router moves at
@@ -164,18 +165,10 @@ def test_a_dgr_link_cut_mid_transfer_goes_safe_and_the_delivery_is_reported_fail
     with hood:
         hood.start()
         seller = hood.houses["seller"].daemon
-        mark = 0
-        while True:
-            started = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=8 * hood.slot_seconds,
-                                    after=mark)
-            trade_id, market_id = int(started.group(1)), int(started.group(2))
-            mark = len(seller.lines)
-            # The transfer is under way (it is sized to take 95 % of the slot)...
-            status = wait_for_transfer_moving(hood, "seller", trade_id)
-            # ... and the router's watchdog can fire well before it would end by itself: a late
-            # start (a loaded machine) waits for the next slot's delivery.
-            if market_id + hood.slot_seconds - time.time() > status["hb_timeout_ms"] / 1000 + 3:
-                break
+        # The transfer is under way (it is sized to take 95 % of the slot), and the router's
+        # watchdog can fire well before it would end by itself.
+        trade_id, market_id, status = wait_for_delivery_with_room(
+            hood, "seller", 3, lambda trade: wait_for_transfer_moving(hood, "seller", trade))
         # (a slot may hold more than one trade: the others run alongside and end the same way)
         transfer = next(t for t in status["transfers"] if t["trade_id"] == trade_id)
         assert 0 < transfer["moved_wh"] < transfer["energy_wh"], status

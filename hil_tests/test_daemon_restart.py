@@ -23,7 +23,7 @@ import pytest
 
 from host_tools.neighbourhood import Neighbourhood
 
-from .daemons import SHORT_CADENCE, SHORT_MARKET, assert_no_crash, seller_and_buyer, wait_for_line
+from .daemons import SHORT_CADENCE, SHORT_MARKET, assert_no_crash, seller_and_buyer, wait_for_delivery_with_room, wait_for_line
 
 pytestmark = pytest.mark.rig_features("house-emulator")
 
@@ -38,20 +38,11 @@ def test_a_restart_while_the_ledger_hangs_keeps_the_routers_transfer_running(tmp
                          config_overrides={"ledger": {"timeout_ms": HUNG_LEDGER_TIMEOUT_MS}})
     with hood:
         hood.start()
-        seller = hood.houses["seller"].daemon
-        mark = 0
-        while True:
-            started = wait_for_line(seller, r" delivery\.started trade=(\d+) market=(\d+)", timeout_s=8 * hood.slot_seconds,
-                                    after=mark)
-            trade_id, market_id = int(started.group(1)), int(started.group(2))
-            mark = len(seller.lines)
-            status = hood.bench_status("seller")["dgr"]
-            hb_timeout_s = status["hb_timeout_ms"] / 1000
-            # Room for a kill, a restart (FIRST_FRAME_BOUND_S) and a watchdog timeout before the
-            # transfer would end by itself (it is sized to 95 % of the slot); a start that came
-            # late on a loaded machine waits for the next slot.
-            if market_id + hood.slot_seconds - time.time() > hb_timeout_s + 4:
-                break
+        # Room for a kill, a restart (FIRST_FRAME_BOUND_S) and a watchdog timeout before the
+        # transfer would end by itself.
+        trade_id, market_id, status = wait_for_delivery_with_room(
+            hood, "seller", 4, lambda trade: hood.bench_status("seller")["dgr"])
+        hb_timeout_s = status["hb_timeout_ms"] / 1000
         assert any(t["trade_id"] == trade_id for t in status["transfers"]), status
 
         ledger_pid = hood.ledger.process.pid
