@@ -428,3 +428,105 @@ def test_bid_signs_orders_from_the_journals_readings(tmp_path, strategy, method)
         assert rules.price_min_per_kwh_minor <= int(f["price"]) <= rules.price_max_per_kwh_minor
         assert int(f["energy_wh"]) % rules.lot_wh == 0
     board.journal.close()
+
+
+# --- o: a restart's recovery never waits on the outbox ----------------------------------------
+
+
+def test_the_recovery_sends_nothing_and_leaves_the_outbox_to_its_job(board):
+    """On a chain each message waits for its block: a restarted seller's 34 pending messages
+    held its start-up for 34 s, slot edges and all (hil_tests/test_daemon_restart.py has the
+    router's side of it). The recovery sends none of them; the outbox job, run at once after
+    it by the daemon, does."""
+    pending = [board.order(market_offset=k).fields["nonce"] for k in (3, 4, 5)]
+    board.controller.recover()
+    assert board.ledger.submitted == []
+    board.controller.flush_outbox()
+    assert board.ledger.submitted == pending
+
+
+# --- backpressure: the bid signs nothing new while the outbox is behind ------------------------
+
+
+def _importing_house(board: Board, until_s: int) -> None:
+    """~1.2 kWh a slot imported for 40 slots up to ``until_s`` (then the clock), so the bid job
+    has fresh readings and orders to sign."""
+    imported = 0
+    for t in range(T0 - 40 * 30, until_s + 1, 2):
+        board.journal.add_reading("house", t * 1000, imported, 0, 2400)
+        imported += 80
+    board.clock[0] = float(until_s + 1)
+
+
+def test_the_bid_signs_nothing_new_while_the_outbox_is_behind(board):
+    """A 1-s-block chain takes one message a second; a bid with price curves signed ~1.5 a
+    second, so the backlog outgrew the messages' life and 146 of a seller's 371 messages expired
+    unsent (EVM SIGKILL test). While the oldest message not sent yet has waited more than a third
+    of its life, the bid and review jobs sign nothing and say so once; they sign again as soon
+    as the outbox has caught up."""
+    ttl = board.config.ledger.message_ttl_seconds
+    behind = board.order(market_offset=20, ttl_s=ttl)  # signed, due, not sent yet: the outbox is busy
+    _importing_house(board, T0 + ttl // 3 + 1)
+    board.controller.trading.bid()
+    assert board.events("order.signed") == []
+    deferred = board.events("bid.deferred")
+    assert len(deferred) == 1, board.log.getvalue()[-2000:]
+    assert deferred[0]["fields"]["reason"] == "outbox behind"
+    assert int(deferred[0]["fields"]["oldest_s"]) > ttl // 3
+    # The deferred bid still sent what was queued (a no-op while the outbox job is sending).
+    assert _outbox_states(board.journal)[behind.fields["nonce"]] == "acked"
+    board.controller.trading.bid()
+    assert board.events("order.signed"), board.log.getvalue()[-2000:]
+    assert len(board.events("bid.resumed")) == 1 and len(board.events("bid.deferred")) == 1
+
+
+def test_a_message_in_its_own_back_off_does_not_hold_the_bid(board):
+    """One message the ledger keeps refusing transiently waits its own back-off (issue 7 j); it is
+    not the outbox falling behind, so the bid goes on signing."""
+    ttl = board.config.ledger.message_ttl_seconds
+    stuck = board.order(market_offset=20, ttl_s=ttl).fields["nonce"]
+    board.ledger.submit_rule = lambda f: (LedgerUnavailable("HTTP 503 for this message") if f["nonce"] == stuck
+                                          else SubmitResult("accepted", False, None, "", {"filled_wh": 0}))
+    board.controller.flush_outbox()
+    _importing_house(board, T0 + ttl // 3 + 1)
+    assert _outbox_states(board.journal)[stuck] == "pending"
+    board.controller.trading.bid()
+    assert board.events("order.signed") and not board.events("bid.deferred")
+
+
+def test_on_a_slow_ledger_the_bid_keeps_its_queue_within_what_the_outbox_sends_in_time(board):
+    """One answer a second (a 1-s-block chain): the outbox measures it, and the bid signs nothing
+    while more is queued than goes out in a third of a message's life (20 of the sim board's
+    60 s); on a ledger that answers at once it signs again. Without the measure a restarted
+    seller with 49 queued messages signed 27 more in one bid, and 40 expired unsent."""
+    mono = [0.0]
+    board.controller.ctx.monotonic = lambda: mono[0]
+    ttl = board.config.ledger.message_ttl_seconds
+    queued = [board.order(market_offset=20 + k, ttl_s=ttl).fields["nonce"] for k in range(30)]
+    sent = []
+
+    def one_block(fields):  # two answers at one a second, then the node stops answering
+        if len(sent) == 2:
+            return LedgerUnavailable("the node did not answer")
+        sent.append(fields["nonce"])
+        board.advance(1)
+        mono[0] += 1
+        return SubmitResult("accepted", False, None, "", {"filled_wh": 0})
+
+    board.ledger.submit_rule = one_block
+    board.controller.flush_outbox()
+    assert sent == queued[:2] and board.controller.health.outbox_send_ms == 1000
+    _importing_house(board, int(board.clock[0]) + 1)
+    mono[0] = board.clock[0] - T0
+    board.controller.trading.bid()
+    assert board.events("order.signed") == [], board.log.getvalue()[-2000:]
+    (deferred,) = board.events("bid.deferred")
+    assert int(deferred["fields"]["queued"]) >= ttl // 3 and deferred["fields"]["send_ms"] == "1000"
+    board.ledger.submit_rule = lambda f: SubmitResult("accepted", False, None, "", {"filled_wh": 0})
+    board.advance(2)
+    _importing_house(board, int(board.clock[0]))
+    mono[0] = board.clock[0] - T0
+    board.controller.flush_outbox()  # answered at once: the measure falls
+    assert board.controller.health.outbox_send_ms < 100
+    board.controller.trading.bid()
+    assert board.events("order.signed") and len(board.events("bid.resumed")) == 1

@@ -86,12 +86,16 @@ class OrdersMixin:
             db.execute("UPDATE orders SET state = 'cancelling' WHERE nonce = ? AND state IN ('sending', 'open')", (order_nonce,))
             return message
 
-    def pending_outbox(self, limit: int = 100, *, due_ms: int | None = None, after_nonce: int = 0) -> list[OutboxEntry]:
+    def pending_outbox(self, limit: int = 100, *, due_ms: int | None = None, after_nonce: int = 0,
+                       never_sent: bool = False) -> list[OutboxEntry]:
         """Pending messages, oldest first. ``due_ms``: only those whose back-off (next_attempt_ms)
-        has passed; ``after_nonce``: only nonces above it (a flush walks past the ones it skips)."""
+        has passed; ``after_nonce``: only nonces above it (a flush walks past the ones it skips);
+        ``never_sent``: only those not tried yet (the queue the outbox has not reached)."""
         query = ("SELECT nonce, kind, payload, signature, ref, expires_at, attempts FROM outbox "
                  "WHERE state = 'pending' AND nonce > ?")
         params: list = [after_nonce]
+        if never_sent:
+            query += " AND attempts = 0"
         if due_ms is not None:
             query += " AND (next_attempt_ms IS NULL OR next_attempt_ms <= ?)"
             params.append(due_ms)
@@ -105,6 +109,11 @@ class OrdersMixin:
     def pending_count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+
+    def unsent_count(self) -> int:
+        """Pending messages not tried yet: the queue ahead of the outbox."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND attempts = 0").fetchone()[0]
 
     def note_attempt(self, nonce: int) -> None:
         with self._transaction() as db:

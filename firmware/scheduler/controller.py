@@ -112,7 +112,8 @@ class Controller:
         running = journal.deliveries(states=(*ds.OPEN, ds.METERED))
         ctx.events.emit("recovered", outbox_pending=len(pending), deliveries_open=len(running), next_nonce=journal.next_nonce())
         self.check_clock()
-        self.deliveries_tick()
+        check_step(ctx)
+        self.deliveries.tick(flush_outbox=False)
 
     # -- jobs ---------------------------------------------------------------------------
     # Every job that acts on the board's clock first asks clock_guard.check_step: a wall-clock

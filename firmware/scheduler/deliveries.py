@@ -52,7 +52,9 @@ class Deliveries:
 
     # -- the job ------------------------------------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self, *, flush_outbox: bool = True) -> None:
+        """Resolve, start, stop, meter and report what is due, then send the reports (unless
+        ``flush_outbox`` is False: the recovery leaves sending to the outbox job)."""
         ctx = self.ctx
         with ctx.delivery_lock:
             now = ctx.now()
@@ -61,7 +63,8 @@ class Deliveries:
             started = self._start_due(current, now)
             if ctx.health.clock_ok:
                 self._slot_ends(current, now, started)
-        self._flush_outbox()
+        if flush_outbox:
+            self._flush_outbox()
 
     def _slot_ends(self, current: int, now: int, started: int) -> None:
         """STOP, meter and report the ended slots. Only with a good clock: by a wrong one a

@@ -98,6 +98,7 @@ class Outbox:
                     if entry.kind == "cancel" and journal.outbox_state(entry.message.fields["order_nonce"]) == "pending":
                         continue  # its order has not reached the ledger yet
                     journal.note_attempt(entry.nonce)
+                    started = ctx.monotonic() if ctx.monotonic is not None else None
                     try:
                         answer = ctx.ledger.submit(entry.message)
                     except LedgerUnavailable as exc:
@@ -110,6 +111,8 @@ class Outbox:
                         continue
                     failures_in_a_row = 0
                     got_through = True
+                    if started is not None:
+                        self._note_send_time(int((ctx.monotonic() - started) * 1000))
                     if ledger_link.answered(ctx, job="outbox"):
                         journal.clear_outbox_backoff()  # they all failed for the outage's reason
                     if answer.status != "accepted" and answer.refusal in DEVICE_REFUSALS:
@@ -119,6 +122,13 @@ class Outbox:
         finally:
             if first_failure is not None and not got_through:
                 ledger_link.unavailable(ctx, first_failure, job="outbox")
+
+    def _note_send_time(self, sample_ms: int) -> None:
+        """A moving average (a quarter weight to each new send) of how long an answered send
+        takes: one block on a chain, milliseconds on the bench ledger (trading.py's queue room)."""
+        health = self.ctx.health
+        last = health.outbox_send_ms
+        health.outbox_send_ms = max(0, sample_ms) if last is None else (3 * last + max(0, sample_ms)) // 4
 
     def _back_off(self, entry: OutboxEntry) -> None:
         ctx = self.ctx

@@ -16,6 +16,16 @@ from .clock_guard import check_step
 from .context import Context
 from .metering import Metering
 
+# Backpressure (the bid and review jobs against the outbox). A chain takes one message a block,
+# and a bid with price curves signs faster than that: without a bound the backlog outgrew the
+# messages' life and they expired unsent (EVM SIGKILL test: 146 of a seller's 371). So the queue
+# of messages not sent yet is kept within what the outbox sends in this share of a message's life
+# (measured: Health.outbox_send_ms), leaving what is queued the rest of its life to get through.
+# A market's actions are signed together or not at all, nearest market first; the rest wait for
+# the next run. The queue may always hold a few (one market's curve), whatever the measure says.
+QUEUE_SHARE_OF_TTL = 1 / 3
+MIN_QUEUE_MESSAGES = 8
+
 
 class Trading:
     def __init__(self, ctx: Context, metering: Metering, *, flush_outbox: Callable[[], None]):
@@ -25,6 +35,7 @@ class Trading:
         self._decide_lock = threading.Lock()
         self._ledger_bound_known = False
         self._last_market: int | None = None
+        self._deferring = False
 
     def bid(self) -> None:
         """Forecast every open market and bring the house's orders in line (every slot)."""
@@ -88,6 +99,10 @@ class Trading:
             return
         if not markets:
             return
+        room = self._queue_room()
+        if room <= 0:
+            self._flush_outbox()
+            return
         journal, rules = ctx.journal, ctx.rules
         with self._decide_lock:
             now = ctx.now()
@@ -96,14 +111,18 @@ class Trading:
                 ctx.events.emit("bid.skipped", reason="no complete slot of meter history yet")
                 return
             desired = self._desired(forecast, now)
-            placed = cancelled = 0
-            for market_id in markets:
+            placed = cancelled = waiting = 0
+            for index, market_id in enumerate(markets):
                 if not rules.gate_open(market_id, now):
                     continue
                 traded = {side: journal.traded_wh(market_id, side) for side in ("buy", "sell")}
                 actions = reconcile_market(
                     market_id, desired.get(market_id), journal.orders_in_market(market_id), traded, rules.lot_wh
                 )
+                if actions and len(actions) > room and placed + cancelled > 0:
+                    waiting = len(markets) - index  # the next run takes them, the queue permitting
+                    break
+                room -= len(actions)
                 for action in actions:
                     if isinstance(action, PlaceOrder):
                         self._place(action)
@@ -112,8 +131,30 @@ class Trading:
                         self._cancel(action)
                         cancelled += 1
             if placed or cancelled:
-                ctx.events.emit(f"{why}.done", markets=len(markets), placed=placed, cancelled=cancelled)
+                ctx.events.emit(f"{why}.done", markets=len(markets), placed=placed, cancelled=cancelled,
+                                **({"waiting": waiting} if waiting else {}))
         self._flush_outbox()
+
+    def _queue_room(self) -> int:
+        """How many messages this run may sign; at 0 none, said once an episode (``bid.deferred``)
+        and once when it is over (``bid.resumed``)."""
+        ctx = self.ctx
+        journal = ctx.journal
+        room_s = ctx.config.ledger.message_ttl_seconds * QUEUE_SHARE_OF_TTL
+        oldest = journal.pending_outbox(limit=1, never_sent=True)
+        waited_s = ctx.now() - oldest[0].message.fields["issued_at"] if oldest else 0
+        unsent = journal.unsent_count()
+        send_ms = ctx.health.outbox_send_ms
+        limit = 1 << 30 if not send_ms else max(MIN_QUEUE_MESSAGES, int(room_s * 1000 // send_ms))
+        behind = waited_s > room_s or unsent >= limit
+        if behind and not self._deferring:
+            ctx.events.emit("bid.deferred", reason="outbox behind", queued=unsent, oldest_s=waited_s,
+                            send_ms="-" if send_ms is None else send_ms,
+                            detail="no new order until the ledger has taken what is queued")
+        elif self._deferring and not behind:
+            ctx.events.emit("bid.resumed", queued=unsent)
+        self._deferring = behind
+        return 0 if behind else limit - unsent
 
     def _forecast(self, markets: list[int], now: int) -> dict:
         """The forecast of each market from the journal's readings: [forecast] method "robust"
