@@ -114,3 +114,40 @@ def test_blocks_and_proofs_hold_after_a_restart_and_ledger_verify_agrees(tmp_pat
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"blocks=3 entries={len(items) + len(more)} ok" in done.stdout
     assert json.loads(blocks[1]["entries"][0])["kind"] == "message"
+
+
+def test_a_database_from_before_log_seq_keeps_its_proofs_and_loses_two_indexes(tmp_path):
+    """messages.log_seq replaced the (device_id, nonce) index on log_entries, and the (state,
+    market_id) index serves look-ups by market: a database written before both (the columns and
+    indexes as they were, rebuilt here with SQLite's own DDL) is migrated at open - every accepted
+    message's proof still verifies, and neither index is written again."""
+    import sqlite3
+
+    path = tmp_path / "l.sqlite3"
+    store = open_store(path)
+    items = resting_orders(store, 40)
+    store.submit_batch(items, NOW_S * 1000)
+    store.close()
+    conn = sqlite3.connect(path)  # the schema as it was: no log_seq, both indexes
+    conn.execute("ALTER TABLE messages DROP COLUMN log_seq")
+    conn.execute("CREATE INDEX log_message ON log_entries (device_id, nonce)")
+    conn.execute("CREATE INDEX orders_market ON orders (market_id, state)")
+    conn.commit()
+    conn.close()
+    store = open_store(path)
+    indexes = {r[0] for r in store._all("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "log_message" not in indexes and "orders_market" not in indexes and "orders_open" in indexes
+    assert store._one("SELECT COUNT(*) FROM messages WHERE log_seq IS NULL")[0] == 0
+    store.submit_batch(resting_orders(store, 8, first_nonce=10_000), NOW_S * 1000)
+    for fields, payload, signature in items[::7] + resting_orders(store, 8, first_nonce=10_000)[::3]:
+        proof = record.InclusionProof.from_obj(store.message_proof(fields["device_id"], fields["nonce"], NOW_S * 1000))
+        assert proof.leaf == record.message_leaf(payload, signature)
+        proof.verify(AUTHORITY.public_key, ledger_id="seal")
+    assert store.message_proof(KEYS[0].device_id, 999_999, NOW_S * 1000) is None
+    check_blocks(store, len(items) + 8)
+    plans = [" ".join(str(c) for c in row) for sql in (
+        "SELECT 1 FROM orders WHERE state IN ('open', 'filled', 'cancelled', 'expired') AND market_id = 1 AND nonce = 1",
+        "SELECT market_id FROM orders WHERE state IN ('open', 'filled', 'cancelled', 'expired') AND market_id BETWEEN 1 AND 2")
+        for row in store._all("EXPLAIN QUERY PLAN " + sql)]
+    assert all("orders_open" in plan for plan in plans), plans  # by index, never a scan of every order
+    store.close()

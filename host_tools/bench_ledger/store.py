@@ -97,6 +97,8 @@ REJECTION_STATUS: dict[str, int] = {
 }
 
 ORDER_STATES = ("open", "filled", "cancelled", "expired")
+# Every state, for a look-up by market through the (state, market_id) index (the only orders index by market)
+_ANY_STATE = "(" + ", ".join(f"'{state}'" for state in ORDER_STATES) + ")"
 TRADE_STATES = ("contracted", "reported", "settled")
 
 _SCHEMA = """
@@ -121,6 +123,7 @@ CREATE TABLE IF NOT EXISTS messages (
     received_ms INTEGER NOT NULL,
     http_status INTEGER NOT NULL,
     outcome TEXT NOT NULL,
+    log_seq INTEGER,  -- an accepted message's entry in log_entries (NULL for a stored rejection)
     PRIMARY KEY (device_id, nonce)
 );
 CREATE TABLE IF NOT EXISTS orders (
@@ -138,7 +141,7 @@ CREATE TABLE IF NOT EXISTS orders (
     closed_ms INTEGER,
     UNIQUE (device_id, nonce)
 );
-CREATE INDEX IF NOT EXISTS orders_market ON orders (market_id, state);
+DROP INDEX IF EXISTS orders_market;  -- (market_id, state): orders_open serves market look-ups as state IN (...) AND market_id
 CREATE INDEX IF NOT EXISTS orders_open ON orders (state, market_id);
 DROP INDEX IF EXISTS orders_device;  -- (device_id, state): the UNIQUE (device_id, nonce) index serves device look-ups
 -- (queries by device write +state / +market_id so the planner takes that index; one index less per order write)
@@ -180,7 +183,7 @@ CREATE TABLE IF NOT EXISTS log_entries (
     block_height INTEGER,  -- unused since blocks are seq ranges (set by ledgers before; never read)
     leaf_index INTEGER
 );
-CREATE INDEX IF NOT EXISTS log_message ON log_entries (device_id, nonce);
+-- (no (device_id, nonce) index: a message's entry is found through messages.log_seq; see _migrate)
 CREATE INDEX IF NOT EXISTS log_trade ON log_entries (trade_id);
 DROP INDEX IF EXISTS log_pending;
 CREATE TABLE IF NOT EXISTS log_blocks (  -- block h holds the entry_count entries of lowest seq >= first_seq
@@ -309,10 +312,12 @@ class LedgerStore:
         if "sell_capacity_wh" not in columns:  # created before the seller qualification existed
             self._conn.execute(f"ALTER TABLE devices ADD COLUMN sell_capacity_wh INTEGER NOT NULL DEFAULT {int(default_sell_capacity_wh)}")
             self._conn.execute("ALTER TABLE devices ADD COLUMN open_shortfall_wh INTEGER NOT NULL DEFAULT 0")
+        self._migrate()
         self._books: dict[int, OrderBook] = {}
         self._load_books()
         self._next_order_id = self._one("SELECT COALESCE(MAX(order_id), 0) + 1 FROM orders")[0]
         self._trade_leaves: list[tuple[int, bytes]] = []
+        self._next_seq: int | None = None  # the next log_entries seq (None: read it; reset by every rollback)
         self._lean = False  # inside a lean batch (submit_batch): outcome and record rows are collected
         self._batch_messages: dict[tuple[str, int], tuple] = {}
         self._batch_entries: list[tuple] = []
@@ -321,6 +326,27 @@ class LedgerStore:
         self._appended_since_seal = 0  # entries appended since the last seal (too high after a rollback: harmless)
         if self._one("SELECT 1 FROM log_entries WHERE seq > ? LIMIT 1", (self._sealed_through_seq,)) is not None:
             self._pending_since_ms = 0  # entries left unsealed by the last run: seal at the first chance
+
+    def _migrate(self) -> None:
+        """A database from before messages.log_seq: fill it from the (device_id, nonce) index of
+        log_entries, then drop that index. Why: it was one of three indexes keyed by device that
+        dirtied a page of their own per message (a WAL frame each in the COMMIT); a message's
+        entry is now found through the messages row that the duplicate look-up reads anyway."""
+        columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(messages)")}
+        if "log_seq" not in columns:
+            self._begin()
+            try:
+                self._conn.execute("ALTER TABLE messages ADD COLUMN log_seq INTEGER")
+                self._conn.execute("CREATE INDEX IF NOT EXISTS log_message ON log_entries (device_id, nonce)")
+                self._conn.execute(
+                    "UPDATE messages SET log_seq = (SELECT seq FROM log_entries e WHERE e.kind = 'message' "
+                    "AND e.device_id = messages.device_id AND e.nonce = messages.nonce) WHERE http_status = 200")
+                self._conn.execute("DROP INDEX log_message")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        self._conn.execute("DROP INDEX IF EXISTS log_message")
 
     def _load_books(self) -> None:
         """Every market's book from the open orders in the database (at start, and after a rollback)."""
@@ -644,20 +670,22 @@ class LedgerStore:
                     results.append(exc)
             try:
                 if self._batch_messages:
-                    self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self._batch_messages.values())
+                    self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._batch_messages.values())
                 if self._batch_entries:
-                    self._conn.executemany("INSERT INTO log_entries (kind, device_id, nonce, trade_id, leaf) VALUES (?, ?, ?, ?, ?)",
-                                           self._batch_entries)
+                    self._conn.executemany("INSERT INTO log_entries (seq, kind, device_id, nonce, trade_id, leaf) "
+                                           "VALUES (?, ?, ?, ?, ?, ?)", self._batch_entries)
             except sqlite3.Error as exc:  # which message? the savepoint pass will say
                 raise _NotLean() from exc
             self._conn.execute("COMMIT")
         except _NotLean:
             self._conn.execute("ROLLBACK")
             self._pending_since_ms = pending_before
+            self._next_seq = None
             raise
         except BaseException:
             self._conn.execute("ROLLBACK")
             self._pending_since_ms = pending_before
+            self._next_seq = None
             self._load_books()
             raise
         finally:
@@ -732,11 +760,13 @@ class LedgerStore:
         except Rejection as rejection:
             self._conn.execute("ROLLBACK TO apply")
             self._conn.execute("RELEASE apply")
+            self._next_seq = None
             outcome = Outcome(rejection.http_status, rejection.body(duplicate=False, nonce=nonce))
             outcome = self._store_message(fields, payload, signature, digest, now_ms, outcome)
         except BaseException:
             self._conn.execute("ROLLBACK TO apply")
             self._conn.execute("RELEASE apply")
+            self._next_seq = None
             raise
         return outcome
 
@@ -768,38 +798,45 @@ class LedgerStore:
         else:  # messages.validate_fields admits only the kinds above
             raise Rejection("malformed", f"type: expected one of order, cancel, delivery_report, got {kind!r}")
         outcome = Outcome(200, {"status": "accepted", "duplicate": False, "nonce": nonce, "type": kind, "result": result})
-        outcome = self._store_message(fields, payload, signature, digest, now_ms, outcome)
-        self._append("message", fastpath.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
+        seq = self._append("message", fastpath.message_leaf(payload, signature), now_ms, device_id=device_id, nonce=nonce)
+        outcome = self._store_message(fields, payload, signature, digest, now_ms, outcome, log_seq=seq)
         for trade_id, leaf in self._trade_leaves:
             self._append("trade", leaf, now_ms, trade_id=trade_id)
         return outcome
 
     def _store_message(self, fields: Mapping[str, Any], payload: bytes, signature: bytes, digest: str, now_ms: int,
-                       outcome: Outcome) -> Outcome:
-        """Store the message with its outcome; returns the outcome with its rendered bytes."""
+                       outcome: Outcome, log_seq: int | None = None) -> Outcome:
+        """Store the message with its outcome (and, accepted, its record entry's seq); returns the
+        outcome with its rendered bytes."""
         data = fastpath.render_response(outcome.body)  # stored as the very bytes the answer carries
         row = (fields["device_id"], fields["nonce"], digest, fields["type"], payload.decode("ascii"), signature.hex(), now_ms,
-               outcome.http_status, data.decode("utf-8"))
+               outcome.http_status, data.decode("utf-8"), log_seq)
         if fields["nonce"] > self._max_nonce.get(row[0], 0):
             self._max_nonce[row[0]] = fields["nonce"]
         if self._lean:  # written with the batch's other rows, before its COMMIT
             self._batch_messages[row[0], row[1]] = row
         else:
-            self._conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            self._conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
         return Outcome(outcome.http_status, outcome.body, data)
 
     # ------------------------------------------------------------- the record
 
     def _append(self, kind: str, leaf: bytes, now_ms: int, *, device_id: str | None = None, nonce: int | None = None,
-                trade_id: int | None = None) -> None:
-        row = (kind, device_id, nonce, trade_id, leaf.decode("ascii"))
+                trade_id: int | None = None) -> int:
+        """Append a record entry; returns its seq (the next one: this connection is the only writer)."""
+        seq = self._next_seq
+        if seq is None:
+            seq = self._one("SELECT COALESCE(MAX(seq), 0) + 1 FROM log_entries")[0]
+        row = (seq, kind, device_id, nonce, trade_id, leaf.decode("ascii"))
         if self._lean:  # written with the batch's other rows, in order, before its COMMIT
             self._batch_entries.append(row)
         else:
-            self._conn.execute("INSERT INTO log_entries (kind, device_id, nonce, trade_id, leaf) VALUES (?, ?, ?, ?, ?)", row)
+            self._conn.execute("INSERT INTO log_entries (seq, kind, device_id, nonce, trade_id, leaf) VALUES (?, ?, ?, ?, ?, ?)", row)
+        self._next_seq = seq + 1
         self._appended_since_seal += 1
         if self._pending_since_ms is None:
             self._pending_since_ms = now_ms
+        return seq
 
     def _last_sealed_seq(self) -> int:
         """The seq of the last sealed entry (0 when nothing is sealed)."""
@@ -894,8 +931,10 @@ class LedgerStore:
     def message_proof(self, device_id: str, nonce: int, now_ms: int) -> dict | None:
         """Inclusion proof of an accepted message in a signed block; None if it is not in the record."""
         with self._lock:
-            return self._proof(self._one("SELECT * FROM log_entries WHERE kind = 'message' AND device_id = ? AND nonce = ?",
-                                         (device_id, nonce)), now_ms)
+            stored = self._one("SELECT log_seq FROM messages WHERE device_id = ? AND nonce = ?", (device_id, nonce))
+            if stored is None or stored["log_seq"] is None:
+                return None
+            return self._proof(self._one("SELECT * FROM log_entries WHERE seq = ? AND kind = 'message'", (stored["log_seq"],)), now_ms)
 
     def trade_proof(self, trade_id: int, now_ms: int) -> dict | None:
         with self._lock:
@@ -1030,9 +1069,8 @@ class LedgerStore:
             ).lastrowid
             maker_left = fill.maker_remaining_wh
             self._conn.execute(
-                "UPDATE orders SET remaining_wh = ?, state = ?, closed_ms = ? WHERE device_id = ? AND nonce = ?",
-                (maker_left, "open" if maker_left else "filled", None if maker_left else now_ms,
-                 maker.device_id, maker.order_nonce),
+                "UPDATE orders SET remaining_wh = ?, state = ?, closed_ms = ? WHERE order_id = ?",  # the book's seq is the order_id
+                (maker_left, "open" if maker_left else "filled", None if maker_left else now_ms, maker.seq),
             )
             # The buyer's order locked energy x its limit; the trade keeps energy x trade price.
             # The difference (price improvement for an incoming buy) goes back to the balance.
@@ -1076,7 +1114,7 @@ class LedgerStore:
         device_id, market_id, order_nonce = fields["device_id"], fields["market_id"], fields["order_nonce"]
         order = self._one("SELECT * FROM orders WHERE device_id = ? AND nonce = ?", (device_id, order_nonce))
         if order is None:
-            others = self._one("SELECT 1 FROM orders WHERE market_id = ? AND nonce = ? AND device_id != ?",
+            others = self._one(f"SELECT 1 FROM orders WHERE state IN {_ANY_STATE} AND market_id = ? AND nonce = ? AND device_id != ?",
                                (market_id, order_nonce, device_id))
             if others is not None:
                 raise Rejection(
@@ -1450,7 +1488,8 @@ class LedgerStore:
                 "SELECT market_id, COUNT(*) AS orders, SUM(state = 'open') AS open_orders, "
                 "COALESCE(SUM(CASE WHEN state = 'open' AND side = 'buy' THEN remaining_wh END), 0) AS open_bid_wh, "
                 "COALESCE(SUM(CASE WHEN state = 'open' AND side = 'sell' THEN remaining_wh END), 0) AS open_ask_wh "
-                "FROM orders WHERE market_id BETWEEN ? AND ? GROUP BY market_id", (first_market_id, last_market_id))}
+                f"FROM orders WHERE state IN {_ANY_STATE} AND market_id BETWEEN ? AND ? GROUP BY market_id",
+                (first_market_id, last_market_id))}
             trades = {r["market_id"]: r for r in self._all(
                 "SELECT t.market_id, COUNT(*) AS trades, SUM(t.energy_wh) AS traded_wh, "
                 "MIN(t.price_per_kwh_minor) AS price_low, MAX(t.price_per_kwh_minor) AS price_high, "
