@@ -130,3 +130,133 @@ def test_a_dead_writer_is_a_clear_500_and_no_hang(tmp_path):
         r = bench.order(key, "sell", 100, 2000, ttl_s=TTL_S)
         assert r.status_code == 500 and r.json()["code"] == "internal" and "not applied" in r.json()["detail"]
         assert bench.get("/v1/time").status_code == 200  # the HTTP side still answers what needs no store
+
+
+# ----------------------------------------------------------------------------- the message channel
+# PipelinedCommitter (writer_process.py) driven directly on an event loop, against a real writer
+# process: frames written without waiting for the answer to the one before, several frames in one
+# transaction on the writer's side, each answer back to its own message.
+
+def _remote(db) -> RemoteStore:
+    from host_tools.bench_ledger.store import LedgerStore
+
+    clock = process_settings(db).clock
+    return RemoteStore(lambda: LedgerStore(db, RULES, 600, clock=clock, max_open_orders=10_000, ledger_id=LEDGER_ID))
+
+
+def _signed(key, nonce: int, **body) -> tuple[dict, bytes, bytes]:
+    from firmware.messages import new_fields, sign_message
+
+    fields = new_fields("order", ledger_id=LEDGER_ID, device_id=key.device_id, nonce=nonce, issued_at=T0 + 100, ttl_s=TTL_S,
+                        **body)
+    message = sign_message(fields, key)
+    return dict(fields), message.payload, message.signature
+
+
+def _energy(i: int, nonce: int) -> int:
+    return 100 * (1 + (7 * i + nonce) % 40)  # distinct enough to tell each answer's message apart
+
+
+def _floods(keys, per_device: int) -> list[tuple[int, int, tuple]]:
+    out = []
+    for nonce in range(1, per_device + 1):
+        for i, key in enumerate(keys):
+            out.append((i, nonce, _signed(key, nonce, market_id=MARKET, side="buy", energy_wh=_energy(i, nonce),
+                                          price_per_kwh_minor=1000 + i)))
+    return out
+
+
+def test_the_message_channel_answers_each_message_its_own_across_frames(tmp_path):
+    import asyncio
+
+    from host_tools.bench_ledger.writer_process import FRAME_MAX_ITEMS, PipelinedCommitter
+
+    remote = _remote(tmp_path / "ledger.sqlite3")
+    keys = [make_key(300 + i) for i in range(40)]
+    try:
+        for i, key in enumerate(keys):
+            remote.register_device(key.public_key.hex(), f"d{i}", 10**12, (T0 + 100) * 1000)
+        flood = _floods(keys, 15)  # 600 messages: 3 frames in the first turn (256 + 256 + 88)
+        closed = _signed(keys[0], 999, market_id=T0, side="buy", energy_wh=100, price_per_kwh_minor=1000)  # gate shut
+        committer = PipelinedCommitter(remote)
+
+        async def run():
+            await committer.open()
+            loop = asyncio.get_running_loop()
+            first = [loop.create_task(committer.submit(*item)) for _, _, item in flood]
+            await asyncio.sleep(0)  # the tasks run in this turn: their messages go out as frames at its end
+            again = [loop.create_task(committer.submit(*item)) for _, _, item in flood[:50]]  # resends, other frames
+            refused = loop.create_task(committer.submit(*closed))
+            answers = await asyncio.wait_for(asyncio.gather(*first), 60)
+            duplicates = await asyncio.wait_for(asyncio.gather(*again), 60)
+            refusal = await asyncio.wait_for(refused, 60)
+            frames = committer.batches
+            await committer.close()
+            return answers, duplicates, refusal, frames
+
+        answers, duplicates, refusal, frames = asyncio.run(run())
+        assert frames >= 600 // FRAME_MAX_ITEMS + 1
+        for (i, nonce, _), outcome in zip(flood, answers):
+            body = outcome.body
+            assert outcome.http_status == 200 and body["nonce"] == nonce and body["duplicate"] is False, body
+            assert body["result"]["energy_wh"] == _energy(i, nonce) and body["result"]["state"] == "open"
+        for first, again in zip(answers, duplicates):
+            assert again.http_status == 200 and again.body["duplicate"] is True
+            assert again.body["result"] == first.body["result"]
+        assert refusal.http_status == 422 and refusal.body["code"] == "gate_closed"
+        for key in keys:  # each message stored once
+            nonces = [m["nonce"] for m in remote.device_messages(key.device_id, 0, 1000)]
+            assert sorted(nonces) == (list(range(1, 16)) + ([999] if key is keys[0] else []))
+        assert remote.record_completeness() == []
+    finally:
+        remote.close()
+
+
+def test_a_writer_killed_under_a_flood_answers_everything_and_a_resend_is_exactly_once(tmp_path):
+    import asyncio
+
+    from host_tools.bench_ledger.store import LedgerStore, Outcome
+    from host_tools.bench_ledger.writer_process import PipelinedCommitter, WriterGone
+
+    db = tmp_path / "ledger.sqlite3"
+    remote = _remote(db)
+    keys = [make_key(400 + i) for i in range(30)]
+    for i, key in enumerate(keys):
+        remote.register_device(key.public_key.hex(), f"d{i}", 10**12, (T0 + 100) * 1000)
+    flood = _floods(keys, 40)  # 1,200 messages, 30 per turn
+    committer = PipelinedCommitter(remote)
+
+    async def run():
+        await committer.open()
+        loop = asyncio.get_running_loop()
+        tasks, killed = [], False
+        for start in range(0, len(flood), 30):
+            tasks += [loop.create_task(committer.submit(*item)) for _, _, item in flood[start:start + 30]]
+            await asyncio.sleep(0.002)
+            if not killed and sum(t.done() for t in tasks) >= 150:
+                os.kill(remote.pid, signal.SIGKILL)  # answers given, frames in flight, and more to come
+                killed = True
+        assert killed
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)  # nothing hangs
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        remote.close()
+    committed = [a for a in answers if isinstance(a, Outcome)]
+    assert all(isinstance(a, (Outcome, WriterGone)) for a in answers)
+    assert all(a.http_status == 200 for a in committed) and len(committed) >= 150
+    assert any(isinstance(a, WriterGone) for a in answers)
+    store = LedgerStore(db, RULES, 600, clock=process_settings(db).clock, max_open_orders=10_000, ledger_id=LEDGER_ID)
+    try:
+        again = store.submit_batch([item for _, _, item in flood])
+        for before, after in zip(answers, again):
+            assert after.http_status == 200
+            if isinstance(before, Outcome):  # answered before the kill: committed, and a resend gets that answer
+                assert after.body["duplicate"] is True and after.body["result"] == before.body["result"]
+        for key in keys:
+            nonces = [m["nonce"] for m in store.device_messages(key.device_id, 0, 1000)]
+            assert sorted(nonces) == list(range(1, 41))  # each exactly once
+        assert store.record_completeness() == []
+    finally:
+        store.close()

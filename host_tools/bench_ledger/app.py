@@ -528,24 +528,26 @@ def create_app(settings: LedgerSettings) -> FastAPI:
                            authority=settings.authority_key, ledger_id=settings.ledger_id,
                            seal_interval_ms=settings.seal_interval_ms)
 
+    committer: Any
     if settings.writer_process:
-        from .writer_process import RemoteStore
+        from .writer_process import PipelinedCommitter, RemoteStore
 
         store: Any = RemoteStore(make_store)  # the same store, in a forked child (writer_process.py)
+        committer = PipelinedCommitter(store)  # messages over a channel of their own, from the event loop
     else:
         store = make_store()
+        committer = GroupCommitter(store)
     rules = settings.rules
     verifier = fastpath.Verifier()
     device_limiter = RateLimiter(settings.device_rate)
     client_limiter = RateLimiter(settings.client_rate)
-    committer = GroupCommitter(store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        committer.start()
+        await committer.open()
         store.start_checkpointer()
         yield
-        committer.stop()
+        await committer.close()
         store.close()
 
     app = _LedgerAPI(

@@ -36,6 +36,12 @@ class GroupCommitter:
             self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
             self._thread.start()
 
+    async def open(self) -> None:  # the app's lifespan: the same for PipelinedCommitter (writer_process.py)
+        self.start()
+
+    async def close(self) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self._thread is not None:
             self._queue.put(None)
