@@ -151,7 +151,7 @@ def _read_frames(sock: socket.socket, inbox: bytearray, frames: deque) -> bool:
     """Everything the message channel holds now, cut into whole frames; False at its end."""
     while True:
         try:
-            data = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            data = sock.recv(65536, socket.MSG_DONTWAIT)  # below malloc's mmap threshold: no mmap per call
         except (BlockingIOError, InterruptedError):
             break
         except OSError:
