@@ -38,11 +38,13 @@ import json
 import logging
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Mapping
@@ -56,6 +58,10 @@ log = logging.getLogger(__name__)
 _FRAME = struct.Struct("<II")  # the message channel's frames: byte length and message count, then a pickle
 FRAME_MAX_ITEMS = 256  # messages per frame the HTTP side writes at most
 TRANSACTION_MAX_ITEMS = 512  # messages the writer applies in one transaction at most (several frames)
+# The group-commit window (see _collect): under concurrent load a transaction starts at most once
+# per COLLECT_S, unless COLLECT_ITEMS messages are already waiting.
+COLLECT_S = 0.004
+COLLECT_ITEMS = 64
 
 # What the parent may call (every public method the app, the committer and views_api use).
 _METHODS = frozenset({
@@ -108,9 +114,13 @@ def _serve_child(sock: socket.socket, batch_sock: socket.socket, make_store: Cal
         selector.register(batch_sock, selectors.EVENT_READ, "batch")
         inbox = bytearray()  # bytes read from the message channel, not yet a whole frame
         frames: deque = deque()  # whole frames waiting (pickled lists of messages)
+        last_count, last_start = 0, 0.0  # the last transaction's messages and start (monotonic s)
         while True:
             if frames:
-                _apply_frames(store, frames, batch_sock)
+                if last_count > 1:  # concurrent senders: let the transaction fill a little
+                    _collect(batch_sock, inbox, frames, last_start + COLLECT_S)
+                last_start = time.monotonic()
+                last_count = _apply_frames(store, frames, batch_sock)
                 continue
             for key, _ in selector.select():
                 if key.data == "batch":
@@ -171,9 +181,31 @@ def _read_frames(sock: socket.socket, inbox: bytearray, frames: deque) -> bool:
     return True
 
 
-def _apply_frames(store: LedgerStore, frames: deque, sock: socket.socket) -> None:
+def _collect(sock: socket.socket, inbox: bytearray, frames: deque, until: float) -> None:
+    """Wait for more frames until ``until`` (monotonic s) or until COLLECT_ITEMS messages wait.
+
+    Why: a COMMIT costs ~0.4 ms of CPU whatever it holds (the fsync and the WAL's header and
+    index work on this machine) plus ~5 us per dirty page, so a writer that starts a
+    transaction for every frame as soon as it is free spends ~0.28 ms per message at 5
+    messages a transaction and ~0.13 ms at 30 (store alone, 160 devices). Only when the last
+    transaction held more than one message (senders are concurrent), at most COLLECT_S after the
+    last one started: a lone request never waits, and a transaction that took longer than that
+    is followed at once."""
+    count = sum(n for n, _ in frames)
+    while count < COLLECT_ITEMS:
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        ready, _, _ = select.select([sock], [], [], left)
+        if not ready or not _read_frames(sock, inbox, frames):
+            return
+        count = sum(n for n, _ in frames)
+
+
+def _apply_frames(store: LedgerStore, frames: deque, sock: socket.socket) -> int:
     """Apply the waiting frames (up to TRANSACTION_MAX_ITEMS messages, at least one frame) in ONE
-    ``submit_batch`` - one transaction, one COMMIT - and only then answer each of them."""
+    ``submit_batch`` - one transaction, one COMMIT - and only then answer each of them. Returns
+    the number of messages applied."""
     taken: list[list] = []
     count = 0
     while frames and (not taken or count + frames[0][0] <= TRANSACTION_MAX_ITEMS):
@@ -198,6 +230,7 @@ def _apply_frames(store: LedgerStore, frames: deque, sock: socket.socket) -> Non
         sock.sendall(b"".join(out))
     except OSError:  # the parent is gone: what was committed stays committed, a resend is a duplicate
         pass
+    return count
 
 
 def _die_with_parent(parent_pid: int) -> None:
