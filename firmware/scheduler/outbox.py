@@ -83,6 +83,7 @@ class Outbox:
         failures_in_a_row = 0
         first_failure: LedgerUnavailable | None = None
         got_through = False
+        previous_answer: float | None = None  # ctx.monotonic() at the last answer of this pass
         try:
             while not self.stop_requested.is_set():
                 batch = journal.pending_outbox(limit=50, due_ms=ctx.now_ms(), after_nonce=after)
@@ -104,6 +105,7 @@ class Outbox:
                     except LedgerUnavailable as exc:
                         log.info("outbox: message %s (%s) not delivered, backing off: %s", entry.nonce, entry.kind, exc)
                         self._back_off(entry)
+                        previous_answer = None  # a timeout is not a turn
                         first_failure = first_failure or exc
                         failures_in_a_row += 1
                         if failures_in_a_row >= FAILURES_BEFORE_GIVING_UP_A_FLUSH:
@@ -112,7 +114,12 @@ class Outbox:
                     failures_in_a_row = 0
                     got_through = True
                     if started is not None:
-                        self._note_send_time(int((ctx.monotonic() - started) * 1000))
+                        # One message's turn: from the previous answer of this pass (the outbox's
+                        # own work between two sends is part of it), else from its send.
+                        ended = ctx.monotonic()
+                        if not answer.duplicate:
+                            self._note_send_time(int((ended - (previous_answer or started)) * 1000))
+                        previous_answer = ended
                     if ledger_link.answered(ctx, job="outbox"):
                         journal.clear_outbox_backoff()  # they all failed for the outage's reason
                     if answer.status != "accepted" and answer.refusal in DEVICE_REFUSALS:
@@ -124,8 +131,9 @@ class Outbox:
                 ledger_link.unavailable(ctx, first_failure, job="outbox")
 
     def _note_send_time(self, sample_ms: int) -> None:
-        """A moving average (a quarter weight to each new send) of how long an answered send
-        takes: one block on a chain, milliseconds on the bench ledger (trading.py's queue room)."""
+        """A moving average (a quarter weight to each new send) of one message's turn: about a
+        block on a chain, milliseconds on the bench ledger (trading.py's queue room). A duplicate
+        answer (a resend of what already landed, answered at once) is not a sample."""
         health = self.ctx.health
         last = health.outbox_send_ms
         health.outbox_send_ms = max(0, sample_ms) if last is None else (3 * last + max(0, sample_ms)) // 4

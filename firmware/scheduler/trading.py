@@ -20,10 +20,11 @@ from .metering import Metering
 # and a bid with price curves signs faster than that: without a bound the backlog outgrew the
 # messages' life and they expired unsent (EVM SIGKILL test: 146 of a seller's 371). So the queue
 # of messages not sent yet is kept within what the outbox sends in this share of a message's life
-# (measured: Health.outbox_send_ms), leaving what is queued the rest of its life to get through.
-# A market's actions are signed together or not at all, nearest market first; the rest wait for
-# the next run. The queue may always hold a few (one market's curve), whatever the measure says.
-QUEUE_SHARE_OF_TTL = 1 / 3
+# (measured: Health.outbox_send_ms), leaving the rest of it for restarts, reports signed at slot
+# edges (never held back) and a loaded machine. A market's actions are signed together or not at
+# all, nearest market first; the rest wait for the next run. The queue may always hold a few (one
+# market's curve); with the pace not measured yet (a restart), no more than that.
+QUEUE_SHARE_OF_TTL = 1 / 4
 MIN_QUEUE_MESSAGES = 8
 
 
@@ -99,41 +100,44 @@ class Trading:
             return
         if not markets:
             return
-        room = self._queue_room()
-        if room <= 0:
-            self._flush_outbox()
-            return
-        journal, rules = ctx.journal, ctx.rules
         with self._decide_lock:
-            now = ctx.now()
-            forecast = self._forecast(markets, now)
-            if not forecast:
-                ctx.events.emit("bid.skipped", reason="no complete slot of meter history yet")
-                return
-            desired = self._desired(forecast, now)
-            placed = cancelled = waiting = 0
-            for index, market_id in enumerate(markets):
-                if not rules.gate_open(market_id, now):
-                    continue
-                traded = {side: journal.traded_wh(market_id, side) for side in ("buy", "sell")}
-                actions = reconcile_market(
-                    market_id, desired.get(market_id), journal.orders_in_market(market_id), traded, rules.lot_wh
-                )
-                if actions and len(actions) > room and placed + cancelled > 0:
-                    waiting = len(markets) - index  # the next run takes them, the queue permitting
-                    break
-                room -= len(actions)
-                for action in actions:
-                    if isinstance(action, PlaceOrder):
-                        self._place(action)
-                        placed += 1
-                    elif isinstance(action, CancelOrder):
-                        self._cancel(action)
-                        cancelled += 1
-            if placed or cancelled:
-                ctx.events.emit(f"{why}.done", markets=len(markets), placed=placed, cancelled=cancelled,
-                                **({"waiting": waiting} if waiting else {}))
-        self._flush_outbox()
+            room = self._queue_room()  # under the lock: the bid and the review share one queue
+            if room > 0:
+                self._decide_markets(markets, why, room)
+        self._flush_outbox()  # a no-op while the outbox job is sending
+
+    def _decide_markets(self, markets: list[int], why: str, room: int) -> None:
+        """Bring each market's orders in line, nearest first, within ``room`` messages."""
+        ctx = self.ctx
+        journal, rules = ctx.journal, ctx.rules
+        now = ctx.now()
+        forecast = self._forecast(markets, now)
+        if not forecast:
+            ctx.events.emit("bid.skipped", reason="no complete slot of meter history yet")
+            return
+        desired = self._desired(forecast, now)
+        placed = cancelled = waiting = 0
+        for index, market_id in enumerate(markets):
+            if not rules.gate_open(market_id, now):
+                continue
+            traded = {side: journal.traded_wh(market_id, side) for side in ("buy", "sell")}
+            actions = reconcile_market(
+                market_id, desired.get(market_id), journal.orders_in_market(market_id), traded, rules.lot_wh
+            )
+            if actions and len(actions) > room and placed + cancelled > 0:
+                waiting = len(markets) - index  # the next run takes them, the queue permitting
+                break
+            room -= len(actions)
+            for action in actions:
+                if isinstance(action, PlaceOrder):
+                    self._place(action)
+                    placed += 1
+                elif isinstance(action, CancelOrder):
+                    self._cancel(action)
+                    cancelled += 1
+        if placed or cancelled:
+            ctx.events.emit(f"{why}.done", markets=len(markets), placed=placed, cancelled=cancelled,
+                            **({"waiting": waiting} if waiting else {}))
 
     def _queue_room(self) -> int:
         """How many messages this run may sign; at 0 none, said once an episode (``bid.deferred``)
@@ -145,7 +149,10 @@ class Trading:
         waited_s = ctx.now() - oldest[0].message.fields["issued_at"] if oldest else 0
         unsent = journal.unsent_count()
         send_ms = ctx.health.outbox_send_ms
-        limit = 1 << 30 if not send_ms else max(MIN_QUEUE_MESSAGES, int(room_s * 1000 // send_ms))
+        if send_ms is None:  # not measured since the start: unlimited only with nothing queued
+            limit = MIN_QUEUE_MESSAGES if unsent else 1 << 30
+        else:
+            limit = max(MIN_QUEUE_MESSAGES, int(room_s * 1000 // max(1, send_ms)))
         behind = waited_s > room_s or unsent >= limit
         if behind and not self._deferring:
             ctx.events.emit("bid.deferred", reason="outbox behind", queued=unsent, oldest_s=waited_s,
