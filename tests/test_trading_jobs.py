@@ -412,12 +412,7 @@ def test_bid_signs_orders_from_the_journals_readings(tmp_path, strategy, method)
                                  forecast=dataclasses.replace(config.forecast, method=method))
     board.controller = Controller(config, journal=board.journal, key=board.key, meters=Nothing(), dgr=Nothing(),
                                   ledger=board.ledger, events=EventLog("house", board.log), clock=lambda: board.clock[0])
-    start = T0 - 40 * 30
-    imported = 0
-    for t in range(start, T0 + 1, 2):  # a reading every 2 s, 1200 Wh per 30-s slot imported
-        board.journal.add_reading("house", t * 1000, imported, 0, 2400)
-        imported += 80
-    board.clock[0] = float(T0 + 1)
+    _importing_house(board, T0)  # a reading every 2 s, 1200 Wh per 30-s slot imported
     board.controller.trading.bid()
     signed = board.events("order.signed")
     assert signed, board.log.getvalue()[-2000:]
@@ -449,8 +444,8 @@ def test_the_recovery_sends_nothing_and_leaves_the_outbox_to_its_job(board):
 
 
 def _importing_house(board: Board, until_s: int) -> None:
-    """~1.2 kWh a slot imported for 40 slots up to ``until_s`` (then the clock), so the bid job
-    has fresh readings and orders to sign."""
+    """~1.2 kWh a slot imported (a reading every 2 s) for 40 slots up to ``until_s``, the clock
+    then a second later, so the bid job has fresh readings and orders to sign."""
     imported = 0
     for t in range(T0 - 40 * 30, until_s + 1, 2):
         board.journal.add_reading("house", t * 1000, imported, 0, 2400)

@@ -39,8 +39,9 @@ class Health:
     clock_problem: str | None = None
     clock_ref_ms: tuple[int, int] | None = None  # (board clock, monotonic) at the last good check
     unpinned_told: bool = False  # A3 (trade_record.py): alarm.ledger_unpinned was emitted
-    # How long one answered send takes (ms, a moving average on ctx.monotonic; None: not measured
-    # yet, or no monotonic clock): a chain answers once a block. The bid job sizes its queue by it.
+    # One message's turn in the outbox (ms, a moving average on ctx.monotonic of answered, not
+    # duplicate, sends; None: not measured since the start, or no monotonic clock): about a block
+    # on a chain. The bid job sizes its queue by it (trading.py).
     outbox_send_ms: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
