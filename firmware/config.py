@@ -141,6 +141,9 @@ class PolicyConfig:
     subsidy_percent: int = _between(1, 1000, " (the renewable subsidy factor mu x 100)", default=100)
     price_ramp_seconds: int = _between(0, DAY_SECONDS, default=900)
     sell_quantile_percent: int = _between(0, 50, default=20)
+    # With a battery (battery_capacity_wh > 0 and its state of charge known): the battery covers
+    # what the sun does not give, so a battery house sells a less cautious quantile (docs/community.md).
+    battery_sell_quantile_percent: int = _between(0, 50, default=30)
     buy_quantile_percent: int = _between(50, 100, default=85)
     curve_steps: int = _between(0, 100, " (0 = one order per market)", default=10)
     battery_sales: bool = _spec("true or false", default=True)

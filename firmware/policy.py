@@ -422,6 +422,7 @@ def desired_orders(
     markets: Iterable[int] | None = None,
     curve_steps: int = 0,
     battery_sales: bool = False,
+    battery_sell_quantile_percent: int | None = None,
 ) -> dict[int, DesiredOrder]:
     """The order the house wants in each forecast market (markets with nothing to trade are absent).
 
@@ -432,6 +433,10 @@ def desired_orders(
     their defaults were set for the fixed-limit baseline (a 20.00 floor would keep a seller
     exporting at 8.50 rather than selling at 19). ``markets`` limits the orders to those markets
     (a review of the near ones) while the battery is still planned over the whole forecast.
+    ``battery_sell_quantile_percent`` replaces ``sell_quantile_percent`` when a battery backs the
+    house (None: the same for both). Why a battery may sell less cautiously: what the sun does not
+    give, the battery can still deliver, so an offer of a higher quantile of the surplus costs a
+    battery house a little stored energy where it costs a house without one a shortfall.
     """
     if tariffs is None:
         return _baseline_orders({m: (f if isinstance(f, int) else f.net_wh) for m, f in forecast_wh.items()},
@@ -444,6 +449,8 @@ def desired_orders(
     if battery is None and policy.battery_capacity_wh > 0 and battery_soc_percent is not None:
         battery = Battery(policy.battery_capacity_wh, policy.battery_capacity_wh * battery_soc_percent // 100,
                           reserve_wh=policy.battery_capacity_wh * policy.battery_reserve_percent // 100)
+    if battery is not None and battery_sell_quantile_percent is not None:
+        sell_quantile_percent = battery_sell_quantile_percent
     points = {m: (f if isinstance(f, int) else f.net_wh) for m, f in forecast_wh.items()}
     plan, backup = battery_plan(list(points.items()), battery, rules.slot_seconds) if battery else ({}, {})
     result: dict[int, DesiredOrder] = {}

@@ -21,6 +21,7 @@ def test_defaults_are_the_japanese_tariffs_and_the_robust_forecast():
     assert (p.band_min_per_kwh_minor, p.band_max_per_kwh_minor, p.subsidy_percent) == (0, 0, 100)
     assert Tariffs(p.retail_per_kwh_minor, p.feed_in_per_kwh_minor, p.band_min_per_kwh_minor,
                    p.band_max_per_kwh_minor, p.subsidy_percent) == Tariffs()
+    assert (p.sell_quantile_percent, p.battery_sell_quantile_percent, p.buy_quantile_percent) == (20, 30, 85)
     assert f.method == "robust" and f.day_seconds == 0 and f.history_days == 28 and not f.clear_sky_pv
 
 
@@ -33,6 +34,7 @@ def test_defaults_are_the_japanese_tariffs_and_the_robust_forecast():
     ("[forecast]\nmethod = \"ml\"\n", "forecast", "method", '"robust"'),
     ("[forecast]\nsite_latitude_millideg = 91000\n", "forecast", "site_latitude_millideg", "from -90000 to 90000"),
     ("[policy]\nsell_quantile_percent = 60\n", "policy", "sell_quantile_percent", "from 0 to 50"),
+    ("[policy]\nbattery_sell_quantile_percent = 51\n", "policy", "battery_sell_quantile_percent", "from 0 to 50"),
 ])
 def test_inconsistent_trading_keys_are_refused_with_one_line(extra, table, key, needle):
     with pytest.raises(ConfigError) as err:

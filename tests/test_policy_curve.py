@@ -233,3 +233,37 @@ def test_curve_orders_are_whole_lots_within_caps_and_the_tariffs(forecast, secon
             assert feed_in <= price <= retail  # a buyer never above retail, a seller never below feed-in
         if order.side == "sell" and not with_battery:
             assert order.energy_wh <= forecast.net_wh  # never more than the point surplus without a battery
+
+
+def test_a_battery_house_sells_its_own_quantile_and_a_house_without_one_the_cautious_one():
+    """[policy] battery_sell_quantile_percent (30) replaces sell_quantile_percent (20) when a battery
+    backs the house: a charging battery's house offers 900 Wh of a doubtful 3 kWh surplus, not 600."""
+    surplus = fc(3000, 1500)
+    empty = Battery(capacity_wh=7000, soc_wh=700, reserve_wh=700, power_w=3000)
+
+    def offered(battery, **kw):
+        d = desired_orders({MARKET: surplus}, RULES, POLICY, tariffs=TARIFFS, now_s=at(60), battery=battery,
+                           curve_steps=10, **kw)
+        return d[MARKET].energy_wh if MARKET in d else 0
+
+    assert offered(empty, sell_quantile_percent=20) == 600
+    assert offered(empty, sell_quantile_percent=20, battery_sell_quantile_percent=30) == 900
+    assert offered(None, sell_quantile_percent=20, battery_sell_quantile_percent=30) == offered(None, sell_quantile_percent=20)
+    # the board's defaults are these two
+    assert (PolicyConfig().sell_quantile_percent, PolicyConfig().battery_sell_quantile_percent) == (20, 30)
+
+
+@settings(max_examples=100, deadline=None)
+@given(forecast=slot_forecasts, seconds_to_gate=st.integers(-100, 20_000), sq=st.integers(0, 50),
+       bsq=st.integers(0, 50), soc=st.integers(0, 7000), with_battery=st.booleans(), steps=st.sampled_from([0, 4, 10]))
+def test_the_battery_quantile_applies_exactly_when_a_battery_backs_the_house(forecast, seconds_to_gate, sq, bsq, soc,
+                                                                            with_battery, steps):
+    bat = Battery(7000, soc, 700, 3000) if with_battery else None
+
+    def orders(**kw):
+        return desired_orders({MARKET: forecast, MARKET + 1800: forecast}, RULES, POLICY, tariffs=TARIFFS,
+                              now_s=at(seconds_to_gate), ramp=PriceRamp(900, 300), curve_steps=steps, battery=bat,
+                              battery_sales=True, **kw)
+
+    assert orders(sell_quantile_percent=sq, battery_sell_quantile_percent=bsq) == \
+        orders(sell_quantile_percent=bsq if with_battery else sq)

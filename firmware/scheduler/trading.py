@@ -207,7 +207,8 @@ class Trading:
                             pol.band_max_per_kwh_minor, pol.subsidy_percent),
             now_s=now, ramp=PriceRamp(pol.price_ramp_seconds, max(1, ctx.config.cadence.review_seconds)),
             sell_quantile_percent=pol.sell_quantile_percent, buy_quantile_percent=pol.buy_quantile_percent,
-            router_power_w=0, battery=battery, curve_steps=pol.curve_steps, battery_sales=pol.battery_sales)
+            router_power_w=0, battery=battery, curve_steps=pol.curve_steps, battery_sales=pol.battery_sales,
+            battery_sell_quantile_percent=pol.battery_sell_quantile_percent)
 
     def _battery_soc(self) -> int | None:
         ctx = self.ctx

@@ -58,6 +58,7 @@ class BenchSettings:
     ramp_seconds: int = 900
     # the board's [policy] defaults (firmware/config.py)
     sell_quantile_percent: int = BOARD_POLICY.sell_quantile_percent
+    battery_sell_quantile_percent: int = BOARD_POLICY.battery_sell_quantile_percent
     buy_quantile_percent: int = BOARD_POLICY.buy_quantile_percent
     curve_steps: int = BOARD_POLICY.curve_steps
     battery_sales: bool = BOARD_POLICY.battery_sales
@@ -260,7 +261,8 @@ class CommunityBench:
                               sell_quantile_percent=self.s.sell_quantile_percent,
                               buy_quantile_percent=self.s.buy_quantile_percent, router_power_w=h.router_power_w,
                               battery=battery, markets=markets, curve_steps=self.s.curve_steps,
-                              battery_sales=self.s.battery_sales)
+                              battery_sales=self.s.battery_sales,
+                              battery_sell_quantile_percent=self.s.battery_sell_quantile_percent)
 
     def _review(self, h: _House, now: int, markets: list[int]) -> None:
         desired = self._desired(h, now, markets)

@@ -51,6 +51,9 @@ def add_bench_command(bench_sub) -> None:
     p.add_argument("--sell-quantile", type=int, default=BOARD_POLICY.sell_quantile_percent, metavar="Q",
                    help="an unbacked lot is offered when at least 100 - Q %% of it is expected to be delivered "
                    "(with --curve-steps 0: the quantile of the surplus offered) (default: %(default)s)")
+    p.add_argument("--battery-sell-quantile", type=int, default=BOARD_POLICY.battery_sell_quantile_percent,
+                   metavar="Q", help="--sell-quantile for a house with a battery, which can deliver what the sun "
+                   "does not give (default: %(default)s)")
     p.add_argument("--buy-quantile", type=int, default=BOARD_POLICY.buy_quantile_percent, metavar="Q",
                    help="a lot is bid for when at least 100 - Q %% of it is expected to be used "
                    "(with --curve-steps 0: the quantile of the shortage bid for) (default: %(default)s)")
@@ -82,14 +85,16 @@ def cmd_community(args: argparse.Namespace) -> int:
     except (CommunityError, ValueError) as exc:
         print(f"dgc-host bench community: {exc}", file=sys.stderr)
         return 2
-    if not (0 <= args.sell_quantile <= 50 and 50 <= args.buy_quantile <= 100 and 0 <= args.curve_steps <= 100
+    if not (0 <= args.sell_quantile <= 50 and 0 <= args.battery_sell_quantile <= 50 and 50 <= args.buy_quantile <= 100 and 0 <= args.curve_steps <= 100
             and 0 <= args.router_transfers <= 1000):
-        print("dgc-host bench community: --sell-quantile must be 0..50, --buy-quantile 50..100, --curve-steps 0..100 "
+        print("dgc-host bench community: --sell-quantile and --battery-sell-quantile must be 0..50, --buy-quantile 50..100, --curve-steps 0..100 "
               "and --router-transfers 0..1000", file=sys.stderr)
         return 2
     settings = BenchSettings(days=args.days, start_day=args.start_day, baseline=args.baseline,
                              batteries=not args.no_batteries, tariffs=tariffs,
-                             sell_quantile_percent=args.sell_quantile, buy_quantile_percent=args.buy_quantile,
+                             sell_quantile_percent=args.sell_quantile,
+                             battery_sell_quantile_percent=args.battery_sell_quantile,
+                             buy_quantile_percent=args.buy_quantile,
                              curve_steps=args.curve_steps, battery_sales=not args.no_battery_sales,
                              router_max_transfers=args.router_transfers, oracle=args.oracle)
     if args.community is not None:
