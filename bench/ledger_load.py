@@ -88,6 +88,25 @@ class Ledger:
                 self.proc.wait(timeout=5)
 
 
+def machine_ticks() -> tuple[int, int] | None:
+    """(all CPU ticks, ticks stolen by the hypervisor) from /proc/stat; None where there is none.
+
+    Why: on a virtual machine the hypervisor runs other guests on our cores now and then; a tick
+    stolen is a tick in which the ledger could not run, whatever its own code does. On this 2-core
+    machine the runs that lost most to it had the highest p99 (session 6, 12 runs at 1,000
+    resting: 8.6-19 % stolen, p99 60-97 ms; at most 3 % stolen, 43-52 ms), so each run says how
+    much it lost."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7]
+
+
 def cpu_s(pid: int, part: str = "both") -> float:
     """CPU time (user + system, or one of them) a process has used so far, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -342,8 +361,10 @@ def main() -> int:
             tree0, own_cpu0 = tree_cpu_s(ledger.proc.pid), time.process_time()
             t0 = time.perf_counter()
             sys0 = tree_cpu_s(ledger.proc.pid, "system")
+            ticks0 = machine_ticks()
             answers_timed = asyncio.run(send_all_kinds(ledger.port, batches, kinds, args.rate_per_device))
             elapsed = time.perf_counter() - t0
+            ticks1 = machine_ticks()
             tree1, sys1 = tree_cpu_s(ledger.proc.pid), tree_cpu_s(ledger.proc.pid, "system")
             server_cpu = sum(tree1.values()) - sum(tree0.get(p, 0.0) for p in tree1)  # the ledger and its writer process
             server_sys = sum(sys1.values()) - sum(sys0.get(p, 0.0) for p in sys1)
@@ -368,9 +389,12 @@ def main() -> int:
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
     load = os.getloadavg()[0]
+    stolen = "CPU stolen by the hypervisor: unknown (no /proc/stat)"
+    if ticks0 is not None and ticks1 is not None and ticks1[0] > ticks0[0]:
+        stolen = f"CPU stolen by the hypervisor {100 * (ticks1[1] - ticks0[1]) / (ticks1[0] - ticks0[0]):.1f}% of the timed phase"
     print(f"ledger_load: resting before={args.resting} after={resting_after}; messages {by_kind}; "
           f"messages_per_s={len(latencies) / elapsed:.0f}; ledger restart (book rebuilt from SQLite) {restart_s:.2f} s; "
-          f"load average {load:.2f} on {os.cpu_count()} cores (shared machine)")
+          f"load average {load:.2f} on {os.cpu_count()} cores (shared machine); {stolen}")
     print(f"ledger_load: ledger CPU {1000 * server_cpu / len(latencies):.2f} ms per message "
           f"({server_cpu / elapsed:.2f} cores busy over the phase), load generator CPU {1000 * client_cpu / len(latencies):.2f} ms "
           f"per message; CPU-bound capacity of one ledger core ~{len(latencies) / server_cpu:.0f} messages/s")
