@@ -198,3 +198,25 @@ def test_a_refused_device_is_in_the_status_line_and_stays_healthy(controller):
     assert service.check_health().healthy
     line = status_line(service.status())
     assert "REFUSES THIS DEVICE (revoked" in line
+
+
+def test_the_status_page_says_whether_the_ledger_authority_is_pinned(controller):
+    """An operator sees the pin (a public key, shortened) or its absence, and what the absence does."""
+    import dataclasses
+
+    key = "02" + "ab" * 31 + "cd"
+    service = StatusService(controller, JobMonitor())
+    lines = format_status(service.status())
+    assert any(line.startswith("record authority NOT pinned: this sim board trades without checking") for line in lines)
+
+    cfg = controller.config
+    controller.config = dataclasses.replace(cfg, board=dataclasses.replace(cfg.board, kind="rpi4-sdm630"))
+    lines = format_status(service.status())
+    assert any(line.startswith("record authority NOT pinned: every trade is refused and no order is signed")
+               for line in lines)
+
+    controller.config = dataclasses.replace(cfg, ledger=dataclasses.replace(cfg.ledger, authority_public_key=key))
+    status = service.status()
+    assert status["ledger"]["authority_public_key"] == key
+    assert f"record authority pinned: {key[:10]}...{key[-6:]} (a trade moves energy only once proven in its signed record)" \
+        in format_status(status)

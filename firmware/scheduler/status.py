@@ -228,6 +228,9 @@ class StatusService:
             "health_checked_at": verdict.checked_at,
             "ledger": {
                 "url": redact_url(cfg.ledger.url),
+                "kind": cfg.ledger.kind,
+                # a public key, pinned at provisioning: what a trade must be proven against (issue 10 part 4)
+                "authority_public_key": cfg.ledger.authority_public_key or None,
                 "reachable": health.ledger_reachable,
                 # Why and since when it is unreachable, and a refusal of this device (issue 7 h, p).
                 "down_since": _seconds(health.ledger_down_since_ms),
@@ -395,6 +398,24 @@ def status_line(s: dict) -> str:
     return line
 
 
+def record_line(s: dict) -> str:
+    """What a trade is checked against before it may move energy (scheduler/trade_record.py).
+
+    Why on the status page: an operator who provisioned a board must see at a glance that the
+    ledger authority's key was pinned; without it a field board refuses every trade and signs
+    no order, which would otherwise look like a quiet market."""
+    led = s["ledger"]
+    if led.get("kind") == "evm":
+        return "record: the chain; trades are read from the node's logs at the confirmation depth"
+    key = led.get("authority_public_key")
+    if key:
+        return f"record authority pinned: {key[:10]}...{key[-6:]} (a trade moves energy only once proven in its signed record)"
+    if s.get("kind") == "sim":
+        return "record authority NOT pinned: this sim board trades without checking the record ([ledger] authority_public_key)"
+    return ("record authority NOT pinned: every trade is refused and no order is signed until it is "
+            "([ledger] authority_public_key; dgc-host provision pins it)")
+
+
 def format_status(s: dict) -> list[str]:
     meters = ", ".join(
         f"{name} {_ok(m['ok'])}" + (f" ({m['last_reading_age_s']:.0f} s ago)" if m["last_reading_age_s"] is not None else "")
@@ -410,6 +431,7 @@ def format_status(s: dict) -> list[str]:
         f"{d.get('reported', 0)} reported ({d.get('failed', 0)} failed); trades {s['trades']}; "
         f"outbox {s['outbox_pending']} pending; next nonce {s['next_nonce']}",
         f"ledger {s['ledger']['url']}; log level {s['log_level']}; installed at {s['install_prefix']}",
+        record_line(s),
     ]
     led = s["ledger"]
     if led.get("reachable") is False and led.get("detail"):
