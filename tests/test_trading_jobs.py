@@ -554,3 +554,27 @@ def test_resent_duplicates_after_a_restart_are_not_taken_for_a_fast_ledger(board
     assert board.events("order.signed") == [], board.log.getvalue()[-2000:]
     (deferred,) = board.events("bid.deferred")
     assert deferred["fields"]["send_ms"] == "-" and int(deferred["fields"]["queued"]) == 21
+
+
+# --- reports first: a report signed at a slot edge does not wait behind the queued orders -------
+
+
+def test_a_report_is_sent_before_the_orders_queued_ahead_of_it(board):
+    """On a chain each message waits for its block: a report signed behind 15 queued orders waited
+    ~15 blocks (session 5's note). Now the outbox sends the due reports first; the orders and
+    cancels keep their own order (a cancel still never overtakes its order)."""
+    sell = board.order(market_offset=1, side="sell", energy_wh=100, price=1900)
+    board.controller.flush_outbox()
+    queued = [board.order(market_offset=k).fields["nonce"] for k in (3, 4, 5)]
+    trade = TradeRecord(41, T0 + 30, "sell", 100, 2000, sell.fields["nonce"], "ab" * 20, "contracted")
+    journal = board.journal
+    journal.record_trades([trade], cursor=41)
+    journal.transition(41, "refused", "test: the router refused")
+    journal.transition(41, "metered", "test")
+    board.controller.deliveries.report(journal.delivery(41))
+    report = int(board.events("report.signed")[-1]["fields"]["nonce"])
+    assert report > max(queued)  # signed after them
+    board.ledger.submitted.clear()
+    board.controller.flush_outbox()
+    assert board.ledger.submitted == [report, *queued]
+    assert journal.pending_count() == 0

@@ -87,13 +87,17 @@ class OrdersMixin:
             return message
 
     def pending_outbox(self, limit: int = 100, *, due_ms: int | None = None, after_nonce: int = 0,
-                       never_sent: bool = False) -> list[OutboxEntry]:
+                       never_sent: bool = False, kinds: tuple[str, ...] | None = None) -> list[OutboxEntry]:
         """Pending messages, oldest first. ``due_ms``: only those whose back-off (next_attempt_ms)
         has passed; ``after_nonce``: only nonces above it (a flush walks past the ones it skips);
-        ``never_sent``: only those not tried yet (the queue the outbox has not reached)."""
+        ``never_sent``: only those not tried yet (the queue the outbox has not reached);
+        ``kinds``: only these kinds of message."""
         query = ("SELECT nonce, kind, payload, signature, ref, expires_at, attempts FROM outbox "
                  "WHERE state = 'pending' AND nonce > ?")
         params: list = [after_nonce]
+        if kinds:
+            query += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            params += list(kinds)
         if never_sent:
             query += " AND attempts = 0"
         if due_ms is not None:

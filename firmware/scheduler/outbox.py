@@ -1,4 +1,5 @@
-"""The outbox job: send pending signed messages oldest first and settle the ledger's answers.
+"""The outbox job: send pending signed messages (reports first, then the rest oldest first) and
+settle the ledger's answers.
 
 Sending never decides anything: every message was signed and journalled with its local effect
 before it got here, so a crash at any point only means the message is sent again (the ledger
@@ -10,6 +11,8 @@ What keeps one message from holding up the rest (issue 7 j, n):
   row (the ledger itself is down) end the flush. When the ledger answers again after an outage,
   every back-off is cleared: they all failed for the same reason.
 - a cancel never overtakes its order: it waits while the order's message is pending.
+- the due delivery reports go first (``REPORTS_FIRST``): a report never waits behind a queue of
+  orders, which on a chain is a block per order.
 - a message whose own expiry has passed is dropped and recorded as ``expired`` (the ledger would
   refuse it); an expired report is signed again (the energy must be reported).
 - a report the ledger refuses for its timestamps (``Refusal.RESIGN``: expired, not yet valid)
@@ -39,6 +42,11 @@ log = logging.getLogger(__name__)
 
 BACKOFF_CAP_SECONDS = 300
 FAILURES_BEFORE_GIVING_UP_A_FLUSH = 3
+# A pass sends the due delivery reports first, then everything due (orders and cancels in nonce
+# order). Why: on a chain each message waits for its block, and a report signed at a slot edge
+# behind the queued orders waited one block per order; a report settles energy already moved,
+# an order only asks for a trade. Nonces are unordered on both ledgers (docs/ledger-evm.md).
+REPORTS_FIRST: tuple[tuple[str, ...] | None, ...] = (("delivery_report",), None)
 MAX_REPORT_SIGNATURES = 6  # the first report and five re-signings
 RESIGN_BACKOFF_SECONDS = 30
 # A report refused for its timestamps (Refusal.RESIGN: the board's clock behind or ahead of the
@@ -59,7 +67,7 @@ class Outbox:
         self.record_check = MessageRecordCheck(ctx)
 
     def flush(self) -> None:
-        """Send the messages that are due, oldest first, past the ones that must wait."""
+        """Send the messages that are due: the reports, then all oldest first, past the ones that must wait."""
         ctx = self.ctx
         if not self._flush_lock.acquire(blocking=False):
             return  # another thread is flushing; it will see our message
@@ -79,53 +87,54 @@ class Outbox:
         from ..ledger.base import DEVICE_REFUSALS, LedgerUnavailable
 
         journal = ctx.journal
-        after = 0
         failures_in_a_row = 0
         first_failure: LedgerUnavailable | None = None
         got_through = False
         previous_answer: float | None = None  # ctx.monotonic() at the last answer of this pass
         try:
-            while not self.stop_requested.is_set():
-                batch = journal.pending_outbox(limit=50, due_ms=ctx.now_ms(), after_nonce=after)
-                if not batch:
-                    return
-                for entry in batch:
-                    if self.stop_requested.is_set():
-                        return
-                    after = entry.nonce
-                    if entry.expires_at <= ctx.now():
-                        self._expire(entry)
-                        continue
-                    if entry.kind == "cancel" and journal.outbox_state(entry.message.fields["order_nonce"]) == "pending":
-                        continue  # its order has not reached the ledger yet
-                    journal.note_attempt(entry.nonce)
-                    started = ctx.monotonic() if ctx.monotonic is not None else None
-                    try:
-                        answer = ctx.ledger.submit(entry.message)
-                    except LedgerUnavailable as exc:
-                        log.info("outbox: message %s (%s) not delivered, backing off: %s", entry.nonce, entry.kind, exc)
-                        self._back_off(entry)
-                        previous_answer = None  # a timeout is not a turn
-                        first_failure = first_failure or exc
-                        failures_in_a_row += 1
-                        if failures_in_a_row >= FAILURES_BEFORE_GIVING_UP_A_FLUSH:
-                            return  # the ledger, not this message: the next run tries again
-                        continue
-                    failures_in_a_row = 0
-                    got_through = True
-                    if started is not None:
-                        # One message's turn: from the previous answer of this pass (the outbox's
-                        # own work between two sends is part of it), else from its send.
-                        ended = ctx.monotonic()
-                        if not answer.duplicate:
-                            self._note_send_time(int((ended - (previous_answer or started)) * 1000))
-                        previous_answer = ended
-                    if ledger_link.answered(ctx, job="outbox"):
-                        journal.clear_outbox_backoff()  # they all failed for the outage's reason
-                    if answer.status != "accepted" and answer.refusal in DEVICE_REFUSALS:
-                        ledger_link.device_refused(ctx, answer.code, answer.detail, job="outbox")
-                        return
-                    self._settle(entry, answer)
+            for kinds in REPORTS_FIRST:
+                after = 0
+                while not self.stop_requested.is_set():
+                    batch = journal.pending_outbox(limit=50, due_ms=ctx.now_ms(), after_nonce=after, kinds=kinds)
+                    if not batch:
+                        break
+                    for entry in batch:
+                        if self.stop_requested.is_set():
+                            return
+                        after = entry.nonce
+                        if entry.expires_at <= ctx.now():
+                            self._expire(entry)
+                            continue
+                        if entry.kind == "cancel" and journal.outbox_state(entry.message.fields["order_nonce"]) == "pending":
+                            continue  # its order has not reached the ledger yet
+                        journal.note_attempt(entry.nonce)
+                        started = ctx.monotonic() if ctx.monotonic is not None else None
+                        try:
+                            answer = ctx.ledger.submit(entry.message)
+                        except LedgerUnavailable as exc:
+                            log.info("outbox: message %s (%s) not delivered, backing off: %s", entry.nonce, entry.kind, exc)
+                            self._back_off(entry)
+                            previous_answer = None  # a timeout is not a turn
+                            first_failure = first_failure or exc
+                            failures_in_a_row += 1
+                            if failures_in_a_row >= FAILURES_BEFORE_GIVING_UP_A_FLUSH:
+                                return  # the ledger, not this message: the next run tries again
+                            continue
+                        failures_in_a_row = 0
+                        got_through = True
+                        if started is not None:
+                            # One message's turn: from the previous answer of this pass (the outbox's
+                            # own work between two sends is part of it), else from its send.
+                            ended = ctx.monotonic()
+                            if not answer.duplicate:
+                                self._note_send_time(int((ended - (previous_answer or started)) * 1000))
+                            previous_answer = ended
+                        if ledger_link.answered(ctx, job="outbox"):
+                            journal.clear_outbox_backoff()  # they all failed for the outage's reason
+                        if answer.status != "accepted" and answer.refusal in DEVICE_REFUSALS:
+                            ledger_link.device_refused(ctx, answer.code, answer.detail, job="outbox")
+                            return
+                        self._settle(entry, answer)
         finally:
             if first_failure is not None and not got_through:
                 ledger_link.unavailable(ctx, first_failure, job="outbox")
