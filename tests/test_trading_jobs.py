@@ -178,9 +178,19 @@ def test_an_expired_message_is_dropped_and_recorded(board):
 
 def _reported_delivery(board: Board) -> int:
     """A trade of this board's order, its delivery refused (0 Wh) and reported."""
+    return _report_refused_delivery(board, _acked_sale(board))
+
+
+def _acked_sale(board: Board):
+    """A 100-Wh sell order of this board, accepted by the ledger."""
     order = board.order(market_offset=1, side="sell", energy_wh=100, price=1900)
     board.ledger.submit_rule = lambda f: SubmitResult("accepted", False, None, "", {"filled_wh": 0})
     board.controller.flush_outbox()
+    return order
+
+
+def _report_refused_delivery(board: Board, order) -> int:
+    """Trade 41 of ``order``, its delivery refused (0 Wh) and its report signed (not sent)."""
     trade = TradeRecord(41, T0 + 30, "sell", 100, 2000, order.fields["nonce"], "ab" * 20, "contracted")
     board.journal.record_trades([trade], cursor=41)
     journal = board.journal
@@ -563,15 +573,10 @@ def test_a_report_is_sent_before_the_orders_queued_ahead_of_it(board):
     """On a chain each message waits for its block: a report signed behind 15 queued orders waited
     ~15 blocks (session 5's note). Now the outbox sends the due reports first; the orders and
     cancels keep their own order (a cancel still never overtakes its order)."""
-    sell = board.order(market_offset=1, side="sell", energy_wh=100, price=1900)
-    board.controller.flush_outbox()
+    sell = _acked_sale(board)
     queued = [board.order(market_offset=k).fields["nonce"] for k in (3, 4, 5)]
-    trade = TradeRecord(41, T0 + 30, "sell", 100, 2000, sell.fields["nonce"], "ab" * 20, "contracted")
+    _report_refused_delivery(board, sell)
     journal = board.journal
-    journal.record_trades([trade], cursor=41)
-    journal.transition(41, "refused", "test: the router refused")
-    journal.transition(41, "metered", "test")
-    board.controller.deliveries.report(journal.delivery(41))
     report = int(board.events("report.signed")[-1]["fields"]["nonce"])
     assert report > max(queued)  # signed after them
     board.ledger.submitted.clear()

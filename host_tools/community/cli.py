@@ -85,10 +85,10 @@ def cmd_community(args: argparse.Namespace) -> int:
     except (CommunityError, ValueError) as exc:
         print(f"dgc-host bench community: {exc}", file=sys.stderr)
         return 2
-    if not (0 <= args.sell_quantile <= 50 and 0 <= args.battery_sell_quantile <= 50 and 50 <= args.buy_quantile <= 100 and 0 <= args.curve_steps <= 100
-            and 0 <= args.router_transfers <= 1000):
-        print("dgc-host bench community: --sell-quantile and --battery-sell-quantile must be 0..50, --buy-quantile 50..100, --curve-steps 0..100 "
-              "and --router-transfers 0..1000", file=sys.stderr)
+    if not (0 <= args.sell_quantile <= 50 and 0 <= args.battery_sell_quantile <= 50 and 50 <= args.buy_quantile <= 100
+            and 0 <= args.curve_steps <= 100 and 0 <= args.router_transfers <= 1000):
+        print("dgc-host bench community: --sell-quantile and --battery-sell-quantile must be 0..50, --buy-quantile "
+              "50..100, --curve-steps 0..100 and --router-transfers 0..1000", file=sys.stderr)
         return 2
     settings = BenchSettings(days=args.days, start_day=args.start_day, baseline=args.baseline,
                              batteries=not args.no_batteries, tariffs=tariffs,
