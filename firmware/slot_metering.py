@@ -28,8 +28,9 @@ meter measured across the two slots, so neither side can be paid twice.
 
 **Allocation.** A slot's metered energy in a direction goes to the deliveries that ran
 (``running``/``interrupted``), each up to its contract, in proportion to what each transfer
-moved by the router's count or the daemon's estimate (``weights_wh``), the rest in trade order;
-a refused one gets 0 Wh whatever the meter says. A net-only meter (a real bidirectional meter) sees export minus
+moved by the router's count or the daemon's estimate (``weights_wh``), the rest in trade order
+among those that moved something; a refused one, and one whose weight is 0 (the router never
+ran it), gets 0 Wh whatever the meter says. A net-only meter (a real bidirectional meter) sees export minus
 import: when a slot has both, the net is split so that export - import credited equals the
 net measured (see ``allocate_slot``).
 """
@@ -186,7 +187,8 @@ def allocate_slot(rows: Sequence[SlotRow], delta_export_mwh: int, delta_import_m
     for d, total in totals.items():
         mine = [r for r in ran if r.direction == d]
         counts = [weights_wh.get(r.trade_id) for r in mine] if weights_wh else []
-        if mine and counts and all(c is not None and c >= 0 for c in counts) and sum(counts) > 0:
+        weighted = bool(mine and counts and all(c is not None and c >= 0 for c in counts) and sum(counts) > 0)
+        if weighted:
             # What each transfer moved by the router's count, or by estimate (not certified):
             # the certified total is shared in those proportions, so one transfer's shortfall
             # is not put on another.
@@ -194,7 +196,11 @@ def allocate_slot(rows: Sequence[SlotRow], delta_export_mwh: int, delta_import_m
             for r, c in zip(mine, counts):
                 given[r.trade_id] = min(r.contracted_wh * 1000, total * c // weight)
         left = total - sum(given[r.trade_id] for r in mine)
-        for r in mine:  # the rest (or all of it, without router counts) in trade order
+        # The rest (or all of it, without weights) in trade order - but with weights, only to
+        # transfers that moved something: one the router never ran (weight 0) is credited
+        # nothing, not even the Wh its neighbours' whole-Wh counts left over (stop 14's CI).
+        receivers = [r for r, c in zip(mine, counts) if c > 0] if weighted else mine
+        for r in receivers:
             extra = min(r.contracted_wh * 1000 - given[r.trade_id], max(0, left))
             given[r.trade_id] += extra
             left -= extra

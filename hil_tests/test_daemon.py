@@ -168,6 +168,44 @@ def check_invariants(hood: Neighbourhood, router_status: dict[str, dict]) -> tup
     return violations, figures
 
 
+TRADE_IN_VIOLATION = re.compile(r"\btrades? (\d+)")
+
+
+def explain_trades(hood: Neighbourhood, violations: list[str], limit: int = 4) -> list[str]:
+    """For the first trades named in the violations: each house's journalled delivery (state,
+    share, detail, transitions), the meter edges of its slot and its router's own log lines, so
+    a failure in CI can be read without a replay (stop 14 could only be reconstructed)."""
+    trade_ids = list(dict.fromkeys(int(m.group(1)) for v in violations for m in TRADE_IN_VIOLATION.finditer(v)))[:limit]
+    lines: list[str] = []
+    for trade_id in trade_ids:
+        for name, house in hood.houses.items():
+            db = journal(house)
+            try:
+                row = db.execute("SELECT * FROM deliveries WHERE trade_id = ?", (trade_id,)).fetchone()
+                if row is None:
+                    continue
+                lines.append(f"{name} trade {trade_id}: market {row['market_id']} {row['direction']} {row['energy_wh']} Wh "
+                             f"{row['state']} delivered_mwh={row['delivered_mwh']} outcome={row['outcome']} "
+                             f"meter_mwh={row['start_meter_mwh']}..{row['end_meter_mwh']} detail={row['detail']!r}")
+                for t in db.execute("SELECT * FROM delivery_transitions WHERE trade_id = ? ORDER BY id", (trade_id,)):
+                    lines.append(f"  {t['at_ms'] - row['market_id'] * 1000:+7d} ms {t['from_state']} -> {t['to_state']} "
+                                 f"{t['detail'] or ''}")
+                slot = [dict(r) for r in db.execute("SELECT trade_id, direction, energy_wh, state, delivered_mwh FROM "
+                                                    "deliveries WHERE market_id = ? ORDER BY trade_id", (row["market_id"],))]
+                lines.append(f"  its slot: {slot}")
+                for e in db.execute("SELECT * FROM meter_edges WHERE edge_s IN (?, ?)",
+                                    (row["market_id"], row["market_id"] + SHORT_MARKET["slot_seconds"])):
+                    lines.append(f"  edge {e['edge_s'] - row['market_id']:+d} s: export {e['export_energy_mwh']} "
+                                 f"import {e['import_energy_mwh']} mWh {e['method']} {e['detail'] or ''}")
+            finally:
+                db.close()
+            mark = re.compile(rf"trade[ _=](?:id=)?{trade_id}\b")
+            log_lines = [line for line in (house.directory / "bench.log").read_text(errors="replace").splitlines()
+                         if mark.search(line)]
+            lines += [f"  {name} router: {line[-160:]}" for line in log_lines[:8]]
+    return lines
+
+
 def kill_seed(value: str) -> int:
     """The seed of the kill moments: DEFAULT_KILL_SEED unless DGC_KILL_SEED names one (an
     integer) or says "random" (a new one each run, for soaks; printed for the replay)."""
@@ -239,6 +277,8 @@ def test_sigkilled_daemons_lose_duplicate_and_overrun_nothing(tmp_path: Path) ->
         for house in hood.houses.values():
             assert house.daemon_starts == 1 + sum(house.spec.name in k.victims for k in done)
         assert figures["trades"] >= kill_slots, f"only {figures['trades']} trades in the day (seed {seed})"
+        if violations:
+            print("\n".join(explain_trades(hood, violations)))
         assert not violations, f"seed {seed}: {len(violations)} invariant violations:\n" + "\n".join(violations[:40])
 
 

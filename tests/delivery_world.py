@@ -134,6 +134,9 @@ class Router:
     # (World.restart), as a new process's driver starts empty.
     known_ends: dict = field(default_factory=dict)
     known_unknown: set = field(default_factory=set)  # STOP answered was=unknown (this process's driver)
+    # ENDs the router sent that the driver has not read yet: like the real driver, it reads
+    # events with its next frame's answer, so that is when an END is "received".
+    unheard_ends: dict = field(default_factory=dict)
     _t: float | None = None
 
     def advance(self) -> None:
@@ -170,7 +173,7 @@ class Router:
     def _end(self, x: Xfer, reason: str) -> None:
         self.active.pop(x.trade_id, None)
         self.ended[x.trade_id] = (reason, x.moved_wh)
-        self.known_ends[x.trade_id] = (reason, x.moved_wh, self.clock[0])
+        self.unheard_ends[x.trade_id] = (reason, x.moved_wh)
         self.events.append(("END", {"trade_id": str(x.trade_id), "reason": reason, "moved_wh": str(int(x.moved_wh))}))
 
     def _frame(self, verb: str) -> None:
@@ -178,6 +181,13 @@ class Router:
         if self.link_down:
             raise DgrLinkError(f"no answer to {verb} after 4 attempts", safe_confirmed=False)
         self.advance()
+        self.hear_ends()
+
+    def hear_ends(self) -> None:
+        """The driver reads the ENDs the router sent since its last frame (now)."""
+        for trade_id, (reason, moved) in self.unheard_ends.items():
+            self.known_ends[trade_id] = (reason, moved, self.clock[0])
+        self.unheard_ends.clear()
 
     def status(self) -> DgrStatus:
         self._frame("STATUS")
@@ -219,6 +229,7 @@ class Router:
         x = self.active.get(trade_id)
         if x is not None:
             self._end(x, "stop")
+            self.hear_ends()  # the STOP's own answer carries it
         elif trade_id in self.ended and trade_id not in self.known_ends:
             reason, moved = self.ended[trade_id]  # ACK STOP was=ended moved_wh reason: when unknown
             self.known_ends[trade_id] = (reason, moved, 0.0)
@@ -398,6 +409,7 @@ class World:
         except Exception:
             pass
         self.router.known_ends.clear()  # the new process's driver has heard no END yet
+        self.router.unheard_ends.clear()  # (and the ENDs sent to the dead one are lost with it)
         self.router.known_unknown.clear()
         self.controller = self._build()
         return self.controller

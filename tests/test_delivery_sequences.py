@@ -380,3 +380,38 @@ def test_c_a_gap_across_a_kill_is_split_by_the_routers_counts_not_by_time(tmp_pa
     assert set(got) == {1, 2, 3}
     for trade_id in (1, 2, 3):
         assert abs(got[trade_id][0] - moved[trade_id]) <= 2, (got, moved)
+
+
+def test_e_a_start_that_never_ran_leaves_the_edge_to_the_routers_counts(tmp_path):
+    """Stop 14's CI failure (hil_tests/test_daemon.py's SIGKILL run, seed 240348963; the same
+    run reproduced here kept 0.459 Wh of it): three exports in slot M, the process dies after
+    journalling the second one's intent, before its START frame. After the restart the other two
+    run to their targets; the driver hears their ENDs after the last reading before the edge, and
+    the edge reading itself is late, while slot N's transfer already runs. The router's counts
+    cover the slot - except the trade it never ran, which had no count, so the edge was split
+    by time: slot M got ~2 Wh of trade 4's energy, the trade that never ran was reported it
+    ("reported 4 Wh (failed), its router moved 0") and trade 4 that much short. A trade the
+    router never ran moved 0: the edge is the counts' ("counted"), the gap is slot N's."""
+    w = World(tmp_path)
+    w.trades(Trade(1, M, "sell", 100), Trade(2, M, "sell", 100), Trade(3, M, "sell", 100), Trade(4, N, "sell", 100))
+    w.run_until(M - 2)
+    w.router.kill_before_start = 2
+    with pytest.raises(Killed):
+        w.run_until(M + 2)
+    w.at(M + 4)
+    w.restart()
+    w.controller.recover()
+    w.run_until(M + 56)  # 1 and 3 run
+    w.at(N - 2)  # both have reached their targets (sized for 95 % of the slot)
+    w.controller.measure()  # the last reading before the edge; no frame to the router since
+    w.meters.fail_interchange = 2  # the reads at the edge fail (trade 4 STARTs); the next is 2 s late
+    w.run_until(N)
+    w.run_until(N + SLOT_S + 8)
+    assert sorted(w.router.starts) == [1, 3, 4]
+    moved = {t: w.router.ended[t][1] for t in (1, 3, 4)}
+    got = reported(w)
+    assert got[2] == (0, "failed"), (got, moved)
+    for trade_id in (1, 3, 4):
+        assert abs(got[trade_id][0] - moved[trade_id]) <= 1, (got, moved)
+    edge = w.journal.meter_edge(N)
+    assert edge.method == "counted", edge

@@ -170,9 +170,38 @@ def test_router_counts_share_a_shortfall_where_it_happened():
 @given(rows=rows_strategy, exp=st.integers(0, 30_000_000), imp=st.integers(0, 30_000_000),
        counts=st.lists(st.integers(0, 6_000), min_size=6, max_size=6))
 def test_allocation_with_router_counts_keeps_the_invariants(rows, exp, imp, counts):
+    """Each share within its contract; a transfer the router counted 0 (never ran) gets nothing
+    while another of its direction moved something; what the meter saw is credited in full up
+    to the contracts of those that moved something (all that ran, when none did)."""
     router = {r.trade_id: c for r, c in zip(rows, counts)}
     shares = allocate_slot(rows, exp, imp, net_only=False, tolerance_wh=0, weights_wh=router)
     for d, measured in (("export", exp), ("import", imp)):
         ran = [(r, s) for r, s in zip(rows, shares) if r.direction == d and r.state in ds.FLOWING]
         assert all(0 <= s.delivered_mwh <= r.contracted_wh * 1000 for r, s in ran)
-        assert sum(s.delivered_mwh for _, s in ran) == min(measured, sum(r.contracted_wh * 1000 for r, _ in ran))
+        moved = [(r, s) for r, s in ran if router[r.trade_id] > 0] or ran
+        assert all(s.delivered_mwh == 0 for r, s in ran if (r, s) not in moved)
+        assert sum(s.delivered_mwh for _, s in ran) == min(measured, sum(r.contracted_wh * 1000 for r, _ in moved))
+
+
+def test_a_transfer_the_router_never_ran_gets_none_of_the_rest():
+    """CI failure of stop 14 (sigkill test, seed 240348963), as reconstructed from its output
+    (one trade reported 4 Wh "failed" that its router never moved): the seller was killed between
+    journalling trade 5's START and sending it; the restart found the router had never heard
+    of it (weight 0) and started the slot's other transfers late. Their router counts are whole
+    Wh (floored), the certified meter is not, so the shares by count left a few Wh over, and
+    "the rest in trade order" gave them to trade 5 first: it reported 4 Wh its router never
+    moved. The rest goes only to transfers that moved something."""
+    rows = [SlotRow(5, "export", 200, ds.INTERRUPTED), SlotRow(6, "export", 100, ds.RUNNING),
+            SlotRow(17, "export", 200, ds.RUNNING), SlotRow(18, "export", 100, ds.RUNNING)]
+    # The routers' counts fill every contract that ran; the meter saw 4 Wh more.
+    shares = allocate_slot(rows, 404_000, 0, net_only=False, tolerance_wh=1,
+                           weights_wh={5: 0, 6: 100, 17: 200, 18: 100})
+    assert [(s.trade_id, s.delivered_wh, s.outcome) for s in shares] == [
+        (5, 0, ds.FAILED), (6, 100, ds.DELIVERED), (17, 200, ds.DELIVERED), (18, 100, ds.DELIVERED)]
+    # A remainder within the contracts still goes to the transfers that ran (whole-Wh counts
+    # floor what the router moved): 57.8 + 120.9 + 57.8 Wh moved, counted 57, 120, 57.
+    shares = allocate_slot(rows, 236_500, 0, net_only=False, tolerance_wh=1,
+                           weights_wh={5: 0, 6: 57, 17: 120, 18: 57})
+    assert shares[0].delivered_mwh == 0
+    assert sum(s.delivered_mwh for s in shares) == 236_500
+    assert [s.delivered_wh for s in shares[1:]] == [58, 121, 58]

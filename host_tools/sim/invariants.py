@@ -14,6 +14,8 @@ the ones printed with a violation:
   counted twice or in the wrong slot), and not less unless the interchange meter was faulty
   around that slot (reported unmetered);
 - ``single_start``: no transfer starts twice for one trade;
+- ``never_started``: a trade whose transfer the router never started reports 0 Wh (it moved
+  nothing; Wh credited to it were another trade's);
 - ``transfer_in_slot``: the router never runs past a transfer's end: a START's end time is at
   most the trade's slot end, it starts no earlier than the slot, and asks no more than contracted;
 - ``link_lost_safe``: with the link lost, the router goes safe (no transfer runs longer than the
@@ -128,6 +130,9 @@ class Checker:
         if fields["energy_wh"] > trade["energy_wh"]:
             self.fail("delivered_le_contracted", f"{house.name}: trade {trade['trade_id']} reported {fields['energy_wh']} Wh "
                                                  f"of {trade['energy_wh']} Wh contracted")
+        if fields["energy_wh"] > 0 and not house.starts.get(trade["trade_id"]):
+            self.fail("never_started", f"{house.name}: trade {trade['trade_id']} reported {fields['energy_wh']} Wh "
+                                       f"({fields['status']}), but its router never started a transfer for it")
         self._check_slot(house, trade["market_id"], fields["role"])
 
     def _check_slot(self, house, market_id: int, role: str) -> None:
