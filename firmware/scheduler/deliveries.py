@@ -26,7 +26,7 @@ from ..market import transfer_power_w
 from ..slot_metering import Counters, Edge, SlotRow, allocate_slot, edge_value
 from .context import Context
 from .metering import Metering
-from .router_link import RouterLink
+from .router_link import LINK_LOST, RouterLink
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ TRADE_ACTIVE = 34  # DGR protocol v1 NAK: a transfer with this trade id is alrea
 DELIVERY_MARGIN_PERCENT = 5  # transfers are sized to finish in the first 95% of the slot
 # The details an unconfirmed START leaves on its delivery (after a restart; at the slot's metering)
 UNCONFIRMED_START_DETAILS = ("start not confirmed", "start never confirmed")
+
+
+def _link_lost(detail: str | None) -> bool:
+    """Whether the delivery was interrupted by a lost link: the router's watchdog, not an END
+    we heard, ended whatever ran, so it may have flowed for that long after."""
+    return LINK_LOST in (detail or "")
 
 
 class Deliveries:
@@ -193,7 +199,9 @@ class Deliveries:
                 # The link counts as down: the next good heartbeat checks the router's transfers
                 # and lifts the safe mode the driver's SAFE (or the watchdog) caused (sim F6).
                 ctx.health.dgr_ok = False
-                if self._move(row, ds.INTERRUPTED, f"router link lost: {exc}"):
+                # An unconfirmed START: it may have run (until the router's watchdog), or the
+                # router never heard it - its STOP answer tells at metering (_never_ran).
+                if self._move(row, ds.INTERRUPTED, f"{UNCONFIRMED_START_DETAILS[0]}: {LINK_LOST} {exc}"):
                     events.emit("delivery.failed", trade=row.trade_id, detail="router link lost",
                                 safe_confirmed=exc.safe_confirmed)
                 break
@@ -257,7 +265,7 @@ class Deliveries:
             start = max(from_ms, row.market_id * 1000, times.started_at_ms or 0)
             end = min(to_ms, rules.slot_end(row.market_id) * 1000)
             if row.state == ds.INTERRUPTED and times.updated_at_ms is not None:
-                margin_ms = MIN_ROUTER_WATCHDOG_S * 1000 if (row.detail or "").startswith("router link lost") else 0
+                margin_ms = MIN_ROUTER_WATCHDOG_S * 1000 if _link_lost(row.detail) else 0
                 end = min(end, times.updated_at_ms + margin_ms)
             ended = transfer_end(row.trade_id) if transfer_end is not None else None
             received_at = getattr(ended, "received_at", 0.0) if ended is not None else 0.0
@@ -382,7 +390,7 @@ class Deliveries:
             usable_ms = max(1, (end_ms - start_ms) * (100 - DELIVERY_MARGIN_PERCENT) // 100)
             flow_end = end_ms
             if row.state == ds.INTERRUPTED and times.updated_at_ms is not None:
-                margin = MIN_ROUTER_WATCHDOG_S * 1000 if (row.detail or "").startswith("router link lost") else 0
+                margin = MIN_ROUTER_WATCHDOG_S * 1000 if _link_lost(row.detail) else 0
                 flow_end = min(flow_end, times.updated_at_ms + margin)
             estimated[row.trade_id] = row.energy_wh * min(usable_ms, max(0, flow_end - start_ms)) // usable_ms
         never_ran = self._never_ran(rows)

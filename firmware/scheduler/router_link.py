@@ -11,6 +11,8 @@ from __future__ import annotations
 from .. import delivery_states as ds
 from .context import Context
 
+LINK_LOST = "router link lost:"  # in the detail of a delivery cut by a lost link (or whose START was lost with it)
+
 # The restart rule (issue 7 o; docs/delivery.md): a transfer running across a daemon restart is
 # not cut short only if the router hears from the new process before its heartbeat watchdog
 # trips: RestartSec + FIRST_FRAME_BOUND_S + HEARTBEAT_MARGIN_S <= the router's hb_timeout.
@@ -85,7 +87,7 @@ class RouterLink:
                     end = dgr.transfer_end(row.trade_id)
                     if end is not None and end.args.get("reason") == "target":
                         continue
-                    if self._interrupt(row.trade_id, f"router link lost: {exc}"):
+                    if self._interrupt(row.trade_id, f"{LINK_LOST} {exc}"):
                         events.emit("delivery.failed", trade=row.trade_id, detail="router link lost")
                         failed.append(row.trade_id)
             if failed and not (isinstance(exc, DgrLinkError) and exc.safe_confirmed):

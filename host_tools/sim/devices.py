@@ -387,9 +387,10 @@ class SimRouter:
             tr = self.transfers.get(trade_id)
             if tr is not None:
                 self._end(tr, "stop")
-                return {"was": "active"}
-            if trade_id in self.ended:
-                return {"was": "ended"}
+                return {"was": "active", "moved_wh": int(tr.moved_wh), "reason": "stop"}
+            if trade_id in self.ended:  # docs/dgr-protocol.md section 5: what it moved, and why it ended
+                reason, moved = self.ended[trade_id]
+                return {"was": "ended", "moved_wh": int(moved), "reason": reason}
             return {"was": "unknown"}
         if verb == "SAFE":
             self._went_safe()
@@ -418,8 +419,10 @@ class SimDgrClient:
 
     def __init__(self, router: SimRouter, *, session: str, retries: int, timeout_s: float,
                  world_sync: Callable[[], float], world_delay: Callable[[float], None], hooks: KillHooks,
-                 on_frame: Callable[[str], None] | None = None):
+                 on_frame: Callable[[str], None] | None = None, board_clock: Callable[[], float] | None = None):
         self._router = router
+        # The real driver stamps what it receives with the board's clock (time.time()).
+        self._board_clock = board_clock or (lambda: router.t)
         self._session = session
         self._retries = retries
         self._sync = world_sync
@@ -430,6 +433,7 @@ class SimDgrClient:
         self._seq = 0
         self._events: deque[DgrEvent] = deque(maxlen=1000)
         self._ends: OrderedDict[int, DgrEvent] = OrderedDict()
+        self._unknown: OrderedDict[int, None] = OrderedDict()  # STOP answered was=unknown
         self._first = True
         self._on_frame = on_frame
 
@@ -442,7 +446,7 @@ class SimDgrClient:
             self._first = False
             return
         for kind, args in r.outbox:
-            event = DgrEvent(0, kind, dict(args), 0.0)
+            event = DgrEvent(0, kind, dict(args), self._board_clock())  # received now, as the real driver stamps it
             if kind == "BOOT":
                 self._session_ok = False
             elif kind == "END" and args.get("trade_id", "").isdigit():
@@ -546,9 +550,27 @@ class SimDgrClient:
 
     def stop_transfer(self, trade_id: int) -> DgrStatus:
         def run():
-            self._exchange("STOP", {"trade_id": trade_id})
+            answer = self._exchange("STOP", {"trade_id": trade_id})
+            self._remember_stop_answer(trade_id, answer)
             return self._status_now()
         return self._command(f"STOP {trade_id}", run)
+
+    def _remember_stop_answer(self, trade_id: int, answer: dict) -> None:
+        """As the real driver does (firmware/drivers/dgr.py): a STOP answer naming what the
+        transfer moved counts as its END when none was heard; was=unknown is remembered."""
+        was = answer.get("was")
+        if was == "unknown" and trade_id not in self._ends:
+            self._unknown[trade_id] = None
+            while len(self._unknown) > 32:
+                self._unknown.popitem(last=False)
+            return
+        if trade_id in self._ends or was not in ("active", "ended") or "moved_wh" not in answer:
+            return
+        self._ends[trade_id] = DgrEvent(0, "END", {"trade_id": str(trade_id), "moved_wh": str(answer["moved_wh"]),
+                                                   "reason": str(answer.get("reason", "stop")), "from": "stop"},
+                                        self._board_clock() if was == "active" else 0.0)
+        while len(self._ends) > 64:
+            self._ends.popitem(last=False)
 
     def safe_state(self) -> DgrStatus:
         def run():
@@ -572,6 +594,9 @@ class SimDgrClient:
 
     def transfer_end(self, trade_id: int) -> DgrEvent | None:
         return self._ends.get(trade_id)
+
+    def transfer_unknown(self, trade_id: int) -> bool:
+        return trade_id in self._unknown
 
     def open(self):
         return self

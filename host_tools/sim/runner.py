@@ -353,7 +353,8 @@ class World:
         house.raw = journal._db  # the sqlite3 connection: closed when the process dies
         journal._db = KillableConnection(house.raw, house.hooks)
         dgr = SimDgrClient(house.router, session=f"{self.rng.getrandbits(32):08x}", retries=DGR_RETRIES,
-                           timeout_s=DGR_TIMEOUT_S, world_sync=self.sync, world_delay=self.delay, hooks=house.hooks)
+                           timeout_s=DGR_TIMEOUT_S, world_sync=self.sync, world_delay=self.delay, hooks=house.hooks,
+                           board_clock=house.board_s)
         stream = _TraceStream(self, house.name) if self.trace_enabled else _NullStream()
         events = EventLog(house.name, stream=stream)
         house.controller = build_controller(house.config, journal=journal, key=house.key, meters=house.meters, dgr=dgr,
