@@ -305,8 +305,9 @@ class Deliveries:
         """Per direction, how much more (mWh) the slot's transfers could have moved after the
         reading ``before``: their contracts minus what the meter shows since the slot began —
         or, where the router has told us what every one of them moved (END or STOP answer;
-        0 for one it never ran), those counts instead: then it is what they DID move after it (second value: those
-        directions). None when the slot's start edge is not known (then the gap is split by time)."""
+        0 for one it never ran), those counts instead: then it is what they DID move after it
+        (second value: those directions). None when the slot's start edge is not known (then
+        the gap is split by time)."""
         if before is None:
             return None, frozenset()
         if start is None:
