@@ -24,6 +24,18 @@ def reported(world: World) -> dict[int, tuple[int, str]]:
     return out
 
 
+def die_sending_start_then_restart(w: World, *, trade_id: int, restart_at: float) -> None:
+    """The process dies after journalling the intent to START ``trade_id`` at slot M's edge,
+    before the frame went out; a new process starts from the journal at ``restart_at``."""
+    w.run_until(M - 2)
+    w.router.kill_before_start = trade_id
+    with pytest.raises(Killed):
+        w.run_until(M + 2)
+    w.at(restart_at)
+    w.restart()
+    w.controller.recover()
+
+
 def test_b_refused_first_start_gets_nothing_and_the_energy_goes_to_the_transfer_that_ran(tmp_path):
     """Two exports in one slot, the router NAKs the first START. Before: the metered energy
     was shared over both trades in trade order, so the refused trade was reported with the
@@ -137,13 +149,7 @@ def test_e_a_start_that_never_reached_the_router_gets_none_of_the_slots_energy(t
     the others their router counts."""
     w = World(tmp_path)
     w.trades(Trade(1, M, "buy", 100), Trade(2, M, "buy", 100), Trade(3, M, "buy", 100))
-    w.run_until(M - 2)
-    w.router.kill_before_start = 2
-    with pytest.raises(Killed):
-        w.run_until(M + 2)
-    w.at(M + 4)
-    w.restart()
-    w.controller.recover()
+    die_sending_start_then_restart(w, trade_id=2, restart_at=M + 4)
     w.run_until(N + 6)
     assert sorted(w.router.starts) == [1, 3]
     got = reported(w)
@@ -394,13 +400,7 @@ def test_e_a_start_that_never_ran_leaves_the_edge_to_the_routers_counts(tmp_path
     router never ran moved 0: the edge is the counts' ("counted"), the gap is slot N's."""
     w = World(tmp_path)
     w.trades(Trade(1, M, "sell", 100), Trade(2, M, "sell", 100), Trade(3, M, "sell", 100), Trade(4, N, "sell", 100))
-    w.run_until(M - 2)
-    w.router.kill_before_start = 2
-    with pytest.raises(Killed):
-        w.run_until(M + 2)
-    w.at(M + 4)
-    w.restart()
-    w.controller.recover()
+    die_sending_start_then_restart(w, trade_id=2, restart_at=M + 4)
     w.run_until(M + 56)  # 1 and 3 run
     w.at(N - 2)  # both have reached their targets (sized for 95 % of the slot)
     w.controller.measure()  # the last reading before the edge; no frame to the router since
