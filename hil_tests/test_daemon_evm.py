@@ -28,7 +28,8 @@ from host_tools.neighbourhood import Neighbourhood
 
 from .daemons import SHORT_CADENCE, SHORT_MARKET, assert_no_crash, journal, journal_messages, seller_and_buyer
 from .kill_plan import describe, kill_count, phases_hit, plan_kills, run_kills
-from .test_daemon import KILL_SEED_ENV, ROUTER_TOLERANCE_WH, kill_seed, router_log, watchdog_cuts, watchdog_violations
+from .test_daemon import (KILL_SEED_ENV, ROUTER_TOLERANCE_WH, explain_trades, kill_seed, router_log, watchdog_cuts,
+                          watchdog_violations)
 
 KILL_MOMENTS = 6  # 1 to 2 victims each, every phase of kill_plan.kill_phases at least once
 KILL_SLOTS = 3  # two moments a slot when the machine keeps up
@@ -201,4 +202,6 @@ def test_sigkilled_daemons_on_the_chain_lose_duplicate_and_overrun_nothing(tmp_p
         for line in metering:  # backend-independent; asserted by test_daemon.py (sim-findings H3 while open)
             print(f"sigkill evm test: metering (not asserted here): {line}")
         assert figures["trades"] >= KILL_SLOTS, f"only {figures['trades']} trades in the day (seed {seed})"
+        if violations:
+            print("\n".join(explain_trades(hood, violations)))
         assert not violations, f"seed {seed}: {len(violations)} invariant violations:\n" + "\n".join(violations[:40])
