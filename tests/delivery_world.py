@@ -270,6 +270,14 @@ class Router:
     def transfer_unknown(self, trade_id) -> bool:
         return trade_id in self.known_unknown
 
+    def reboot(self) -> None:
+        """A power cycle: the active transfers are lost (no END; what they moved stays moved),
+        the ended ones it remembers stay, and it announces BOOT."""
+        self.advance()
+        self.active.clear()
+        self.mode = "idle"
+        self.events.append(("BOOT", {"router": "world", "fw": "1", "proto": "1"}))
+
     def end_now(self, trade_id: int, reason: str = "fault") -> None:
         """The router ends a transfer by itself (a local fault, an overcurrent trip)."""
         self.advance()

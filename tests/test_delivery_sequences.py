@@ -438,3 +438,26 @@ def test_e_a_start_lost_with_the_link_that_the_router_never_ran_gets_nothing(tmp
     assert got[1] == (0, "failed"), (got, moved)
     for trade_id in (2, 3):
         assert abs(got[trade_id][0] - moved[trade_id]) <= 1, (got, moved)
+
+
+def test_e_a_start_the_router_never_heard_of_is_refused_at_the_restart(tmp_path):
+    """Found by the sim's never_started invariant (seed 5494, 3 slots): the process died before
+    journalling the router's answer to a START (here: before the frame went out); the router
+    rebooted later in the slot, so at metering it knew none of the slot's transfers and its
+    STOP answer was=unknown proved nothing - the slot was shared by estimates and the trade it
+    never ran was credited part of what the others moved. The restart now asks the router
+    (STOP) at once, seconds after the START, and a trade it never heard of is refused: it
+    never ran, whatever happens to the router later."""
+    w = World(tmp_path)
+    w.trades(Trade(1, M, "sell", 100), Trade(2, M, "sell", 100), Trade(3, M, "sell", 100))
+    die_sending_start_then_restart(w, trade_id=2, restart_at=M + 4)
+    w.run_until(M + 10)
+    assert w.journal.delivery(2).state == "refused"
+    w.run_until(M + 30)
+    w.router.reboot()  # transfers 1 and 3 are lost mid-slot; the meter has what they moved
+    w.run_until(N + 6)
+    assert sorted(w.router.starts) == [1, 3]
+    got = reported(w)
+    assert got[2] == (0, "failed"), got
+    moved = w.router.export_wh  # the router's own counter: what 1 and 3 moved in all
+    assert sum(e for e, _ in got.values()) <= round(moved) + 1, (got, moved)

@@ -112,8 +112,9 @@ class Deliveries:
     def _resolve_starting(self, current: int) -> None:
         """Deliveries left ``starting`` (the process died between journalling the intent and
         the router's answer, or the answer never came): ask the router about each trade first.
-        Active there: running. Not active: it may have run and ended, so it is never started
-        a second time; it is metered like an interrupted transfer (the meter says what flowed).
+        Active there: running. Unknown to it (asked at once: ``_never_heard_of``): refused, it
+        never ran. Otherwise it may have run and ended, so it is never started a second time;
+        it is metered like an interrupted transfer (the meter says what flowed).
         A router that cannot be asked now is asked again at the next tick."""
         from ..drivers.dgr import DgrError
 
@@ -130,8 +131,32 @@ class Deliveries:
             if row.trade_id in active:
                 if self._move(row, ds.RUNNING, "running at the router after a restart"):
                     self.ctx.events.emit("delivery.resumed", trade=row.trade_id, market=row.market_id)
+            elif self._never_heard_of(row.trade_id):
+                if self._move(row, ds.REFUSED, "start not confirmed; the router never heard of it (STOP: was=unknown): "
+                                               "not started again"):
+                    self.ctx.events.emit("delivery.failed", trade=row.trade_id,
+                                         detail="start never reached the router; not started again")
             elif self._move(row, ds.INTERRUPTED, f"{UNCONFIRMED_START_DETAILS[0]} and not active at the router: not started again"):
                 self.ctx.events.emit("delivery.failed", trade=row.trade_id, detail="start not confirmed; not started again")
+
+    def _never_heard_of(self, trade_id: int) -> bool:
+        """Ask the router (a harmless STOP) whether it ever had this trade's transfer, seconds
+        after the unconfirmed START: ``was=unknown`` now means the frame never reached it (or was
+        refused). Asked at once, not at metering: a router that reboots later in the slot knows
+        none of the slot's transfers, and its answer then proves nothing (sim seed 5494). A STOP
+        answering ``was=ended`` tells what it moved instead; no answer leaves the doubt."""
+        from ..drivers.dgr import DgrError
+
+        unknown = getattr(self.ctx.dgr, "transfer_unknown", None)
+        if unknown is None:
+            return False
+        self._asked.add(trade_id)
+        try:
+            self.ctx.dgr.stop_transfer(trade_id)
+        except DgrError as exc:
+            log.info("asking the router about unconfirmed trade %d: %s", trade_id, exc)
+            return False
+        return unknown(trade_id)
 
     def _start_due(self, current: int, now: int) -> int:
         """START the transfers of the slot that began; refuse those that can no longer start.
