@@ -134,6 +134,9 @@ class Router:
     # (World.restart), as a new process's driver starts empty.
     known_ends: dict = field(default_factory=dict)
     known_unknown: set = field(default_factory=set)  # STOP answered was=unknown (this process's driver)
+    # What its HELLO announced: the heartbeat watchdog (this world's router has no watchdog of
+    # its own: with the link down a transfer runs on to its target, as within a long watchdog).
+    heartbeat_timeout_ms: int = 6_000
     # ENDs the router sent that the driver has not read yet: like the real driver, it reads
     # events with its next frame's answer, so that is when an END is "received".
     unheard_ends: dict = field(default_factory=dict)
@@ -266,6 +269,12 @@ class Router:
             reason, moved, at = self.known_ends[trade_id]
             return DgrEvent(0, "END", {"trade_id": str(trade_id), "reason": reason, "moved_wh": str(int(moved))}, at)
         return None
+
+    @property
+    def last_hello(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(heartbeat_timeout_ms=self.heartbeat_timeout_ms)
 
     def transfer_unknown(self, trade_id) -> bool:
         return trade_id in self.known_unknown

@@ -461,3 +461,31 @@ def test_e_a_start_the_router_never_heard_of_is_refused_at_the_restart(tmp_path)
     assert got[2] == (0, "failed"), got
     moved = w.router.export_wh  # the router's own counter: what 1 and 3 moved in all
     assert sum(e for e, _ in got.values()) <= round(moved) + 1, (got, moved)
+
+
+def test_c_a_transfer_cut_off_by_a_lost_link_runs_on_for_the_routers_watchdog(tmp_path):
+    """Found by the sim's never_started invariant (seed 5243, 3 slots; its router's watchdog is
+    180 s): the link is lost mid-slot and stays down past the edge, the interchange meter is
+    unreadable from a little after the loss until just after the edge, and the next slot's START
+    is lost with the link. The daemon took the cut transfer to stop 6 s after its last frame
+    (the smallest watchdog it supports) while the router - whose HELLO said 120 s - ran it on to
+    its target; the gap was split as if a good part of it were the next slot's, so trade 1 was
+    reported 85 of the 100 Wh it moved and trade 2, which never ran, 15. The margin is the
+    router's own watchdog: now 97 and 3 (the split by time still gives trade 2 the 2 s its lost
+    START might have run; nothing the router can say before the link is back tells otherwise)."""
+    w = World(tmp_path)
+    w.router.heartbeat_timeout_ms = 120_000
+    w.trades(Trade(1, M, "sell", 100), Trade(2, N, "sell", 100))
+    w.run_until(M + 20)
+    w.router.link_down = True
+    w.run_until(M + 24)
+    w.meters.fail_interchange = 10_000
+    w.run_until(N)
+    w.meters.fail_interchange = 0
+    w.run_until(N + 2)  # trade 1 is metered now, the link still down
+    w.router.link_down = False
+    w.run_until(N + SLOT_S + 8)
+    assert w.router.starts == [1] and w.router.ended[1] == ("target", 100.0)
+    got = reported(w)
+    assert got[1][0] >= 95, got
+    assert got[2][0] <= 5, got

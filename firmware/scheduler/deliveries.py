@@ -276,8 +276,6 @@ class Deliveries:
         until the router ended it: an END or a reboot the router told us about ends it then, a
         lost link leaves it to the router's watchdog; the slot's own bounds cap both. The
         energy in a gap of readings is split by these windows (slot_metering.edge_value)."""
-        from .router_link import MIN_ROUTER_WATCHDOG_S
-
         rules = self.ctx.rules
         flowing = {"export": 0, "import": 0}
         transfer_end = getattr(self.ctx.dgr, "transfer_end", None)
@@ -290,7 +288,7 @@ class Deliveries:
             start = max(from_ms, row.market_id * 1000, times.started_at_ms or 0)
             end = min(to_ms, rules.slot_end(row.market_id) * 1000)
             if row.state == ds.INTERRUPTED and times.updated_at_ms is not None:
-                margin_ms = MIN_ROUTER_WATCHDOG_S * 1000 if _link_lost(row.detail) else 0
+                margin_ms = self._watchdog_margin_ms() if _link_lost(row.detail) else 0
                 end = min(end, times.updated_at_ms + margin_ms)
             ended = transfer_end(row.trade_id) if transfer_end is not None else None
             received_at = getattr(ended, "received_at", 0.0) if ended is not None else 0.0
@@ -298,6 +296,17 @@ class Deliveries:
                 end = min(end, int(received_at * 1000))
             flowing[row.direction] = max(flowing[row.direction], end - start)
         return flowing
+
+    def _watchdog_margin_ms(self) -> int:
+        """How long a transfer may run on after the router last heard from us: its heartbeat
+        watchdog as its HELLO announced it, never less than the smallest the firmware supports.
+        (The smallest alone under-counted a router with a longer watchdog: sim seed 5243, where
+        the slot's cut transfers ran on for minutes and their energy went to the next slot.)"""
+        from .router_link import MIN_ROUTER_WATCHDOG_S
+
+        hello = getattr(self.ctx.dgr, "last_hello", None)
+        announced = getattr(hello, "heartbeat_timeout_ms", 0)
+        return max(MIN_ROUTER_WATCHDOG_S * 1000, announced if isinstance(announced, int) else 0)
 
     def _edge(self, edge_s: int, start_before: Edge | None = None) -> tuple[Edge | None, bool]:
         """The counters at a slot edge: the stored value, else computed from the journalled
@@ -405,8 +414,6 @@ class Deliveries:
         of that direction, else an estimate for all of them: transfers are sized to move their
         contract in the first 95 % of the time left at their START, so a transfer moved about
         contract x (time it could flow / that time) — a cut one less, one that ran to the end all."""
-        from .router_link import MIN_ROUTER_WATCHDOG_S
-
         counted = self._router_counts(rows)
         estimated: dict[int, int] = {}
         for row in rows:
@@ -416,7 +423,7 @@ class Deliveries:
             usable_ms = max(1, (end_ms - start_ms) * (100 - DELIVERY_MARGIN_PERCENT) // 100)
             flow_end = end_ms
             if row.state == ds.INTERRUPTED and times.updated_at_ms is not None:
-                margin = MIN_ROUTER_WATCHDOG_S * 1000 if _link_lost(row.detail) else 0
+                margin = self._watchdog_margin_ms() if _link_lost(row.detail) else 0
                 flow_end = min(flow_end, times.updated_at_ms + margin)
             estimated[row.trade_id] = row.energy_wh * min(usable_ms, max(0, flow_end - start_ms)) // usable_ms
         never_ran = self._never_ran(rows)

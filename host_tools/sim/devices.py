@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import OrderedDict, deque
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -353,7 +354,7 @@ class SimRouter:
                 self.safe = self.heartbeat_lost = False
                 if not self.hard_faults:
                     self.safe_since = None
-            return {"mode": self.mode()}
+            return {"mode": self.mode(), "hb_timeout_ms": int(self.heartbeat_timeout_s * 1000)}
         if self.session != args.get("_session"):
             return ("NAK", 30, "no HELLO since the router started")
         if verb == "STATUS" or verb == "HEARTBEAT":
@@ -434,6 +435,7 @@ class SimDgrClient:
         self._events: deque[DgrEvent] = deque(maxlen=1000)
         self._ends: OrderedDict[int, DgrEvent] = OrderedDict()
         self._unknown: OrderedDict[int, None] = OrderedDict()  # STOP answered was=unknown
+        self._hello: SimpleNamespace | None = None  # heartbeat_timeout_ms, from the last HELLO
         self._first = True
         self._on_frame = on_frame
 
@@ -487,6 +489,8 @@ class SimDgrClient:
             if isinstance(answer, tuple):
                 code, detail = answer[1], answer[2]
                 raise DgrNak(code, frames.ERROR_CODES[code].name, detail, verb=verb, seq=self._seq)
+            if verb == "HELLO":
+                self._hello = SimpleNamespace(heartbeat_timeout_ms=answer.get("hb_timeout_ms", 0))
             return answer
         message = f"no valid answer from the simulated DGR to {verb} after {attempts} attempt(s)"
         safe_confirmed = None
@@ -529,6 +533,11 @@ class SimDgrClient:
 
     def hello(self):
         return self._command("HELLO", lambda: self._exchange("HELLO", {}))
+
+    @property
+    def last_hello(self):
+        """The router's last HELLO answer, as the real driver keeps it (its watchdog)."""
+        return self._hello
 
     def status(self) -> DgrStatus:
         return self._command("STATUS", self._status_now)
