@@ -150,12 +150,12 @@ class Deliveries:
         unknown = getattr(self.ctx.dgr, "transfer_unknown", None)
         if unknown is None:
             return False
-        self._asked.add(trade_id)
         try:
             self.ctx.dgr.stop_transfer(trade_id)
-        except DgrError as exc:
+        except DgrError as exc:  # asked again at metering (_router_counts)
             log.info("asking the router about unconfirmed trade %d: %s", trade_id, exc)
             return False
+        self._asked.add(trade_id)
         return unknown(trade_id)
 
     def _start_due(self, current: int, now: int) -> int:
