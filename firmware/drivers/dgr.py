@@ -134,6 +134,27 @@ class DgrEvent:
     received_at: float = 0.0  # board clock, epoch seconds
 
 
+def remember_stop_answer(ends: OrderedDict[int, DgrEvent], unknown: OrderedDict[int, None], trade_id: int,
+                         args: Mapping[str, object], now: float) -> None:
+    """Keep what a STOP answer says (DgrClient, and the simulation's driver, which must behave
+    alike): ``was=unknown`` is remembered, unless an END was heard; ``was=active|ended`` with a
+    ``moved_wh`` stands for the END when none was heard, its time known only when this STOP
+    ended it (was=active; else received_at 0). Both memories keep the last ENDS_REMEMBERED."""
+    was, moved = args.get("was"), str(args.get("moved_wh", ""))
+    if was == "unknown" and trade_id not in ends:
+        unknown[trade_id] = None
+        while len(unknown) > ENDS_REMEMBERED:
+            unknown.popitem(last=False)
+        return
+    if trade_id in ends or was not in ("active", "ended") or not moved.isdigit():
+        return
+    ends[trade_id] = DgrEvent(0, "END", {"trade_id": str(trade_id), "moved_wh": moved,
+                                         "reason": str(args.get("reason", "stop")), "from": "stop"},
+                              now if was == "active" else 0.0)
+    while len(ends) > ENDS_REMEMBERED:
+        ends.popitem(last=False)
+
+
 class DgrClient:
     """Thread-safe client of one DGR on one serial port.
 
@@ -281,19 +302,7 @@ class DgrClient:
         transfer_end() when no END event was heard (a new process's driver has heard none of
         its predecessor's): the daemon shares a slot's metered energy by these counts. The end
         time is known only when this STOP ended it (was=active); else received_at stays 0."""
-        was, moved = args.get("was"), str(args.get("moved_wh", ""))
-        if was == "unknown" and trade_id not in self._ends:
-            self._unknown[trade_id] = None
-            while len(self._unknown) > ENDS_REMEMBERED:
-                self._unknown.popitem(last=False)
-            return
-        if trade_id in self._ends or was not in ("active", "ended") or not moved.isdigit():
-            return
-        self._ends[trade_id] = DgrEvent(0, "END", {"trade_id": str(trade_id), "moved_wh": moved,
-                                                   "reason": str(args.get("reason", "stop")), "from": "stop"},
-                                        time.time() if was == "active" else 0.0)
-        while len(self._ends) > ENDS_REMEMBERED:
-            self._ends.popitem(last=False)
+        remember_stop_answer(self._ends, self._unknown, trade_id, args, time.time())
 
     def safe_state(self) -> DgrStatus:
         """Stop every transfer and keep the router safe until RESUME or HELLO; confirmed."""

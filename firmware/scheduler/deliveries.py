@@ -26,7 +26,7 @@ from ..market import transfer_power_w
 from ..slot_metering import Counters, Edge, SlotRow, allocate_slot, edge_value
 from .context import Context
 from .metering import Metering
-from .router_link import LINK_LOST, RouterLink
+from .router_link import LINK_LOST, MIN_ROUTER_WATCHDOG_S, RouterLink
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,6 @@ class Deliveries:
         watchdog as its HELLO announced it, never less than the smallest the firmware supports.
         (The smallest alone under-counted a router with a longer watchdog: sim seed 5243, where
         the slot's cut transfers ran on for minutes and their energy went to the next slot.)"""
-        from .router_link import MIN_ROUTER_WATCHDOG_S
-
         hello = getattr(self.ctx.dgr, "last_hello", None)
         announced = getattr(hello, "heartbeat_timeout_ms", 0)
         return max(MIN_ROUTER_WATCHDOG_S * 1000, announced if isinstance(announced, int) else 0)

@@ -25,7 +25,7 @@ from typing import Callable
 
 from firmware.drivers import dgr_frames as frames
 from firmware.drivers.dgr import (DgrError, DgrEvent, DgrLinkError, DgrNak, DgrStateError, DgrStatus,
-                                  DgrTransfer)
+                                  DgrTransfer, remember_stop_answer)
 from firmware.drivers.meter import MeterReading, MeterReadError
 
 
@@ -560,26 +560,9 @@ class SimDgrClient:
     def stop_transfer(self, trade_id: int) -> DgrStatus:
         def run():
             answer = self._exchange("STOP", {"trade_id": trade_id})
-            self._remember_stop_answer(trade_id, answer)
+            remember_stop_answer(self._ends, self._unknown, trade_id, answer, self._board_clock())
             return self._status_now()
         return self._command(f"STOP {trade_id}", run)
-
-    def _remember_stop_answer(self, trade_id: int, answer: dict) -> None:
-        """As the real driver does (firmware/drivers/dgr.py): a STOP answer naming what the
-        transfer moved counts as its END when none was heard; was=unknown is remembered."""
-        was = answer.get("was")
-        if was == "unknown" and trade_id not in self._ends:
-            self._unknown[trade_id] = None
-            while len(self._unknown) > 32:
-                self._unknown.popitem(last=False)
-            return
-        if trade_id in self._ends or was not in ("active", "ended") or "moved_wh" not in answer:
-            return
-        self._ends[trade_id] = DgrEvent(0, "END", {"trade_id": str(trade_id), "moved_wh": str(answer["moved_wh"]),
-                                                   "reason": str(answer.get("reason", "stop")), "from": "stop"},
-                                        self._board_clock() if was == "active" else 0.0)
-        while len(self._ends) > 64:
-            self._ends.popitem(last=False)
 
     def safe_state(self) -> DgrStatus:
         def run():
